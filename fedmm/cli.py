@@ -1,0 +1,246 @@
+"""The ``fedmm`` command.
+
+``fedmm run``      the main job: validate the run config, build the base
+                   checkpoint if missing (with progress), start a simulation
+                   SuperLink on loopback, ``flwr run`` the app against it with
+                   streamed logs, stop everything it started (by PID).
+``fedmm pretrain`` build (or rebuild) the cached public-pretrained base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+from .config import ConfigError, Settings
+
+log = logging.getLogger("fedmm")
+CONNECTION = "fedmm-local"
+
+
+def parse_run_config(text: str) -> dict:
+    """``"k=v k2='s'"`` (Flower's --run-config syntax: TOML values) -> dict."""
+    out: dict = {}
+    for item in text.split():
+        if "=" not in item:
+            raise ConfigError(f"--run-config item '{item}' is not key=value")
+        key, _, value = item.partition("=")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # bare string
+    return out
+
+
+def format_run_config(values: dict) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace('"', '\\"') + '"'
+        return repr(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name  # the venv fedmm runs from
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def federation_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no installs, loopback-only Ray."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        # Ray then uses 127.0.0.1 as its node address instead of a public interface.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def write_flower_config(flwr_home: Path, port: int) -> None:
+    """A Flower config with one connection, to the SuperLink ``fedmm run`` started."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f"""[superlink]
+default = "{CONNECTION}"
+
+[superlink.{CONNECTION}]
+address = "127.0.0.1:{port}"
+insecure = true
+"""
+    )
+
+
+class SimulationSuperLink:
+    """A ``flower-superlink --simulation`` on free loopback ports; stopped by PID."""
+
+    def __init__(self, flwr_home: Path, log_file: Path):
+        self.flwr_home, self.log_file = flwr_home, log_file
+        # Flower 1.41 serves Control, Fleet and Runtime APIs on one HTTP listener.
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> SimulationSuperLink:
+        cmd = [
+            _bin("flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", ":flwr-in-memory:",
+        ]
+        out = open(self.log_file, "w")
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(self.flwr_home))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited early; see {self.log_file}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not start in 60 s; see {self.log_file}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this federation started: they all carry our unique FLWR_HOME.
+
+        The SuperLink detaches its SuperExec into a new session, and Ray's
+        workers hang below that, so a process group would miss them.
+        """
+        mine = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("FLWR_HOME") == str(self.flwr_home):
+                    mine.append(proc)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        return mine
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for attempt in range(3):
+            procs = self.processes()
+            if not procs:
+                break
+            for p in procs:
+                try:
+                    (p.terminate if attempt == 0 else p.kill)()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(procs, timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_simulation(
+    app_dir: Path,
+    run_config: dict,
+    *,
+    num_supernodes: int = 10,
+    cpus_per_client: int = 1,
+    flwr_home: Path | None = None,
+    stream: bool = True,
+    timeout: float | None = None,
+) -> int:
+    """Run the Flower app at ``app_dir`` in the simulation engine; returns flwr's exit code."""
+    home = flwr_home or Path(tempfile.mkdtemp(prefix="fedmm-flwr-"))
+    with SimulationSuperLink(home, home / "superlink.log") as link:
+        write_flower_config(home, link.port)
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+        cmd = [
+            _bin("flwr"), "run", str(app_dir), CONNECTION,
+            "--federation-config", federation,
+            "--run-config", format_run_config(run_config),
+        ]
+        if stream:
+            cmd.append("--stream")
+        proc = subprocess.run(cmd, env=federation_env(home), timeout=timeout)
+        return proc.returncode
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_run_config(args.run_config or "")
+    settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
+    if not settings.output_dir:
+        overrides["output-dir"] = str(Path("runs").resolve() / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        settings = Settings.from_run_config(overrides)
+    if settings.pretrained == "public-pretrain":
+        from .pretrain import ensure_base_checkpoint
+
+        log.info("fedmm: base checkpoint %s", ensure_base_checkpoint(settings, progress=True))
+    log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
+    code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
+    summary = Path(settings.output_dir) / "summary.md"
+    if code == 0 and summary.is_file():
+        print(f"\nfedmm: report folder {settings.output_dir}\n")
+        print(summary.read_text())
+    return code
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import base_checkpoint_path, ensure_base_checkpoint
+
+    settings = Settings.from_run_config(parse_run_config(args.run_config or ""))
+    if args.force:
+        base_checkpoint_path(settings).unlink(missing_ok=True)
+    print(ensure_base_checkpoint(settings, progress=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="fedmm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated job in Flower's simulation engine")
+    run.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lora-rank=4"')
+    run.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (partitions)")
+    run.add_argument("--cpus-per-client", type=int, default=1)
+    run.add_argument("--app", default=".", help="the Flower app folder (this project)")
+    run.set_defaults(fn=cmd_run)
+    pre = sub.add_parser("pretrain", help="build the cached public-pretrained base")
+    pre.add_argument("--run-config", default="")
+    pre.add_argument("--force", action="store_true", help="rebuild even if cached")
+    pre.set_defaults(fn=cmd_pretrain)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"fedmm: invalid run config: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Run config -> one typed, validated settings object.
+
+Every run-config key fedmm understands is declared once in ``SPEC`` (type,
+default, check, help). ``Settings.from_run_config`` rejects unknown keys,
+ill-typed values and out-of-range values with an error naming the key, so an
+invalid run fails in the ServerApp before any client is contacted. The
+defaults in pyproject's ``[tool.flwr.app.config]`` must equal ``SPEC``'s
+(a test checks it). No other module reads the run config or the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, ill-typed or out of range."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns a message when invalid
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+
+
+def _open_fraction(v: Any) -> str | None:
+    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+SPEC: dict[str, Key] = {
+    # model
+    "model": Key(str, "fedmm-tiny-vit", "open_clip model name (bundled: fedmm-tiny-vit)"),
+    "pretrained": Key(
+        str,
+        "public-pretrain",
+        "base weights: 'public-pretrain' (central pretraining on the public split, "
+        "cached), 'none' (random), a local checkpoint path, or an open_clip tag",
+    ),
+    "pretrain-steps": Key(int, 800, "optimizer steps of the central base pretraining", _positive),
+    "pretrain-batch-size": Key(int, 64, "batch size of the central base pretraining", _positive),
+    "pretrain-lr": Key(float, 1e-3, "learning rate of the central base pretraining", _positive),
+    # LoRA
+    "lora-rank": Key(int, 8, "LoRA rank r", _positive),
+    "lora-alpha": Key(float, 16.0, "LoRA scaling alpha (scale = alpha / r)", _positive),
+    "lora-targets": Key(
+        str,
+        "q_proj,k_proj,v_proj,out_proj,c_fc,c_proj",
+        "comma-separated module names that carry LoRA (attention q/k/v/out, MLP)",
+        lambda v: None if v.strip() else "must name at least one module",
+    ),
+    # data
+    "dataset": Key(str, "digits", "'digits' (bundled) or a path to a CSV/JSONL manifest"),
+    "partitioner": Key(str, "dirichlet", "how client data is split", _one_of(*PARTITIONERS)),
+    "dirichlet-alpha": Key(float, 0.3, "Dirichlet concentration (smaller = more label skew)", _positive),
+    "classes-per-client": Key(int, 2, "classes per client for the pathological partitioner", _positive),
+    "test-fraction": Key(float, 0.2, "per-client held-out fraction", _open_fraction),
+    # federation
+    "num-server-rounds": Key(int, 15, "federated rounds", _positive),
+    "strategy": Key(str, "fedavg", "aggregation strategy name"),
+    "fraction-train": Key(float, 1.0, "fraction of nodes sampled for training", _fraction),
+    "fraction-evaluate": Key(float, 1.0, "fraction of nodes sampled for federated evaluation", _fraction),
+    "min-nodes": Key(int, 2, "minimum nodes per round (train and evaluate)", _positive),
+    "round-timeout": Key(float, 600.0, "seconds to wait for replies in a round", _positive),
+    # local training
+    "local-steps": Key(int, 12, "optimizer steps per client per round", _positive),
+    "batch-size": Key(int, 32, "client batch size", _positive),
+    "lr": Key(float, 3e-3, "client learning rate (AdamW on adapter parameters)", _positive),
+    "weight-decay": Key(float, 0.0, "client AdamW weight decay", _non_negative),
+    "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
+    # run
+    "seed": Key(int, 0, "seed of everything random in the run", _non_negative),
+    "output-dir": Key(str, "", "report folder; empty = ~/fedmm-runs/<timestamp>"),
+    "cache-dir": Key(str, "", "base-checkpoint cache; empty = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm"),
+}
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated run settings; attribute names are the run-config keys in snake_case."""
+
+    model: str
+    pretrained: str
+    pretrain_steps: int
+    pretrain_batch_size: int
+    pretrain_lr: float
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
+    dataset: str
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    test_fraction: float
+    num_server_rounds: int
+    strategy: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    round_timeout: float
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    proximal_mu: float
+    seed: int
+    output_dir: str
+    cache_dir: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None) -> Settings:
+        """Validate a flat run config (missing keys take their defaults)."""
+        run_config = dict(run_config or {})
+        unknown = sorted(set(run_config) - set(SPEC))
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, SPEC, n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(
+                f"unknown run-config key(s): {', '.join(hints)}; known keys: {', '.join(SPEC)}"
+            )
+        values: dict[str, Any] = {}
+        for key, spec in SPEC.items():
+            value = _coerce(key, spec, run_config.get(key, spec.default))
+            if spec.check is not None:
+                problem = spec.check(value)
+                if problem:
+                    raise ConfigError(f"run-config '{key}' = {value!r}: {problem}")
+            values[_attr(key)] = value
+        settings = cls(**values)
+        settings._check_cross_field()
+        return settings
+
+    def _check_cross_field(self) -> None:
+        if not self.lora_target_list:
+            raise ConfigError("run-config 'lora-targets' must name at least one module")
+        if self.pretrained not in ("public-pretrain", "none") and _looks_like_path(self.pretrained):
+            if not Path(self.pretrained).expanduser().is_file():
+                raise ConfigError(
+                    f"run-config 'pretrained': checkpoint file not found: {self.pretrained}"
+                )
+        if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
+            raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat run-config form (round-trips through ``from_run_config``)."""
+        return {key: getattr(self, _attr(key)) for key in SPEC}
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "fedmm"
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _coerce(key: str, spec: Key, value: Any) -> Any:
+    if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if spec.type is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, spec.type) or (spec.type is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config '{key}' = {value!r}: expected {spec.type.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+assert [f.name for f in fields(Settings)] == [_attr(k) for k in SPEC], "Settings and SPEC disagree"

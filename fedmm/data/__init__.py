@@ -1,0 +1,84 @@
+"""Datasets (bundled digits, user manifests), partitioning, tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from .digits import CLASS_NAMES, DATA_VERSION, ZERO_SHOT_TEMPLATES, load_digits_splits
+from .manifest import ManifestError, ManifestReport, load_manifest
+from .partition import partition
+
+__all__ = [
+    "Batch",
+    "ManifestError",
+    "ManifestReport",
+    "class_names",
+    "dataset_version",
+    "load_splits",
+    "partition",
+    "to_batch",
+    "zero_shot_prompts",
+]
+
+
+@lru_cache(maxsize=4)
+def load_splits(dataset: str, image_size: int = 32) -> dict[str, Dataset]:
+    """``{'public', 'clients', 'server'}`` splits of 'digits' or a manifest (cached per process)."""
+    if dataset == "digits":
+        return load_digits_splits()
+    splits, _ = load_manifest(dataset, image_size)
+    return splits
+
+
+def dataset_version(dataset: str) -> str:
+    return DATA_VERSION if dataset == "digits" else f"manifest:{dataset}"
+
+
+def class_names(ds: Dataset) -> list[str]:
+    return list(ds.features["label"].names)
+
+
+def zero_shot_prompts(names: list[str]) -> list[list[str]]:
+    """Per class, several phrasings; the digits' number words get the numeral too."""
+    out = []
+    for i, name in enumerate(names):
+        d = CLASS_NAMES.index(name) if name in CLASS_NAMES else name
+        out.append([t.format(w=name, d=d) for t in ZERO_SHOT_TEMPLATES])
+    return out
+
+
+@dataclass
+class Batch:
+    """A dataset as model-ready tensors (kept in memory: client data is small)."""
+
+    images: torch.Tensor  # (N, 3, H, W), normalised
+    tokens: torch.Tensor  # (N, context)
+    labels: torch.Tensor  # (N,), -1 when unknown
+    groups: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, idx: torch.Tensor) -> "Batch":
+        return Batch(self.images[idx], self.tokens[idx], self.labels[idx], self.groups[idx])
+
+
+def to_batch(ds: Dataset, tokenizer, mean, std, size: int) -> Batch:
+    cols = ds.with_format("numpy")[:]
+    images = torch.as_tensor(np.asarray(cols["image"]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    tokens = tokenizer(list(ds["caption"])) if len(ds) else torch.zeros(0, 1, dtype=torch.long)
+    return Batch(
+        images=(images - m) / s,
+        tokens=tokens,
+        labels=torch.as_tensor(np.asarray(cols["label"]), dtype=torch.long),
+        groups=torch.as_tensor(np.asarray(cols["group"]), dtype=torch.long),
+    )

@@ -1,0 +1,81 @@
+"""Client partitions through flwr-datasets partitioners, on local datasets."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    PathologicalPartitioner,
+    Partitioner,
+)
+
+
+def make_partitioner(
+    kind: str,
+    num_partitions: int,
+    *,
+    alpha: float = 0.3,
+    classes_per_client: int = 2,
+    seed: int = 0,
+) -> Partitioner:
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet":
+        if alpha <= 0:
+            raise ValueError(f"run-config 'dirichlet-alpha' must be > 0, got {alpha}")
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            seed=seed,
+        )
+    if kind == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="deterministic",
+            seed=seed,
+        )
+    if kind == "natural":
+        return NaturalIdPartitioner(partition_by="client")
+    raise ValueError(f"run-config 'partitioner': unknown '{kind}'")
+
+
+def partition(
+    dataset: Dataset,
+    kind: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    alpha: float = 0.3,
+    classes_per_client: int = 2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset]:
+    """The (train, test) split of one client's partition."""
+    if num_partitions > len(dataset):
+        raise ValueError(
+            f"num-partitions={num_partitions} exceeds the {len(dataset)} client samples"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id} not in [0, {num_partitions})")
+    if kind == "natural" and not any(dataset["client"]):
+        raise ValueError("partitioner 'natural' needs a non-empty 'client' column in the data")
+    p = make_partitioner(
+        kind, num_partitions, alpha=alpha, classes_per_client=classes_per_client, seed=seed
+    )
+    p.dataset = dataset
+    if kind == "natural" and p.num_partitions != num_partitions:
+        raise ValueError(
+            f"the data has {p.num_partitions} distinct clients but num-partitions={num_partitions}"
+        )
+    part = p.load_partition(partition_id)
+    if len(part) < 2:
+        return part, part.select([])
+    split = part.train_test_split(test_size=test_fraction, seed=seed)
+    return split["train"], split["test"]

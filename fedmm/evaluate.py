@@ -1,0 +1,85 @@
+"""Zero-shot accuracy, retrieval Recall@K / MRR, per group and per client.
+
+Retrieval follows open_clip's own ``get_clip_metrics`` (rank of the paired
+item under ``logit_scale * img @ txt.T``); a test checks equality.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batch
+
+RECALL_AT = (1, 5, 10)
+
+
+@torch.no_grad()
+def encode(model: nn.Module, data: Batch, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Normalised image and text features of a dataset, and the logit scale."""
+    imgs, txts, scale = [], [], 1.0
+    for i in range(0, len(data), batch_size):
+        out = model(data.images[i : i + batch_size], data.tokens[i : i + batch_size])
+        imgs.append(out["image_features"])
+        txts.append(out["text_features"])
+        scale = float(out["logit_scale"])
+    return torch.cat(imgs), torch.cat(txts), scale
+
+
+@torch.no_grad()
+def class_embeddings(model: nn.Module, tokenizer, prompts: list[list[str]]) -> torch.Tensor:
+    """One normalised embedding per class: the mean of its prompt embeddings."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    rows = []
+    for phrasings in prompts:
+        emb = F.normalize(base.encode_text(tokenizer(phrasings)), dim=-1).mean(0)
+        rows.append(F.normalize(emb, dim=-1))
+    return torch.stack(rows)
+
+
+def ranks_of_pairs(logits: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the diagonal (paired) item in each row, as open_clip ranks it."""
+    ranking = torch.argsort(logits, dim=1, descending=True)
+    truth = torch.arange(logits.shape[0]).view(-1, 1)
+    return torch.where(ranking == truth)[1]
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, logit_scale: float) -> dict[str, float]:
+    logits = logit_scale * img @ txt.t()
+    out: dict[str, float] = {}
+    for name, lg in (("i2t", logits), ("t2i", logits.t())):
+        ranks = ranks_of_pairs(lg).double()
+        for k in RECALL_AT:
+            out[f"{name}-R@{k}"] = float((ranks < k).double().mean())
+        out[f"{name}-mrr"] = float((1.0 / (ranks + 1)).mean())
+        out[f"{name}-mean-rank"] = float(ranks.mean() + 1)
+    return out
+
+
+def zero_shot_predictions(img: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    return (img @ class_emb.t()).argmax(dim=1)
+
+
+def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor) -> dict[str, float]:
+    """Zero-shot accuracy (overall and per group), retrieval metrics, and counts."""
+    if len(data) == 0:
+        return {"num-examples": 0.0}
+    img, txt, scale = encode(model, data)
+    preds = zero_shot_predictions(img, class_emb)
+    labelled = data.labels >= 0
+    correct = (preds == data.labels) & labelled
+    out = {"num-examples": float(len(data))}
+    if labelled.any():
+        out["zs-acc"] = float(correct.sum() / labelled.sum())
+    for g in torch.unique(data.groups).tolist():
+        mask = (data.groups == g) & labelled
+        if mask.any():
+            out[f"zs-acc-group-{g}"] = float(correct[mask].sum() / mask.sum())
+            out[f"num-examples-group-{g}"] = float(mask.sum())
+    if len(data) > 1:
+        out.update(retrieval_metrics(img, txt, scale))
+        logits = scale * img @ txt.t()
+        target = torch.arange(len(data))
+        out["loss"] = float((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
+    return out

@@ -1,0 +1,101 @@
+"""open_clip models: bundled configs, one factory, local checkpoints.
+
+A model is an open_clip config name plus where its base weights come from
+(``Settings.pretrained``). The base is always frozen; LoRA (fedmm.lora) adds
+the only trainable tensors.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+_registered = False
+
+
+def register_bundled_configs() -> None:
+    """Make fedmm's model configs (e.g. ``fedmm-tiny-vit``) known to open_clip."""
+    global _registered
+    if not _registered:
+        with resources.as_file(resources.files("fedmm") / "model_configs") as folder:
+            open_clip.add_model_config(folder)
+        _registered = True
+
+
+def available_models() -> list[str]:
+    register_bundled_configs()
+    return open_clip.list_models()
+
+
+def create_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised open_clip model, identical for identical (name, seed)."""
+    if name not in available_models():
+        raise ValueError(
+            f"unknown model '{name}' (run-config 'model'); known: fedmm-tiny-vit and "
+            f"open_clip's {len(open_clip.list_models())} models, e.g. ViT-B-32"
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None, output_dict=True)
+    return model
+
+
+def create_tokenizer(name: str):
+    register_bundled_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def image_mean_std(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Normalisation mean, std and square image size the model expects."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return tuple(cfg["mean"]), tuple(cfg["std"]), int(size)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint strictly: .safetensors, or a torch file without pickle."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)  # atomic: concurrent readers never see a partial file
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_open_clip_pretrained(name: str, tag: str) -> torch.nn.Module:
+    """An open_clip pretrained tag (downloads unless already in the hub cache)."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise ValueError(
+            f"run-config 'pretrained' = {tag!r} is neither 'public-pretrain', 'none', a "
+            f"checkpoint file, nor an open_clip tag of {name} ({', '.join(tags) or 'none'})"
+        )
+    return open_clip.create_model(name, pretrained=tag, output_dict=True)

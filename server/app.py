@@ -1,0 +1,144 @@
+"""fedmm ServerApp: settings -> strategy -> rounds -> final adapter + report.
+
+One round (see docs/architecture.md): the strategy samples nodes and sends
+them the global adapter (an ``ArrayRecord`` of LoRA tensors only) with a
+train ``ConfigRecord``; clients train and reply; the strategy aggregates;
+clients evaluate on their held-out split; the server evaluates the new
+global adapter on its own held-out split (``central/*`` metrics).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+import strategies
+from fedmm import lora
+from fedmm import model as models
+from fedmm import report
+from fedmm.config import Settings
+from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
+from fedmm.evaluate import class_embeddings, evaluate
+from fedmm.pretrain import load_base_model
+from server.history import MetricsHistory
+
+app = ServerApp()
+
+# Printed each round, in this order, when present.
+HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss")
+
+
+def output_dir(settings: Settings) -> Path:
+    if settings.output_dir:
+        return Path(settings.output_dir).expanduser().resolve()
+    return Path.home() / "fedmm-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_strategy(settings: Settings, history: MetricsHistory):
+    """The run's strategy; arguments it accepts are taken from the settings."""
+    cls = strategies.load(settings.strategy)
+    offered = {
+        "fraction_train": settings.fraction_train,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_train_nodes": settings.min_nodes,
+        "min_evaluate_nodes": settings.min_nodes,
+        "min_available_nodes": settings.min_nodes,
+        "proximal_mu": settings.proximal_mu,
+        "train_metrics_aggr_fn": history.train_aggr,
+        "evaluate_metrics_aggr_fn": history.evaluate_aggr,
+    }
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in offered.items() if k in params})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    # Validation first: a bad run config fails here, before any client is contacted.
+    settings = Settings.from_run_config(context.run_config)
+    history = MetricsHistory()
+    strategy = make_strategy(settings, history)
+    out = output_dir(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("fedmm").setLevel(logging.INFO)
+
+    splits = load_splits(settings.dataset)
+    log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
+    base = load_base_model(settings)
+    tokenizer = models.create_tokenizer(settings.model)
+    mean, std, size = models.image_mean_std(base)
+    num_classes = len(class_names(splits["server"]))
+    class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["server"])))
+    torch.manual_seed(settings.seed)  # LoRA init is part of the seeded run
+    net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
+    held_out = to_batch(splits["server"], tokenizer, mean, std, size)
+    initial = ArrayRecord(torch_state_dict=lora.adapter_state(net))
+    adapter_bytes = initial.count_bytes()
+    full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    log(
+        INFO,
+        "fedmm: adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
+        "%d server held-out samples; report -> %s",
+        len(initial), adapter_bytes / 1024, 100 * adapter_bytes / full_bytes, full_bytes / 2**20,
+        num_classes, len(held_out), out,
+    )
+    num_nodes = len(list(grid.get_node_ids()))
+    if num_nodes > len(splits["clients"]):
+        raise ValueError(f"{num_nodes} nodes but only {len(splits['clients'])} client samples")
+
+    round_started = [time.perf_counter()]
+
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        lora.set_adapter_arrays(net, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
+        metrics = evaluate(net, held_out, class_emb)
+        history.record_central(server_round, metrics)
+        now = time.perf_counter()
+        if server_round > 0:
+            history.record(server_round, "round-seconds", now - round_started[0])
+            history.record(server_round, "bytes/downlink-per-client", float(adapter_bytes))
+        round_started[0] = now
+        row = history.rounds[server_round]
+        shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)
+        log(INFO, "fedmm round %d/%d: %s", server_round, settings.num_server_rounds, shown)
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    train_config = ConfigRecord(
+        {
+            "lr": settings.lr,
+            "local-steps": settings.local_steps,
+            "batch-size": settings.batch_size,
+            "proximal-mu": settings.proximal_mu,
+        }
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
+        train_config=train_config,
+        evaluate_fn=central_eval,
+    )
+
+    lora.set_adapter_arrays(net, {k: v.numpy() for k, v in result.arrays.to_torch_state_dict().items()})
+    adapter_dir = lora.export_peft(net, out / "adapter")
+    paths = report.write_report(
+        out,
+        settings=settings,
+        rounds=dict(history.rounds),
+        clients=history.clients,
+        extra={
+            "adapter-bytes": adapter_bytes,
+            "base-model-bytes": full_bytes,
+            "adapter-dir": str(adapter_dir),
+        },
+    )
+    log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)
+    log(INFO, "fedmm: report -> %s", paths["summary"])

@@ -1,0 +1,70 @@
+"""Per-round metrics history, filled by the strategy's metric aggregation hooks.
+
+Flower's ``Result`` keeps only aggregated metrics; the report also needs each
+client's numbers. ``MetricsHistory.train_aggr`` / ``evaluate_aggr`` are
+passed to the strategy as its ``*_metrics_aggr_fn``: they record every
+reply's MetricRecord, then aggregate. Group counts (``zs-correct-group-g``,
+``zs-count-group-g``) are summed, so federated per-group accuracy is exact,
+not an average of rates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+_COUNT = re.compile(r"^zs-(correct|count)-group-(\d+)$")
+
+
+class MetricsHistory:
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, Any]] = defaultdict(dict)
+        self.clients: list[dict[str, Any]] = []  # one row per client reply
+        self._round = {"train": 0, "evaluate": 0}
+
+    def _record(self, phase: str, replies: list[RecordDict]) -> int:
+        self._round[phase] += 1
+        rnd = self._round[phase]
+        for rd in replies:
+            for rec in rd.metric_records.values():
+                self.clients.append({"round": rnd, "phase": phase, **dict(rec)})
+        return rnd
+
+    def _aggregate(self, phase: str, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        rnd = self._record(phase, replies)
+        counts: dict[str, float] = defaultdict(float)
+        plain = []
+        for rd in replies:
+            for rec in rd.metric_records.values():
+                keep = {}
+                for k, v in rec.items():
+                    if _COUNT.match(k):
+                        counts[k] += float(v)
+                    else:
+                        keep[k] = v
+                plain.append(RecordDict({"metrics": MetricRecord(keep)}))
+        agg = dict(aggregate_metricrecords(plain, weight_key)) if plain else {}
+        agg.pop("partition-id", None)
+        for k in list(counts):
+            m = _COUNT.match(k)
+            if m and m.group(1) == "count" and counts[k] > 0:
+                agg[f"zs-acc-group-{m.group(2)}"] = counts[f"zs-correct-group-{m.group(2)}"] / counts[k]
+        agg["num-replies"] = len(replies)
+        self.rounds[rnd].update({f"{phase}/{k}": v for k, v in agg.items()})
+        return MetricRecord(agg)
+
+    def train_aggr(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        return self._aggregate("train", replies, weight_key)
+
+    def evaluate_aggr(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        return self._aggregate("evaluate", replies, weight_key)
+
+    def record_central(self, rnd: int, metrics: dict[str, float]) -> None:
+        self.rounds[rnd].update({f"central/{k}": v for k, v in metrics.items()})
+
+    def record(self, rnd: int, key: str, value: float) -> None:
+        self.rounds[rnd][key] = value
