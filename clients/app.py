@@ -9,6 +9,7 @@ FedProx's mu/2 * ||w - w_global||^2 over the adapter tensors.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -28,46 +29,81 @@ from fedmm.train import proximal_term, train_steps
 
 app = ClientApp()
 
+# open_clip logs through the root logger with logging.info(), which calls
+# basicConfig() on first use and would print every Flower record twice.
+logging.getLogger().addHandler(logging.NullHandler())
+
 
 @dataclass
-class Node:
+class RunState:
+    """What every node of one run shares in this process: settings, model, prompts."""
+
     settings: Settings
-    partition_id: int
-    net: Any  # peft model
+    net: Any  # peft model; its adapter is overwritten by every message
     class_emb: torch.Tensor
-    train: Batch
-    test: Batch
+    tokenizer: Any
+    preprocess: tuple  # (mean, std, size)
     num_groups: int
 
 
+@dataclass
+class Node:
+    run: RunState
+    partition_id: int
+    train: Batch
+    test: Batch
+
+    @property
+    def settings(self) -> Settings:
+        return self.run.settings
+
+    @property
+    def net(self) -> Any:
+        return self.run.net
+
+
+# One simulation actor serves many nodes in turn: the model is built once per
+# run and process, each partition's tensors once per node.
+_RUNS: dict[tuple, RunState] = {}
 _NODES: dict[tuple, Node] = {}
+
+
+def _run_state(context: Context) -> RunState:
+    key = tuple(sorted(context.run_config.items()))
+    if key not in _RUNS:
+        _RUNS.clear()  # a new run: drop the previous run's model and data
+        _NODES.clear()
+        settings = Settings.from_run_config(context.run_config)
+        splits = load_splits(settings.dataset)
+        base = load_base_model(settings, progress=False)
+        tokenizer = models.create_tokenizer(settings.model)
+        class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["clients"])))
+        net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
+        groups = splits["clients"]["group"]
+        _RUNS[key] = RunState(
+            settings, net, class_emb, tokenizer, models.image_mean_std(base),
+            num_groups=max(groups) + 1 if len(groups) else 1,
+        )
+    return _RUNS[key]
 
 
 def _node(context: Context) -> Node:
     """This node's model and data, built on first use in this process."""
-    key = (tuple(sorted(context.run_config.items())), tuple(sorted(context.node_config.items())))
+    run = _run_state(context)
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    key = (id(run), pid, num)
     if key not in _NODES:
-        settings = Settings.from_run_config(context.run_config)
-        pid = int(context.node_config["partition-id"])
-        num = int(context.node_config["num-partitions"])
-        splits = load_splits(settings.dataset)
-        base = load_base_model(settings, progress=False)
-        tokenizer = models.create_tokenizer(settings.model)
-        mean, std, size = models.image_mean_std(base)
-        class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["clients"])))
-        net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
+        s = run.settings
         train_ds, test_ds = partition(
-            splits["clients"], settings.partitioner, pid, num,
-            alpha=settings.dirichlet_alpha, classes_per_client=settings.classes_per_client,
-            test_fraction=settings.test_fraction, seed=settings.seed,
+            load_splits(s.dataset)["clients"], s.partitioner, pid, num,
+            alpha=s.dirichlet_alpha, classes_per_client=s.classes_per_client,
+            test_fraction=s.test_fraction, seed=s.seed,
         )
-        groups = splits["clients"]["group"]
-        _NODES.clear()  # one run at a time per process: drop the previous run's model
         _NODES[key] = Node(
-            settings, pid, net, class_emb,
-            to_batch(train_ds, tokenizer, mean, std, size),
-            to_batch(test_ds, tokenizer, mean, std, size),
-            num_groups=max(groups) + 1 if len(groups) else 1,
+            run, pid,
+            to_batch(train_ds, run.tokenizer, *run.preprocess),
+            to_batch(test_ds, run.tokenizer, *run.preprocess),
         )
     return _NODES[key]
 
@@ -117,11 +153,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     _load_global(node, msg)
     metrics: dict[str, float] = {"num-examples": len(node.test), "partition-id": node.partition_id}
-    full = evaluate_metrics(node.net, node.test, node.class_emb) if len(node.test) > 1 else {}
+    full = evaluate_metrics(node.net, node.test, node.run.class_emb) if len(node.test) else {}
     for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr"):
         metrics[key] = float(full.get(key, 0.0))
     # Group counts, summed by the server: exact federated per-group accuracy.
-    for g in range(node.num_groups):
+    for g in range(node.run.num_groups):
         count = int(full.get(f"num-examples-group-{g}", 0))
         metrics[f"zs-count-group-{g}"] = count
         metrics[f"zs-correct-group-{g}"] = round(full.get(f"zs-acc-group-{g}", 0.0) * count)

@@ -177,6 +177,7 @@ def run_simulation(
 ) -> int:
     """Run the Flower app at ``app_dir`` in the simulation engine; returns flwr's exit code."""
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedmm-flwr-"))
+    home.mkdir(parents=True, exist_ok=True)
     with SimulationSuperLink(home, home / "superlink.log") as link:
         write_flower_config(home, link.port)
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"

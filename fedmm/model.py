@@ -68,7 +68,10 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"checkpoint {path} does not fit the model: {str(exc)[:300]}") from exc
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {list(missing)[:5]}, "

@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from flwr.supercore.logger import FLOWER_LOGGER
 
 import strategies
 from fedmm import lora
@@ -32,6 +33,21 @@ from fedmm.pretrain import load_base_model
 from server.history import MetricsHistory
 
 app = ServerApp()
+
+# open_clip logs through the root logger with logging.info(), which calls
+# basicConfig() on first use and would print every Flower record twice.
+logging.getLogger().addHandler(logging.NullHandler())
+
+
+class _ToFlowerLog(logging.Handler):
+    """Send fedmm's library logs (e.g. base pretraining progress) to Flower's log stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        FLOWER_LOGGER.handle(record)
+
+
+logging.getLogger("fedmm").addHandler(_ToFlowerLog())
+logging.getLogger("fedmm").setLevel(logging.INFO)
 
 # Printed each round, in this order, when present.
 HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss")
@@ -68,7 +84,6 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(settings, history)
     out = output_dir(settings)
     out.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("fedmm").setLevel(logging.INFO)
 
     splits = load_splits(settings.dataset)
     log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)

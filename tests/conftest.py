@@ -1,0 +1,46 @@
+"""Shared fixtures: one small public-pretrained base per test session.
+
+Every test that needs a base model uses ``base_settings``: its cache dir is a
+session temp dir, so tests never touch the user's cache, and the base is
+pretrained once (fewer steps than the default; enough to learn from).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedmm import model as models
+from fedmm.config import Settings
+from fedmm.pretrain import load_base_model
+
+TEST_PRETRAIN_STEPS = 400
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("fedmm-cache"))
+
+
+@pytest.fixture(scope="session")
+def base_settings(cache_dir) -> Settings:
+    return Settings.from_run_config({"cache-dir": cache_dir, "pretrain-steps": TEST_PRETRAIN_STEPS})
+
+
+@pytest.fixture(scope="session")
+def _base_model(base_settings) -> torch.nn.Module:
+    torch.set_num_threads(2)
+    return load_base_model(base_settings, progress=False)
+
+
+@pytest.fixture
+def base_model(_base_model) -> torch.nn.Module:
+    """A fresh copy of the frozen public-pretrained base (tests may modify it)."""
+    return copy.deepcopy(_base_model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_settings):
+    return models.create_tokenizer(base_settings.model)

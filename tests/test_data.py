@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedmm.data import load_splits, partition
+from fedmm.data.manifest import ManifestError, load_manifest
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits("digits")
+
+
+def test_bundled_splits_are_disjoint_labelled_and_shifted(splits):
+    assert {k: len(v) for k, v in splits.items()} == {"public": 718, "clients": 810, "server": 269}
+    for s in splits.values():
+        row = s[0]
+        assert np.asarray(row["image"]).shape == (32, 32, 3)
+        assert row["caption"] and 0 <= row["label"] <= 9
+    captions = set(splits["clients"]["caption"])
+    assert len(captions) > 50  # varied wording, not one template
+    # Domain shift: the public split is plain grey, client images are coloured.
+    pub = np.asarray(splits["public"].with_format("numpy")[:100]["image"], dtype=float)
+    cli = np.asarray(splits["clients"].with_format("numpy")[:100]["image"], dtype=float)
+    assert np.abs(pub[..., 0] - pub[..., 1]).max() == 0
+    assert np.abs(cli[..., 0] - cli[..., 1]).mean() > 5
+    assert set(splits["public"]["group"]) == {0} and set(splits["clients"]["group"]) == {0, 1}
+
+
+def _label_share(ds):
+    counts = np.bincount(ds["label"], minlength=10)
+    return counts.max() / counts.sum()
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(splits):
+    clients = splits["clients"]
+
+    def mean_max_share(kind, **kw):
+        shares = []
+        for i in range(10):
+            train, test = partition(clients, kind, i, 10, test_fraction=0.2, **kw)
+            shares.append(_label_share(train))
+        return np.mean(shares)
+
+    iid = mean_max_share("iid")
+    a10 = mean_max_share("dirichlet", alpha=10.0)
+    a01 = mean_max_share("dirichlet", alpha=0.1)
+    assert iid < 0.3  # about 1/10 per class
+    assert a01 > 0.5 > iid and a01 > a10
+
+
+def test_pathological_gives_k_classes(splits):
+    for i in range(10):
+        train, test = partition(splits["clients"], "pathological", i, 10, classes_per_client=2)
+        assert len(set(train["label"]) | set(test["label"])) <= 2
+
+
+def test_partitions_cover_client_data_once_with_train_test_split(splits):
+    ids = []
+    for i in range(5):
+        train, test = partition(splits["clients"], "iid", i, 5, test_fraction=0.25)
+        assert abs(len(test) / (len(train) + len(test)) - 0.25) < 0.05
+        ids += list(train["caption"]) + list(test["caption"])
+    assert len(ids) == len(splits["clients"])
+
+
+def test_more_partitions_than_samples_is_an_error(splits):
+    small = splits["clients"].select(range(5))
+    with pytest.raises(ValueError, match="num-partitions=6 exceeds the 5"):
+        partition(small, "iid", 0, 6)
+
+
+def _write_images(folder, n, size=12):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def test_manifest_skips_missing_and_corrupt_images_and_counts_them(tmp_path):
+    _write_images(tmp_path, 6)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"image": f"img{i}.png", "caption": f"a picture {i}", "label": "cat" if i % 2 else "dog", "client": f"site{i % 3}"} for i in range(6)]
+    rows += [{"image": "gone.png", "caption": "missing"}, {"image": "broken.png", "caption": "corrupt"}]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    splits, report = load_manifest(manifest, image_size=32)
+    assert report.rows == 8 and report.kept == 6 and len(report.skipped) == 2
+    assert report.skipped[str(tmp_path / "gone.png")] == "missing"
+    assert report.skipped[str(tmp_path / "broken.png")].startswith("unreadable")
+    clients = splits["clients"]
+    assert len(clients) == 6 and np.asarray(clients[0]["image"]).shape == (32, 32, 3)
+    assert clients.features["label"].names == ["cat", "dog"]
+    train, test = partition(clients, "natural", 0, 3, test_fraction=0.5)
+    assert len(train) + len(test) == 2
+
+
+def test_manifest_csv_and_errors(tmp_path):
+    _write_images(tmp_path, 2)
+    csv = tmp_path / "m.csv"
+    csv.write_text("image,caption,label\nimg0.png,a thing,0\nimg1.png,another,1\n")
+    splits, report = load_manifest(csv)
+    assert report.kept == 2 and splits["clients"]["label"] == [0, 1]
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "nope.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,caption\nimg0.png,x\n")
+    with pytest.raises(ManifestError, match=r"missing required column\(s\) \['image'\]"):
+        load_manifest(bad)
