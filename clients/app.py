@@ -44,6 +44,7 @@ class RunState:
     tokenizer: Any
     preprocess: tuple  # (mean, std, size)
     num_groups: int
+    base_fingerprint: str
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _run_state(context: Context) -> RunState:
         settings = Settings.from_run_config(context.run_config)
         splits = load_splits(settings.dataset)
         base = load_base_model(settings, progress=False)
+        base_id = models.fingerprint(base)
         tokenizer = models.create_tokenizer(settings.model)
         class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["clients"])))
         net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
@@ -83,6 +85,7 @@ def _run_state(context: Context) -> RunState:
         _RUNS[key] = RunState(
             settings, net, class_emb, tokenizer, models.image_mean_std(base),
             num_groups=max(groups) + 1 if len(groups) else 1,
+            base_fingerprint=base_id,
         )
     return _RUNS[key]
 
@@ -109,6 +112,13 @@ def _node(context: Context) -> Node:
 
 
 def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
+    expected = msg.content["config"].get("base-fingerprint") if "config" in msg.content else None
+    if expected is not None and expected != node.run.base_fingerprint:
+        raise ValueError(
+            f"partition {node.partition_id}: this node's frozen base ({node.run.base_fingerprint}) "
+            f"differs from the server's ({expected}); adapters trained on different bases "
+            "cannot be averaged — check 'model', 'pretrained' and the base cache"
+        )
     state = msg.content["arrays"].to_torch_state_dict()
     lora.set_adapter_arrays(node.net, {k: v.numpy() for k, v in state.items()})
     return [p.detach().clone() for p in lora.trainable_parameters(node.net)]

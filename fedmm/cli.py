@@ -175,20 +175,25 @@ def run_simulation(
     stream: bool = True,
     timeout: float | None = None,
 ) -> int:
-    """Run the Flower app at ``app_dir`` in the simulation engine; returns flwr's exit code."""
+    """Run the Flower app at ``app_dir`` in the simulation engine; returns flwr's exit code.
+
+    Logs go to the console (``stream``) or to ``<flwr_home>/run.log``.
+    """
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedmm-flwr-"))
     home.mkdir(parents=True, exist_ok=True)
     with SimulationSuperLink(home, home / "superlink.log") as link:
         write_flower_config(home, link.port)
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+        # --stream also makes flwr wait for the run to finish; without it, it
+        # returns once the run is submitted and the SuperLink would be stopped.
         cmd = [
-            _bin("flwr"), "run", str(app_dir), CONNECTION,
+            _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
             "--federation-config", federation,
             "--run-config", format_run_config(run_config),
         ]
-        if stream:
-            cmd.append("--stream")
-        proc = subprocess.run(cmd, env=federation_env(home), timeout=timeout)
+        with open(home / "run.log", "w") as log_file:
+            out = None if stream else log_file
+            proc = subprocess.run(cmd, env=federation_env(home), timeout=timeout, stdout=out, stderr=out)
         return proc.returncode
 
 

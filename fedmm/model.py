@@ -7,6 +7,7 @@ the only trainable tensors.
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)  # atomic: concurrent readers never see a partial file
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex) of the state dict: equal bases give equal fingerprints."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -88,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
     splits = load_splits(settings.dataset)
     log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
     base = load_base_model(settings)
+    base_id = models.fingerprint(base)  # clients refuse to train on a different base
     tokenizer = models.create_tokenizer(settings.model)
     mean, std, size = models.image_mean_std(base)
     num_classes = len(class_names(splits["server"]))
@@ -100,9 +101,9 @@ def main(grid: Grid, context: Context) -> None:
     full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     log(
         INFO,
-        "fedmm: adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
+        "fedmm: base %s; adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
         "%d server held-out samples; report -> %s",
-        len(initial), adapter_bytes / 1024, 100 * adapter_bytes / full_bytes, full_bytes / 2**20,
+        base_id, len(initial), adapter_bytes / 1024, 100 * adapter_bytes / full_bytes, full_bytes / 2**20,
         num_classes, len(held_out), out,
     )
     num_nodes = len(list(grid.get_node_ids()))
@@ -131,6 +132,7 @@ def main(grid: Grid, context: Context) -> None:
             "local-steps": settings.local_steps,
             "batch-size": settings.batch_size,
             "proximal-mu": settings.proximal_mu,
+            "base-fingerprint": base_id,
         }
     )
     result = strategy.start(
@@ -139,6 +141,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
         train_config=train_config,
+        evaluate_config=ConfigRecord({"base-fingerprint": base_id}),
         evaluate_fn=central_eval,
     )
 

@@ -65,6 +65,13 @@ def test_fedprox_obligation_pulls_towards_global(run_config, global_arrays):
     assert drift(1000.0) < 0.5 * drift(0.0)
 
 
+def test_a_node_with_a_different_base_refuses_to_train(run_config, global_arrays):
+    arrays, _ = global_arrays
+    # Flower's runtime turns the exception into an error reply with this reason.
+    with pytest.raises(ValueError, match=r"differs from the server's \(0123456789abcdef\)"):
+        _call(run_config, MessageType.TRAIN, arrays, {"base-fingerprint": "0123456789abcdef"})
+
+
 def test_evaluate_reply_has_group_counts(run_config, global_arrays):
     arrays, _ = global_arrays
     reply = _call(run_config, MessageType.EVALUATE, arrays, pid=3)
