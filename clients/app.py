@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.mods import compression_mod
 from fedmm import lora
 from fedmm import model as models
 from fedmm.config import Settings
@@ -27,7 +28,7 @@ from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
 from fedmm.train import proximal_term, train_steps
 
-app = ClientApp()
+app = ClientApp(mods=[compression_mod])
 
 # open_clip logs through the root logger with logging.info(), which calls
 # basicConfig() on first use and would print every Flower record twice.

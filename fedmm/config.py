@@ -55,6 +55,16 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _codec(v: Any) -> str | None:
+    from .compression import make_codec
+
+    try:
+        make_codec(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 SPEC: dict[str, Key] = {
     # model
     "model": Key(str, "fedmm-tiny-vit", "open_clip model name (bundled: fedmm-tiny-vit)"),
@@ -95,6 +105,10 @@ SPEC: dict[str, Key] = {
     "lr": Key(float, 3e-3, "client learning rate (AdamW on adapter parameters)", _positive),
     "weight-decay": Key(float, 0.0, "client AdamW weight decay", _non_negative),
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
+    # compression (fedmm.compression)
+    "codec": Key(str, "fp32", "uplink codec: [topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]", _codec),
+    "codec-downlink": Key(str, "fp32", "downlink codec for the global adapter (dense only)", _codec),
+    "error-feedback": Key(bool, True, "clients carry the compression error into their next update"),
     # run
     "seed": Key(int, 0, "seed of everything random in the run", _non_negative),
     "output-dir": Key(str, "", "report folder; empty = ~/fedmm-runs/<timestamp>"),
@@ -134,6 +148,9 @@ class Settings:
     lr: float
     weight_decay: float
     proximal_mu: float
+    codec: str
+    codec_downlink: str
+    error_feedback: bool
     seed: int
     output_dir: str
     cache_dir: str
@@ -171,6 +188,11 @@ class Settings:
                 raise ConfigError(
                     f"run-config 'pretrained': checkpoint file not found: {self.pretrained}"
                 )
+        if "topk" in self.codec_downlink:
+            raise ConfigError(
+                "run-config 'codec-downlink': top-k would drop most of the global adapter; "
+                "use a dense codec (fp16, bf16, q8, ...)"
+            )
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
             raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
 

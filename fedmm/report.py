@@ -23,6 +23,12 @@ PLOTS = {
     "accuracy.png": ("zero-shot accuracy", ["central/zs-acc", "evaluate/zs-acc"], "central/zs-acc-group-"),
     "retrieval.png": ("retrieval Recall@1", ["central/i2t-R@1", "central/t2i-R@1"], None),
     "loss.png": ("loss", ["train/train-loss", "central/loss", "evaluate/loss"], None),
+    "bytes.png": (
+        "bytes per round",
+        ["train/bytes-uplink-per-client", "train/bytes-uplink-total",
+         "bytes/downlink-per-client", "bytes/downlink-total"],
+        None,
+    ),
 }
 
 
@@ -44,6 +50,8 @@ def _plot(path: Path, title: str, rounds: Mapping[int, Mapping[str, Any]], keys:
         xs = [r for r in sorted(rounds) if key in rounds[r]]
         if xs:
             ax.plot(xs, [rounds[r][key] for r in xs], marker="o", label=key)
+    if "bytes" in title:
+        ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -133,5 +141,8 @@ _HEADLINE = [
     "evaluate/zs-acc",
     "train/train-loss",
     "round-seconds",
+    "train/bytes-uplink-per-client",
+    "train/bytes-uplink-total",
     "bytes/downlink-per-client",
+    "bytes/downlink-total",
 ]

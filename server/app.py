@@ -31,6 +31,7 @@ from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.pretrain import load_base_model
 from server.history import MetricsHistory
+from strategies.compression import CompressedUpdates
 
 app = ServerApp()
 
@@ -73,7 +74,12 @@ def make_strategy(settings: Settings, history: MetricsHistory):
         "evaluate_metrics_aggr_fn": history.evaluate_aggr,
     }
     params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in offered.items() if k in params})
+    strategy = cls(**{k: v for k, v in offered.items() if k in params})
+    if settings.codec != "fp32" or settings.codec_downlink != "fp32":
+        strategy = CompressedUpdates(
+            strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed
+        )
+    return strategy
 
 
 @app.main()
@@ -89,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
     base = load_base_model(settings)
     base_id = models.fingerprint(base)  # clients refuse to train on a different base
+    full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     tokenizer = models.create_tokenizer(settings.model)
     mean, std, size = models.image_mean_std(base)
     num_classes = len(class_names(splits["server"]))
@@ -98,7 +105,6 @@ def main(grid: Grid, context: Context) -> None:
     held_out = to_batch(splits["server"], tokenizer, mean, std, size)
     initial = ArrayRecord(torch_state_dict=lora.adapter_state(net))
     adapter_bytes = initial.count_bytes()
-    full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     log(
         INFO,
         "fedmm: base %s; adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
@@ -119,7 +125,13 @@ def main(grid: Grid, context: Context) -> None:
         now = time.perf_counter()
         if server_round > 0:
             history.record(server_round, "round-seconds", now - round_started[0])
-            history.record(server_round, "bytes/downlink-per-client", float(adapter_bytes))
+            if isinstance(strategy, CompressedUpdates):
+                for key, value in strategy.stats.get(server_round, {}).items():
+                    history.record(server_round, "bytes/" + key.removeprefix("bytes-") if key.startswith("bytes-") else key, value)
+            else:
+                sent = history.rounds[server_round].get("train/num-replies", 0)
+                history.record(server_round, "bytes/downlink-per-client", float(adapter_bytes))
+                history.record(server_round, "bytes/downlink-total", float(adapter_bytes * sent))
         round_started[0] = now
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)

@@ -44,12 +44,18 @@ class MetricsHistory:
                 for k, v in rec.items():
                     if _COUNT.match(k):
                         counts[k] += float(v)
+                    elif k.startswith("bytes-"):  # bytes add up; a weighted mean would be meaningless
+                        counts[f"{k}-total"] += float(v)
                     else:
                         keep[k] = v
                 plain.append(RecordDict({"metrics": MetricRecord(keep)}))
         agg = dict(aggregate_metricrecords(plain, weight_key)) if plain else {}
         agg.pop("partition-id", None)
         for k in list(counts):
+            if k.startswith("bytes-"):
+                agg[k] = counts[k]
+                agg[k.removesuffix("-total") + "-per-client"] = counts[k] / max(1, len(replies))
+                continue
             m = _COUNT.match(k)
             if m and m.group(1) == "count" and counts[k] > 0:
                 agg[f"zs-acc-group-{m.group(2)}"] = counts[f"zs-correct-group-{m.group(2)}"] / counts[k]

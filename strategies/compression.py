@@ -1,0 +1,117 @@
+"""CompressedUpdates: compressed uplink/downlink around any strategy.
+
+Client obligation: the ClientApp runs ``clients.mods.compression_mod``. It
+decodes the global adapter when the downlink is compressed, and replies with
+the encoded update delta = local - global (plus its error-feedback residual).
+
+This wrapper decodes each reply before the wrapped strategy sees it: local =
+reference + delta, where the reference is exactly the global the clients
+decoded (the downlink payload is encoded once per round and sent to all). The
+wrapped strategy then aggregates plain adapter arrays, so any Message-API
+strategy, built-in or plugin, gets compression without change. A reply that
+does not decode is dropped with its reason in the log, and the round goes on.
+Replies are aggregated in node-id order, so float sums do not depend on
+arrival order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+import numpy as np
+
+from clients.mods import to_numpy, to_record
+from fedmm.compression import CodecError, layout_arrays, layout_of, make_codec
+
+
+class CompressedUpdates(Strategy):
+    def __init__(
+        self,
+        strategy: Strategy,
+        uplink: str = "fp32",
+        downlink: str = "fp32",
+        error_feedback: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.strategy = strategy
+        self.uplink, self.downlink = make_codec(uplink), make_codec(downlink)
+        if self.downlink.topk is not None:
+            raise ValueError("downlink codec must be dense (no top-k)")
+        self.error_feedback, self.seed = error_feedback, seed
+        self.key = getattr(strategy, "arrayrecord_key", "arrays")
+        self._reference: OrderedDict[str, np.ndarray] | None = None
+        self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> CompressedUpdates: uplink %s (error feedback %s), downlink %s",
+            self.uplink.spec, self.error_feedback, self.downlink.spec)
+        self.strategy.summary()
+
+    def _downlink(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, OrderedDict]:
+        plain = to_numpy(arrays)
+        if self.downlink.lossless:
+            return arrays, plain
+        rng = np.random.default_rng([self.seed, server_round, 2**31 - 1])
+        payload = self.downlink.encode(plain, rng)
+        decoded = self.downlink.decode(payload, layout_of(plain))
+        return to_record({**payload, **layout_arrays(layout_of(plain))}), decoded
+
+    def _config(self, config: ConfigRecord, train: bool) -> ConfigRecord:
+        extra = {"codec-down": self.downlink.spec}
+        if train:
+            extra.update({"codec-up": self.uplink.spec, "error-feedback": self.error_feedback, "codec-seed": self.seed})
+        return ConfigRecord({**dict(config), **extra})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        send, self._reference = self._downlink(server_round, arrays)
+        messages = list(self.strategy.configure_train(server_round, send, self._config(config, True), grid))
+        self.stats[server_round] = {
+            "bytes-downlink-per-client": float(send.count_bytes()),
+            "bytes-downlink-total": float(send.count_bytes() * len(messages)),
+            "dropped-updates": 0.0,
+        }
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
+        if self._reference is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        layout = layout_of(self._reference)
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)  # the wrapped strategy logs and skips it
+                continue
+            try:
+                delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)
+            except (CodecError, KeyError, ValueError) as exc:
+                log(WARNING, "round %d: dropped the update of node %s: %s",
+                    server_round, msg.metadata.src_node_id, exc)
+                self.stats.setdefault(server_round, {}).setdefault("dropped-updates", 0.0)
+                self.stats[server_round]["dropped-updates"] += 1
+                continue
+            msg.content[self.key] = to_record(
+                OrderedDict((k, self._reference[k] + delta[k]) for k in self._reference)
+            )
+            kept.append(msg)
+        return self.strategy.aggregate_train(server_round, kept)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        send, _ = self._downlink(server_round, arrays)
+        return self.strategy.configure_evaluate(server_round, send, self._config(config, False), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
