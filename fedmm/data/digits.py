@@ -20,7 +20,9 @@ dataset on every machine, independent of the run seed.
 from __future__ import annotations
 
 import numpy as np
-from datasets import Array3D, ClassLabel, Dataset, Features, Value
+from datasets import Dataset
+
+from .schema import features
 
 DATA_SEED = 20260101
 DATA_VERSION = "digits-v1"  # bump when anything below changes: it keys the base cache
@@ -43,16 +45,7 @@ CAPTION_TEMPLATES = [
 ]
 ZERO_SHOT_TEMPLATES = ["a photo of the number {w}.", "the digit {d}.", "a handwritten {w}."]
 
-FEATURES = Features(
-    {
-        "image": Array3D(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8"),
-        "caption": Value("string"),
-        "label": ClassLabel(names=CLASS_NAMES),
-        "group": Value("int64"),
-        "toxic": Value("bool"),
-        "client": Value("string"),
-    }
-)
+FEATURES = features(CLASS_NAMES, IMAGE_SIZE)
 
 
 def class_prompts(templates: list[str] = ZERO_SHOT_TEMPLATES) -> list[list[str]]:

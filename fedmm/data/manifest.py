@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Array3D, ClassLabel, Dataset, Features, Value
+from datasets import Dataset
 
 from .digits import SPLITS
+from .schema import features
 
 log = logging.getLogger(__name__)
 REQUIRED = ("image", "caption")
@@ -68,18 +69,9 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         ids = sorted({int(v) for v in labels if v is not None})
         names = [str(i) for i in range(max(ids) + 1)] if ids else ["unlabelled"]
         to_id = None
-    features = Features(
-        {
-            "image": Array3D(shape=(image_size, image_size, 3), dtype="uint8"),
-            "caption": Value("string"),
-            "label": ClassLabel(names=names),
-            "group": Value("int64"),
-            "toxic": Value("bool"),
-            "client": Value("string"),
-        }
-    )
+    schema = features(names, image_size)
     report = ManifestReport(rows=len(rows))
-    out: dict[str, dict[str, list]] = {s: {k: [] for k in features} for s in SPLITS}
+    out: dict[str, dict[str, list]] = {s: {k: [] for k in schema} for s in SPLITS}
     for i, r in enumerate(rows):
         file = Path(str(r["image"]))
         file = file if file.is_absolute() else path.parent / file
@@ -109,4 +101,4 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         log.warning("manifest %s: skipped %d of %d rows: %s", path, len(report.skipped), report.rows, shown)
     if report.kept == 0:
         raise ManifestError(f"manifest {path}: no usable rows ({len(report.skipped)} skipped)")
-    return {s: Dataset.from_dict(out[s], features=features) for s in SPLITS}, report
+    return {s: Dataset.from_dict(out[s], features=schema) for s in SPLITS}, report
