@@ -105,7 +105,7 @@ def _merge_masks(
 
 def swap_attention(model: nn.Module) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` in place; returns it."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention):
                 setattr(module, child_name, LinearMultiheadAttention.from_torch(child))

@@ -96,7 +96,7 @@ def test_error_feedback_residual_stays_bounded():
     codec, rng = make_codec("topk0.05+q2"), np.random.default_rng(3)
     base = _update(5)
     residual, norms, sent_sum, true_sum = None, [], 0.0, 0.0
-    for t in range(300):
+    for _ in range(300):
         g = OrderedDict((k, v + 0.3 * rng.normal(size=v.shape).astype(np.float32)) for k, v in base.items())
         payload, residual = encode_with_feedback(codec, g, residual, rng)
         sent = codec.decode(payload, layout_of(g))

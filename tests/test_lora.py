@@ -116,7 +116,7 @@ def test_peft_export_import_is_exact(base_model, tokenizer, tmp_path):
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     loaded = lora.load_peft(fresh, folder)
     assert isinstance(loaded, PeftModel)
-    for (k1, v1), (k2, v2) in zip(lora.adapter_state(net).items(), lora.adapter_state(loaded).items()):
+    for (k1, v1), (k2, v2) in zip(lora.adapter_state(net).items(), lora.adapter_state(loaded).items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
     images, tokens = _inputs(tokenizer)
     with torch.no_grad():

@@ -43,7 +43,7 @@ def test_base_is_cached_and_identical_on_every_load(base_settings, _base_model):
     path = base_checkpoint_path(base_settings)
     assert path.is_file() and path.suffix == ".safetensors"
     again = load_base_model(base_settings, progress=False)
-    for (k, a), (_, b) in zip(_base_model.state_dict().items(), again.state_dict().items()):
+    for (k, a), (_, b) in zip(_base_model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert not any(p.requires_grad for p in again.parameters())
 
@@ -53,7 +53,7 @@ def test_local_checkpoint_round_trip(tmp_path, _base_model):
     models.save_checkpoint(_base_model, path)
     net = models.create_model("fedmm-tiny-vit", seed=9)
     models.load_checkpoint(net, path)
-    for (k, a), (_, b) in zip(_base_model.state_dict().items(), net.state_dict().items()):
+    for (k, a), (_, b) in zip(_base_model.state_dict().items(), net.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     # A checkpoint of another architecture is refused, not half-loaded.
     torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "other.pt")

@@ -46,7 +46,7 @@ def class_names(ds: Dataset) -> list[str]:
 def zero_shot_prompts(names: list[str]) -> list[list[str]]:
     """Per class, several phrasings; the digits' number words get the numeral too."""
     out = []
-    for i, name in enumerate(names):
+    for name in names:
         d = CLASS_NAMES.index(name) if name in CLASS_NAMES else name
         out.append([t.format(w=name, d=d) for t in ZERO_SHOT_TEMPLATES])
     return out
