@@ -70,7 +70,7 @@ def sizes() -> None:
             print(f"| {spec} | {b:,} | {full / b:,.0f} | {lora_fp32 / b:.1f} | {1000 * statistics.median(times):.1f} |")
 
 
-def accuracy(clients: int, rounds: int, extra: str) -> None:
+def accuracy(clients: int, rounds: int, extra: str, runs: list[tuple[str, bool]]) -> None:
     from fedmm.cli import parse_run_config, run_simulation
     from fedmm.config import Settings
     from fedmm.pretrain import ensure_base_checkpoint
@@ -79,7 +79,7 @@ def accuracy(clients: int, rounds: int, extra: str) -> None:
     ensure_base_checkpoint(Settings.from_run_config(base))
     print("| codec | error feedback | final zs-acc | mean zs-acc, last 3 rounds | uplink B / client / round | median round s | median encode s / client |")
     print("|---|---|---|---|---|---|---|")
-    for spec, feedback in ACCURACY_RUNS:
+    for spec, feedback in runs:
         work = Path(tempfile.mkdtemp(prefix="fedmm-codec-"))
         cfg = {**base, "codec": spec, "error-feedback": feedback, "num-server-rounds": rounds, "output-dir": str(work / "r")}
         code = run_simulation(ROOT, cfg, num_supernodes=clients, flwr_home=work / "flwr", stream=False)
@@ -103,12 +103,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--run-config", default="")
+    parser.add_argument("--runs", default="", help="accuracy runs to do, e.g. 'q4:ef,q2' (default: the full list)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "sizes":
         sizes()
     else:
-        accuracy(args.clients, args.rounds, args.run_config)
+        runs = [(r.split(":")[0], r.endswith(":ef")) for r in args.runs.split(",") if r] or ACCURACY_RUNS
+        accuracy(args.clients, args.rounds, args.run_config, runs)
     return 0
 
 

@@ -56,11 +56,12 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     seed = [int(config.get("codec-seed", 0)), int(config.get("server-round", 0)), int(context.node_id)]
     rng = np.random.default_rng(seed)
     residual = None
-    if bool(config.get("error-feedback", False)) and RESIDUAL_KEY in context.state:
+    feedback = bool(config.get("error-feedback", False)) and not up.lossless  # fp32 leaves no error
+    if feedback and RESIDUAL_KEY in context.state:
         stored = to_numpy(context.state[RESIDUAL_KEY])
         if list(stored) == list(delta) and all(stored[k].shape == delta[k].shape for k in delta):
             residual = stored  # else: the adapter changed shape; start afresh
-    if bool(config.get("error-feedback", False)):
+    if feedback:
         payload, new_residual = encode_with_feedback(up, delta, residual, rng)
         context.state[RESIDUAL_KEY] = to_record(new_residual)
     else:

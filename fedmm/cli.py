@@ -210,10 +210,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
     code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
     summary = Path(settings.output_dir) / "summary.md"
-    if code == 0 and summary.is_file():
-        print(f"\nfedmm: report folder {settings.output_dir}\n")
-        print(summary.read_text())
-    return code
+    if code != 0:
+        return code
+    # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the proof.
+    if not summary.is_file():
+        print(f"fedmm: the run did not complete (no report in {settings.output_dir}); see the log above", file=sys.stderr)
+        return 1
+    print(f"\nfedmm: report folder {settings.output_dir}\n")
+    print(summary.read_text())
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -245,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as exc:
         print(f"fedmm: invalid run config: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a manifest with no usable rows
+        print(f"fedmm: {exc}", file=sys.stderr)
         return 2
 
 

@@ -181,6 +181,14 @@ class Settings:
         return settings
 
     def _check_cross_field(self) -> None:
+        from .model import available_models  # open_clip's registry, plus fedmm's bundled configs
+
+        if self.model not in available_models():
+            close = difflib.get_close_matches(self.model, available_models(), n=3)
+            raise ConfigError(
+                f"run-config 'model': unknown open_clip model '{self.model}'"
+                + (f" (did you mean {', '.join(close)}?)" if close else "; e.g. fedmm-tiny-vit, ViT-B-32")
+            )
         if not self.lora_target_list:
             raise ConfigError("run-config 'lora-targets' must name at least one module")
         if self.pretrained not in ("public-pretrain", "none") and _looks_like_path(self.pretrained):

@@ -60,7 +60,7 @@ def output_dir(settings: Settings) -> Path:
     return Path.home() / "fedmm-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def make_strategy(settings: Settings, history: MetricsHistory):
+def make_strategy(settings: Settings, history: MetricsHistory) -> CompressedUpdates:
     """The run's strategy; arguments it accepts are taken from the settings."""
     cls = strategies.load(settings.strategy)
     offered = {
@@ -75,11 +75,10 @@ def make_strategy(settings: Settings, history: MetricsHistory):
     }
     params = inspect.signature(cls.__init__).parameters
     strategy = cls(**{k: v for k, v in offered.items() if k in params})
-    if settings.codec != "fp32" or settings.codec_downlink != "fp32":
-        strategy = CompressedUpdates(
-            strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed
-        )
-    return strategy
+    # Always wrapped: with fp32 both ways the codec is the identity, and every run
+    # gets the same decoding checks (shapes, finiteness), byte counts and a
+    # node-id aggregation order.
+    return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
 
 
 @app.main()
@@ -125,13 +124,8 @@ def main(grid: Grid, context: Context) -> None:
         now = time.perf_counter()
         if server_round > 0:
             history.record(server_round, "round-seconds", now - round_started[0])
-            if isinstance(strategy, CompressedUpdates):
-                for key, value in strategy.stats.get(server_round, {}).items():
-                    history.record(server_round, "bytes/" + key.removeprefix("bytes-") if key.startswith("bytes-") else key, value)
-            else:
-                sent = history.rounds[server_round].get("train/num-replies", 0)
-                history.record(server_round, "bytes/downlink-per-client", float(adapter_bytes))
-                history.record(server_round, "bytes/downlink-total", float(adapter_bytes * sent))
+            for key, value in strategy.stats.get(server_round, {}).items():
+                history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
         round_started[0] = now
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)

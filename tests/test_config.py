@@ -27,6 +27,7 @@ def test_pyproject_defaults_equal_the_spec():
         ({"lora-rnak": 4}, "unknown run-config key(s): 'lora-rnak' (did you mean 'lora-rank'?)"),
         ({"pretrained": "/no/such/base.safetensors"}, "'pretrained': checkpoint file not found: /no/such"),
         ({"dataset": "/no/such/manifest.csv"}, "'dataset': manifest file not found"),
+        ({"model": "ViT-B-33"}, "'model': unknown open_clip model 'ViT-B-33' (did you mean ViT-B-32"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):

@@ -72,3 +72,18 @@ def test_compressed_uplink_and_downlink_in_simulation(base_settings, tmp_path):
         assert rounds[r]["bytes/downlink-per-client"] < 0.3 * fp32
     assert rounds[2]["central/zs-acc"] > 0.5 * rounds[0]["central/zs-acc"]  # decoded, not garbage
     assert (out / "bytes.png").stat().st_size > 0
+
+
+def test_fedmm_run_fails_when_the_server_app_fails(tmp_path, monkeypatch, capsys):
+    """`flwr run --stream` exits 0 even if the ServerApp raised; `fedmm run` must not."""
+    from fedmm import cli
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption\nmissing.png,nothing here\n")  # no usable row
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "unused"))
+    code = cli.main([
+        "run", "--clients", "2",
+        "--run-config", f"dataset='{manifest}' pretrained='none' output-dir='{tmp_path / 'out'}'",
+    ])
+    assert code == 1
+    assert "the run did not complete" in capsys.readouterr().err
