@@ -16,20 +16,13 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedmm.compression import encode_with_feedback, layout_from_arrays, make_codec, payload_bytes
+from strategies.records import to_numpy, to_record
 
 RESIDUAL_KEY = "codec-residual"
-
-
-def to_numpy(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, v.numpy()) for k, v in record.items())
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -31,17 +30,14 @@ CONNECTION = "fedmm-local"
 
 
 def parse_run_config(text: str) -> dict:
-    """``"k=v k2='s'"`` (Flower's --run-config syntax: TOML values) -> dict."""
-    out: dict = {}
-    for item in text.split():
-        if "=" not in item:
-            raise ConfigError(f"--run-config item '{item}' is not key=value")
-        key, _, value = item.partition("=")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value  # bare string
-    return out
+    """``"k=v k2='s'"`` -> dict, with Flower's own parser (the ``flwr run --run-config`` syntax)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([text]) if text.strip() else {}
+    except click.ClickException as exc:
+        raise ConfigError(f"--run-config {text!r}: {exc.message}") from exc
 
 
 def format_run_config(values: dict) -> str:

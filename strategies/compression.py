@@ -27,8 +27,8 @@ from flwr.supercore import log
 
 import numpy as np
 
-from clients.mods import to_numpy, to_record
 from fedmm.compression import CodecError, layout_arrays, layout_of, make_codec
+from strategies.records import to_numpy, to_record
 
 
 class CompressedUpdates(Strategy):

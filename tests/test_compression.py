@@ -5,7 +5,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients.mods import RESIDUAL_KEY, compression_mod, to_numpy, to_record
+from clients.mods import RESIDUAL_KEY, compression_mod
 from fedmm.compression import (
     CodecError,
     encode_with_feedback,
@@ -18,6 +18,7 @@ from fedmm.compression import (
 from fedmm.compression.codec import index_dtype
 from fedmm.compression.quantize import levels, pack_bits, quantize_stochastic, dequantize, unpack_bits
 from strategies.compression import CompressedUpdates
+from strategies.records import to_numpy, to_record
 
 
 def _update(seed=0, width=40):

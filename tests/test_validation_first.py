@@ -38,3 +38,6 @@ def test_run_config_parsing_matches_flower_syntax():
     parsed = cli.parse_run_config("lora-rank=4 lr=0.01 dataset='/d/m.csv' strategy=\"fedprox\" flag=true")
     assert parsed == {"lora-rank": 4, "lr": 0.01, "dataset": "/d/m.csv", "strategy": "fedprox", "flag": True}
     assert cli.parse_run_config(cli.format_run_config(parsed)) == parsed
+    assert cli.parse_run_config("output-dir='/tmp/a b' seed=3") == {"output-dir": "/tmp/a b", "seed": 3}
+    with pytest.raises(ConfigError, match="--run-config"):
+        cli.parse_run_config("strategy=fed prox")
