@@ -196,6 +196,12 @@ def run_simulation(
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_run_config(args.run_config or "")
     settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
+    import strategies
+
+    try:
+        strategies.load(settings.strategy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if not settings.output_dir:
         overrides["output-dir"] = str(Path("runs").resolve() / datetime.now().strftime("%Y%m%d-%H%M%S"))
         settings = Settings.from_run_config(overrides)

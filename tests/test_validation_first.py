@@ -32,6 +32,8 @@ def test_cli_rejects_bad_config_before_starting_anything(monkeypatch, capsys):
     monkeypatch.setattr(cli.subprocess, "run", no_process)
     assert cli.main(["run", "--run-config", "lora-rank=-1"]) == 2
     assert "'lora-rank' = -1: must be > 0" in capsys.readouterr().err
+    assert cli.main(["run", "--run-config", "strategy='fedsgd'"]) == 2
+    assert "unknown strategy 'fedsgd'; installed:" in capsys.readouterr().err
 
 
 def test_run_config_parsing_matches_flower_syntax():
