@@ -61,7 +61,9 @@ def _plot(path: Path, title: str, rounds: Mapping[int, Mapping[str, Any]], keys:
     plt.close(fig)
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, key: str = "") -> str:
+    if isinstance(v, float) and (v.is_integer() and ("num-" in key or "bytes" in key)):
+        return f"{int(v):,}"  # counts and byte sizes, not rates
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
@@ -116,10 +118,10 @@ def write_report(
         "|---|---|---|",
     ]
     for key in sorted(k for k in final if k.startswith("central/")):
-        lines.append(f"| {key.removeprefix('central/')} | {_fmt(base.get(key, ''))} | {_fmt(final[key])} |")
+        lines.append(f"| {key.removeprefix('central/')} | {_fmt(base.get(key, ''), key)} | {_fmt(final[key], key)} |")
     lines += ["", "## Per round", "", "| round | " + " | ".join(_HEADLINE) + " |", "|---" * (len(_HEADLINE) + 1) + "|"]
     for r, row in rounds.items():
-        lines.append(f"| {r} | " + " | ".join(_fmt(row.get(k, "")) for k in _HEADLINE) + " |")
+        lines.append(f"| {r} | " + " | ".join(_fmt(row.get(k, ""), k) for k in _HEADLINE) + " |")
     lines += ["", "## Per client, final round (federated evaluation)", ""]
     finals = [c for c in clients if c.get("phase") == "evaluate" and c.get("round") == last]
     if finals:
