@@ -26,7 +26,7 @@ from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zer
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
-from fedmm.train import proximal_term, train_steps
+from fedmm.train import mean_clip_loss, proximal_term, train_steps
 
 app = ClientApp(mods=[compression_mod])
 
@@ -134,11 +134,14 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     # Distinct, reproducible minibatch order per (run seed, round, client).
     seed = zlib.crc32(f"{node.settings.seed}:{server_round}:{node.partition_id}".encode())
+    batch_size = int(config.get("batch-size", node.settings.batch_size))
+    # F_k(w_global) before local training: QFedAvg's obligation, cheap for any strategy.
+    global_loss = mean_clip_loss(node.net, node.train, batch_size)
     stats = train_steps(
         node.net,
         node.train,
         steps=int(config.get("local-steps", node.settings.local_steps)),
-        batch_size=int(config.get("batch-size", node.settings.batch_size)),
+        batch_size=batch_size,
         lr=float(config.get("lr", node.settings.lr)),
         weight_decay=node.settings.weight_decay,
         seed=seed,
@@ -150,6 +153,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(node.train),
             "partition-id": node.partition_id,
             "train-loss": stats.loss,
+            "train_loss": global_loss,
             "clip-loss": stats.clip_loss,
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),

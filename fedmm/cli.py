@@ -5,11 +5,13 @@
                    SuperLink on loopback, ``flwr run`` the app against it with
                    streamed logs, stop everything it started (by PID).
 ``fedmm pretrain`` build (or rebuild) the cached public-pretrained base.
+``fedmm strategies`` list installed strategies, their descriptions and arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import shutil
@@ -233,6 +235,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_strategies(args: argparse.Namespace) -> int:
+    import strategies
+
+    for name in sorted(strategies.available()):
+        summary, params = strategies.describe(name)
+        print(f"{name}: {summary}")
+        own = {k: v for k, v in params.items() if k not in strategies.MANAGED}
+        for key, (kind, default) in own.items():
+            shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+            print(f"    {key} ({kind.__name__}, {shown})")
+    print('\nSet them with --run-config "strategy=\'NAME\' strategy-args=\'key=value ...\'".')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="fedmm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--run-config", default="")
     pre.add_argument("--force", action="store_true", help="rebuild even if cached")
     pre.set_defaults(fn=cmd_pretrain)
+    sub.add_parser("strategies", help="list installed strategies and their arguments").set_defaults(fn=cmd_strategies)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

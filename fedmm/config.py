@@ -94,7 +94,10 @@ SPEC: dict[str, Key] = {
     "test-fraction": Key(float, 0.2, "per-client held-out fraction", _open_fraction),
     # federation
     "num-server-rounds": Key(int, 15, "federated rounds", _positive),
-    "strategy": Key(str, "fedavg", "aggregation strategy name"),
+    "strategy": Key(str, "fedavg", "aggregation strategy name (`fedmm strategies` lists them)"),
+    "strategy-args": Key(
+        str, "", "the strategy's own constructor arguments, e.g. \"eta=0.01 beta_1=0.9\" (Flower k=v syntax)"
+    ),
     "fraction-train": Key(float, 1.0, "fraction of nodes sampled for training", _fraction),
     "fraction-evaluate": Key(float, 1.0, "fraction of nodes sampled for federated evaluation", _fraction),
     "min-nodes": Key(int, 2, "minimum nodes per round (train and evaluate)", _positive),
@@ -139,6 +142,7 @@ class Settings:
     test_fraction: float
     num_server_rounds: int
     strategy: str
+    strategy_args: str
     fraction_train: float
     fraction_evaluate: float
     min_nodes: int

@@ -101,3 +101,14 @@ def train_steps(
         if progress is not None:
             progress(step + 1, float(loss.detach()))
     return TrainStats(steps, seen, total / steps, clip_total / steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def mean_clip_loss(model: nn.Module, data: Batch, batch_size: int) -> float:
+    """Mean ClipLoss of the model over ``data`` in its natural order (no update)."""
+    loss_fn, total, batches = open_clip.ClipLoss(), 0.0, 0
+    for i in range(0, len(data) - 1, batch_size):  # a batch needs >= 2 pairs
+        out = forward(model, data.subset(torch.arange(i, min(i + batch_size, len(data)))))
+        total += float(loss_fn(out["image_features"], out["text_features"], out["logit_scale"]))
+        batches += 1
+    return total / max(1, batches)

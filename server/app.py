@@ -9,7 +9,6 @@ global adapter on its own held-out split (``central/*`` metrics).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from datetime import datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from flwr.supercore.logger import FLOWER_LOGGER
@@ -31,6 +31,7 @@ from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.pretrain import load_base_model
 from server.history import MetricsHistory
+from strategies.builtin import RANGES, check_population
 from strategies.compression import CompressedUpdates
 
 app = ServerApp()
@@ -61,20 +62,26 @@ def output_dir(settings: Settings) -> Path:
 
 
 def make_strategy(settings: Settings, history: MetricsHistory) -> CompressedUpdates:
-    """The run's strategy; arguments it accepts are taken from the settings."""
-    cls = strategies.load(settings.strategy)
-    offered = {
+    """The run's strategy, built from the settings and ``strategy-args``, wrapped for decoding."""
+    managed = {
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": settings.fraction_evaluate,
         "min_train_nodes": settings.min_nodes,
         "min_evaluate_nodes": settings.min_nodes,
         "min_available_nodes": settings.min_nodes,
         "proximal_mu": settings.proximal_mu,
+        "client_learning_rate": settings.lr,  # QFedAvg's estimate of the Lipschitz constant
+        # The record keys fedmm's ClientApp reads and writes: not the user's to change.
+        "weighted_by_key": "num-examples",
+        "arrayrecord_key": "arrays",
+        "configrecord_key": "config",
+        "train_loss_key": "train_loss",
         "train_metrics_aggr_fn": history.train_aggr,
         "evaluate_metrics_aggr_fn": history.evaluate_aggr,
     }
-    params = inspect.signature(cls.__init__).parameters
-    strategy = cls(**{k: v for k, v in offered.items() if k in params})
+    assert set(managed) == strategies.MANAGED, "keep strategies.MANAGED in step"
+    args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
+    strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
     # gets the same decoding checks (shapes, finiteness), byte counts and a
     # node-id aggregation order.
@@ -114,6 +121,7 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes > len(splits["clients"]):
         raise ValueError(f"{num_nodes} nodes but only {len(splits['clients'])} client samples")
+    check_population(strategy.strategy, max(settings.min_nodes, int(num_nodes * settings.fraction_train)))
 
     round_started = [time.perf_counter()]
 

@@ -1,12 +1,73 @@
-"""fedmm's built-in strategies: Flower's own, reused as they are.
+"""fedmm's built-in strategies: Flower's own Message-API strategies, reused as they are.
 
 Client obligations (honoured by clients/app.py):
-- FedAvg: reply with the locally trained adapter arrays and ``num-examples``.
-- FedProx: additionally add ``proximal-mu``/2 * ||w - w_global||^2 (squared
-  norm, as in the FedProx paper) over the adapter tensors to the local loss;
-  the strategy sends ``proximal-mu`` in the train config.
+- all: reply with the locally trained adapter arrays and ``num-examples``.
+- FedProx: add ``proximal-mu``/2 * ||w - w_global||^2 (squared norm, as in the
+  FedProx paper) over the adapter tensors to the local loss; the strategy
+  sends ``proximal-mu`` in the train config.
+- QFedAvg: report ``train_loss``, the loss of the received global adapter on
+  the client's training data before local training (F_k(w^t) in q-FFL); its
+  ``client_learning_rate`` is fedmm's ``lr``.
 """
 
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
 
-__all__ = ["FedAvg", "FedProx"]
+__all__ = [
+    "Bulyan",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
+    "MultiKrum",
+    "QFedAvg",
+]
+
+# Valid ranges of the built-ins' own parameters (Flower does not check them).
+# Each entry: parameter -> (check, description of the valid range).
+RANGES = {
+    "proximal_mu": (lambda v: v >= 0, ">= 0"),
+    "beta": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "q": (lambda v: v >= 0, ">= 0"),
+    "eta": (lambda v: v > 0, "> 0"),
+    "eta_l": (lambda v: v > 0, "> 0"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "beta_1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta_2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "server_learning_rate": (lambda v: v > 0, "> 0"),
+    "server_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "num_malicious_nodes": (lambda v: v >= 0, ">= 0"),
+    "num_nodes_to_select": (lambda v: v >= 1, ">= 1"),
+    "client_learning_rate": (lambda v: v > 0, "> 0"),
+}
+
+
+def check_population(strategy: object, sampled: int) -> None:
+    """Byzantine-robust rules need enough replies per round for their f; fail before round 1."""
+    f = getattr(strategy, "num_malicious_nodes", None)
+    if f is None:
+        return
+    need = 4 * f + 3 if isinstance(strategy, Bulyan) else 2 * f + 3
+    if sampled < need:
+        raise ValueError(
+            f"run-config 'strategy-args': {type(strategy).__name__} with num_malicious_nodes={f} needs "
+            f">= {need} clients per round, but {sampled} are sampled; lower num_malicious_nodes to "
+            f"<= {max(0, (sampled - 3) // (4 if isinstance(strategy, Bulyan) else 2))} or add clients"
+        )

@@ -79,3 +79,18 @@ def test_evaluate_reply_has_group_counts(run_config, global_arrays):
     assert m["num-examples"] == m["zs-count-group-0"] + m["zs-count-group-1"]
     assert 0 <= m["zs-correct-group-1"] <= m["zs-count-group-1"]
     assert 0.0 <= m["zs-acc"] <= 1.0
+
+
+def test_train_reports_the_global_models_loss_before_training(run_config, global_arrays):
+    """QFedAvg's obligation: train_loss = F_k(w_global), not the post-training loss."""
+    from clients.app import _node
+    from fedmm.train import mean_clip_loss
+
+    arrays, net = global_arrays
+    reply = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32}, pid=2)
+    context = Context(run_id=1, node_id=3, node_config={"partition-id": 2, "num-partitions": 10},
+                      state=RecordDict(), run_config=run_config)
+    expected = mean_clip_loss(net, _node(context).train, 32)
+    metrics = reply.content["metrics"]
+    assert np.isclose(metrics["train_loss"], expected, rtol=1e-5)
+    assert not np.isclose(metrics["train_loss"], metrics["train-loss"])

@@ -87,3 +87,19 @@ def test_fedmm_run_fails_when_the_server_app_fails(tmp_path, monkeypatch, capsys
     ])
     assert code == 1
     assert "the run did not complete" in capsys.readouterr().err
+
+
+def test_qfedavg_runs_in_simulation_with_its_client_obligation(base_settings, tmp_path):
+    ensure_base_checkpoint(base_settings, progress=False)
+    out = tmp_path / "report"
+    run_config = {
+        **base_settings.to_run_config(),
+        "num-server-rounds": 2, "local-steps": 6,
+        "strategy": "qfedavg", "strategy-args": "q=0.2",
+        "output-dir": str(out),
+    }
+    code = run_simulation(ROOT, run_config, num_supernodes=4, flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
+    rounds = {int(k): v for k, v in json.loads((out / "metrics.json").read_text())["rounds"].items()}
+    assert rounds[2]["train/num-replies"] == 4 and rounds[2]["train/train_loss"] > 0
+    assert rounds[2]["central/zs-acc"] > 0.5 * rounds[0]["central/zs-acc"]
