@@ -135,8 +135,11 @@ def train(msg: Message, context: Context) -> Message:
     # Distinct, reproducible minibatch order per (run seed, round, client).
     seed = zlib.crc32(f"{node.settings.seed}:{server_round}:{node.partition_id}".encode())
     batch_size = int(config.get("batch-size", node.settings.batch_size))
-    # F_k(w_global) before local training: QFedAvg's obligation, cheap for any strategy.
-    global_loss = mean_clip_loss(node.net, node.train, batch_size)
+    # F_k(w_global) before local training: QFedAvg's obligation, only when the
+    # server's strategy asks (it costs ~15% of the local training time).
+    extra = {}
+    if bool(config.get("report-train-loss", False)):
+        extra["train_loss"] = mean_clip_loss(node.net, node.train, batch_size)
     stats = train_steps(
         node.net,
         node.train,
@@ -153,11 +156,11 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(node.train),
             "partition-id": node.partition_id,
             "train-loss": stats.loss,
-            "train_loss": global_loss,
             "clip-loss": stats.clip_loss,
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),
             "bytes-uplink": arrays.count_bytes(),
+            **extra,
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -147,6 +147,8 @@ def main(grid: Grid, context: Context) -> None:
             "batch-size": settings.batch_size,
             "proximal-mu": settings.proximal_mu,
             "base-fingerprint": base_id,
+            # QFedAvg reads each client's loss of the global model; others do not pay for it.
+            "report-train-loss": hasattr(strategy.strategy, "train_loss_key"),
         }
     )
     result = strategy.start(

@@ -6,8 +6,9 @@ Client obligations (honoured by clients/app.py):
   FedProx paper) over the adapter tensors to the local loss; the strategy
   sends ``proximal-mu`` in the train config.
 - QFedAvg: report ``train_loss``, the loss of the received global adapter on
-  the client's training data before local training (F_k(w^t) in q-FFL); its
-  ``client_learning_rate`` is fedmm's ``lr``.
+  the client's training data before local training (F_k(w^t) in q-FFL). The
+  server asks for it (``report-train-loss``) when the strategy has a
+  ``train_loss_key``; its ``client_learning_rate`` is fedmm's ``lr``.
 """
 
 from flwr.serverapp.strategy import (

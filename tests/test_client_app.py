@@ -87,10 +87,13 @@ def test_train_reports_the_global_models_loss_before_training(run_config, global
     from fedmm.train import mean_clip_loss
 
     arrays, net = global_arrays
-    reply = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32}, pid=2)
+    reply = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32, "report-train-loss": True}, pid=2)
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 2, "num-partitions": 10},
                       state=RecordDict(), run_config=run_config)
     expected = mean_clip_loss(net, _node(context).train, 32)
     metrics = reply.content["metrics"]
     assert np.isclose(metrics["train_loss"], expected, rtol=1e-5)
     assert not np.isclose(metrics["train_loss"], metrics["train-loss"])
+    # Only computed when the server's strategy asks for it.
+    plain = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32}, pid=2)
+    assert "train_loss" not in plain.content["metrics"]

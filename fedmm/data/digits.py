@@ -48,11 +48,6 @@ ZERO_SHOT_TEMPLATES = ["a photo of the number {w}.", "the digit {d}.", "a handwr
 FEATURES = features(CLASS_NAMES, IMAGE_SIZE)
 
 
-def class_prompts(templates: list[str] = ZERO_SHOT_TEMPLATES) -> list[list[str]]:
-    """Zero-shot prompts: one list of phrasings per class."""
-    return [[t.format(w=w, d=d) for t in templates] for d, w in enumerate(CLASS_NAMES)]
-
-
 def _upscale(img8: np.ndarray) -> np.ndarray:
     """8x8 in [0,16] -> 32x32 float in [0,1], bilinear (smooth strokes)."""
     import torch
