@@ -44,7 +44,7 @@ def adapter_update(model_name: str) -> tuple[dict[str, np.ndarray], int]:
     torch.manual_seed(0)
     net = models.create_model(model_name, seed=0)
     full_bytes = sum(p.numel() * 4 for p in net.parameters())
-    peft_model = lora.attach_lora(net, 8, 16.0, SPEC["lora-targets"].default.split(","))
+    peft_model = lora.attach_lora(net, 8, 16.0, models.default_lora_targets(model_name))
     rng = np.random.default_rng(0)
     # A round's update: small, heavy-tailed values (bytes do not depend on them; time barely does).
     update = {k: (rng.standard_t(4, size=v.shape) * 1e-3).astype(np.float32) for k, v in lora.get_adapter_arrays(peft_model).items()}

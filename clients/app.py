@@ -41,7 +41,7 @@ class RunState:
 
     settings: Settings
     net: Any  # peft model; its adapter is overwritten by every message
-    class_emb: torch.Tensor
+    prompts: list[list[str]]  # zero-shot class prompts, embedded by the current adapter
     tokenizer: Any
     preprocess: tuple  # (mean, std, size)
     num_groups: int
@@ -80,11 +80,11 @@ def _run_state(context: Context) -> RunState:
         base = load_base_model(settings, progress=False)
         base_id = models.fingerprint(base)
         tokenizer = models.create_tokenizer(settings.model)
-        class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["clients"])))
+        prompts = zero_shot_prompts(class_names(splits["clients"]))
         net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
         groups = splits["clients"]["group"]
         _RUNS[key] = RunState(
-            settings, net, class_emb, tokenizer, models.image_mean_std(base),
+            settings, net, prompts, tokenizer, models.image_mean_std(base),
             num_groups=max(groups) + 1 if len(groups) else 1,
             base_fingerprint=base_id,
         )
@@ -171,7 +171,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     _load_global(node, msg)
     metrics: dict[str, float] = {"num-examples": len(node.test), "partition-id": node.partition_id}
-    full = evaluate_metrics(node.net, node.test, node.run.class_emb) if len(node.test) else {}
+    full = {}
+    if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
+        class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
+        full = evaluate_metrics(node.net, node.test, class_emb)
     for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr"):
         metrics[key] = float(full.get(key, 0.0))
     # Group counts, summed by the server: exact federated per-group accuracy.

@@ -67,7 +67,11 @@ def _codec(v: Any) -> str | None:
 
 SPEC: dict[str, Key] = {
     # model
-    "model": Key(str, "fedmm-tiny-vit", "open_clip model name (bundled: fedmm-tiny-vit)"),
+    "model": Key(
+        str, "effnet-lite0-minilm",
+        "open_clip model name (bundled: effnet-lite0-minilm = pretrained EfficientNet-Lite0 + "
+        "MiniLM towers; fedmm-tiny-vit = small CLIP trained from scratch, for fast tests)",
+    ),
     "pretrained": Key(
         str,
         "public-pretrain",
@@ -82,8 +86,9 @@ SPEC: dict[str, Key] = {
     "lora-alpha": Key(float, 16.0, "LoRA scaling alpha (scale = alpha / r)", _positive),
     "lora-targets": Key(
         str,
-        "q_proj,k_proj,v_proj,out_proj,c_fc,c_proj",
-        "comma-separated module names that carry LoRA (attention q/k/v/out, MLP)",
+        "auto",
+        "comma-separated names of the nn.Linear / 1x1 nn.Conv2d layers that carry LoRA; "
+        "'auto' = the model's attention and MLP layers (and 1x1 convs of a conv image tower)",
         lambda v: None if v.strip() else "must name at least one module",
     ),
     # data
@@ -93,7 +98,7 @@ SPEC: dict[str, Key] = {
     "classes-per-client": Key(int, 2, "classes per client for the pathological partitioner", _positive),
     "test-fraction": Key(float, 0.2, "per-client held-out fraction", _open_fraction),
     # federation
-    "num-server-rounds": Key(int, 15, "federated rounds", _positive),
+    "num-server-rounds": Key(int, 10, "federated rounds", _positive),
     "strategy": Key(str, "fedavg", "aggregation strategy name (`fedmm strategies` lists them)"),
     "strategy-args": Key(
         str, "", "the strategy's own constructor arguments, e.g. \"eta=0.01 beta_1=0.9\" (Flower k=v syntax)"
@@ -191,7 +196,7 @@ class Settings:
             close = difflib.get_close_matches(self.model, available_models(), n=3)
             raise ConfigError(
                 f"run-config 'model': unknown open_clip model '{self.model}'"
-                + (f" (did you mean {', '.join(close)}?)" if close else "; e.g. fedmm-tiny-vit, ViT-B-32")
+                + (f" (did you mean {', '.join(close)}?)" if close else "; e.g. effnet-lite0-minilm, fedmm-tiny-vit, ViT-B-32")
             )
         if not self.lora_target_list:
             raise ConfigError("run-config 'lora-targets' must name at least one module")
@@ -214,6 +219,10 @@ class Settings:
 
     @property
     def lora_target_list(self) -> list[str]:
+        if self.lora_targets.strip() == "auto":
+            from .model import default_lora_targets
+
+            return default_lora_targets(self.model)
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property

@@ -112,18 +112,34 @@ def swap_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """nn.Linear, or a 1x1 nn.Conv2d (a per-pixel linear map: LoRA's low-rank update
+    is exact there and no padding or stride question arises)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
 def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> PeftModel:
-    """Swap attention, then wrap with peft LoRA; only adapter tensors are trainable."""
+    """Swap attention, then wrap with peft LoRA; only adapter tensors are trainable.
+
+    ``targets`` are module names (the last path component) of nn.Linear or 1x1
+    nn.Conv2d layers; every module with such a name must be adaptable.
+    """
     if rank <= 0:
         raise ValueError(f"LoRA rank must be > 0, got {rank}")
     swap_attention(model)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if n]
+    names = {name for name, m in modules if _adaptable(m)}
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(
-            f"run-config 'lora-targets': no nn.Linear named {missing} in the model; "
-            f"linear layers are named {sorted(names)}"
+            f"run-config 'lora-targets': no nn.Linear or 1x1 nn.Conv2d named {missing} in the model; "
+            f"those layers are named {sorted(names)}"
         )
+    odd = sorted({f"{name} ({type(m).__name__})" for name, m in modules if name in targets and not _adaptable(m)})
+    if odd:
+        raise ValueError(f"run-config 'lora-targets': {odd} share a target name but are not nn.Linear or 1x1 nn.Conv2d")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     return get_peft_model(model, config)
 

@@ -2,7 +2,13 @@
 
 A model is an open_clip config name plus where its base weights come from
 (``Settings.pretrained``). The base is always frozen; LoRA (fedmm.lora) adds
-the only trainable tensors.
+the only trainable tensors. Bundled configs:
+
+- ``effnet-lite0-minilm`` (default): published EfficientNet-Lite0 and
+  all-MiniLM-L6-v2 towers from pip packages (``fedmm.towers``), heads aligned
+  on the public split;
+- ``fedmm-tiny-vit``: a 7.5 M-parameter CLIP trained from scratch on the
+  public split, for fast tests.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from pathlib import Path
 import open_clip
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import towers
 
 _registered = False
 
@@ -36,17 +44,42 @@ def create_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised open_clip model, identical for identical (name, seed)."""
     if name not in available_models():
         raise ValueError(
-            f"unknown model '{name}' (run-config 'model'); known: fedmm-tiny-vit and "
-            f"open_clip's {len(open_clip.list_models())} models, e.g. ViT-B-32"
+            f"unknown model '{name}' (run-config 'model'); known: effnet-lite0-minilm, "
+            f"fedmm-tiny-vit and open_clip's other models, e.g. ViT-B-32"
         )
+    overrides = towers.architecture_overrides(open_clip.get_model_config(name))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = open_clip.create_model(name, pretrained=None, output_dict=True)
-    return model
+        # pretrained_text=False: tower weights are loaded (verified) by the caller, not by transformers
+        model = open_clip.create_model(name, pretrained=None, pretrained_text=False, output_dict=True, **overrides)
+    return towers.freeze_batch_norm(model)
+
+
+def config_of(name: str) -> dict:
+    """The open_clip config of a model name (its architecture)."""
+    register_bundled_configs()
+    return open_clip.get_model_config(name)
+
+
+def uses_package_towers(name: str) -> bool:
+    """Whether the model's towers come pretrained from pip packages (``fedmm.towers``)."""
+    register_bundled_configs()
+    cfg = open_clip.get_model_config(name)
+    return cfg is not None and towers.uses_package_towers(cfg)
+
+
+def default_lora_targets(name: str) -> list[str]:
+    """LoRA targets of ``lora-targets = "auto"``: attention and MLP layers of both towers."""
+    if uses_package_towers(name):  # MiniLM (BERT) linears + EfficientNet's 1x1 convs
+        return ["query", "key", "value", "dense", "conv_pw", "conv_pwl"]
+    return ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]  # open_clip transformers
 
 
 def create_tokenizer(name: str):
     register_bundled_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is not None and towers.uses_package_towers(cfg):
+        return towers.create_tokenizer(cfg)
     return open_clip.get_tokenizer(name)
 
 

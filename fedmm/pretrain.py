@@ -1,11 +1,18 @@
-"""Central pretraining of the base model on the public split, and its cache.
+"""Central training of the base model on the public split, and its cache.
 
-LoRA on a randomly initialised frozen base does not learn, so the default
-base (``pretrained = "public-pretrain"``) is a CLIP trained centrally on the
-public split, which is disjoint from all client and server data. It is built
-once, cached as safetensors under the user cache dir (keyed by everything
-that determines it), and reused by the server and every client. Its seed is
-fixed (``BASE_SEED``), not the run seed: the base is a shared artifact.
+LoRA on a randomly initialised frozen base does not learn, so the base
+(``pretrained = "public-pretrain"``) is trained centrally on the public
+split, which is disjoint from all client and server data:
+
+- a model with published towers (``effnet-lite0-minilm``, see fedmm.towers)
+  keeps them frozen and only aligns its two projection heads and the logit
+  scale with ClipLoss, on tower features computed once;
+- any other model (``fedmm-tiny-vit``) is a CLIP trained from scratch.
+
+The base is built once, cached as safetensors under the user cache dir
+(keyed by everything that determines it), and reused by the server and every
+client. Its seed is fixed (``BASE_SEED``), not the run seed: the base is a
+shared artifact.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import model as models
+from . import towers
 from .config import Settings
-from .data import dataset_version, load_splits, to_batch
+from .data import Batch, dataset_version, load_splits, to_batch
 from .train import train_steps
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ RECIPE_VERSION = 1
 def base_checkpoint_path(settings: Settings) -> Path:
     recipe = {
         "model": settings.model,
+        "architecture": models.config_of(settings.model),
         "data": dataset_version(settings.dataset),
         "steps": settings.pretrain_steps,
         "batch": settings.pretrain_batch_size,
@@ -39,22 +49,67 @@ def base_checkpoint_path(settings: Settings) -> Path:
         "seed": BASE_SEED,
         "recipe": RECIPE_VERSION,
     }
+    if models.uses_package_towers(settings.model):
+        recipe["towers"] = [towers.EFFNET_SHA256, towers.MINILM_FILES["model.safetensors"]]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return settings.cache_path / "base" / f"{settings.model}-{digest}.safetensors"
 
 
-def pretrain_base(settings: Settings, progress: bool = True) -> torch.nn.Module:
-    """Train every parameter of a fresh model with ClipLoss on the public split."""
+class _Heads(nn.Module):
+    """The projection heads and logit scale of a two-tower model, fed tower features.
+
+    Shares its parameters with the model: training it trains the model's heads.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.image_head, self.text_head, self.logit_scale = net.visual.head, net.text.proj, net.logit_scale
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": nn.functional.normalize(self.image_head(image_features), dim=-1),
+            "text_features": nn.functional.normalize(self.text_head(text_features), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+
+@torch.no_grad()
+def tower_features(net: nn.Module, data: Batch, chunk: int = 64) -> Batch:
+    """``data`` with images and tokens replaced by the frozen towers' pooled features."""
+    net.eval()
+    images, texts = [], []
+    for i in range(0, len(data), chunk):
+        part = data.subset(torch.arange(i, min(i + chunk, len(data))))
+        images.append(net.visual.trunk(part.images))
+        mask = (part.tokens != net.text.config.pad_token_id).long()
+        texts.append(net.text.pooler(net.text.transformer(input_ids=part.tokens, attention_mask=mask), mask))
+    return Batch(torch.cat(images), torch.cat(texts), data.labels, data.groups)
+
+
+def _public_batch(settings: Settings, net: nn.Module) -> Batch:
     public = load_splits(settings.dataset)["public"]
     if len(public) < 2:
         raise ValueError(
             "pretrained = 'public-pretrain' needs a public split; the dataset has "
             f"{len(public)} public rows (manifest column 'split' = public)"
         )
-    net = models.create_model(settings.model, seed=BASE_SEED)
     mean, std, size = models.image_mean_std(net)
-    data = to_batch(public, models.create_tokenizer(settings.model), mean, std, size)
-    net.train()
+    return to_batch(public, models.create_tokenizer(settings.model), mean, std, size)
+
+
+def pretrain_base(settings: Settings, progress: bool = True) -> torch.nn.Module:
+    """The public-split base: heads aligned on published towers, or a CLIP from scratch."""
+    net = models.create_model(settings.model, seed=BASE_SEED)
+    data = _public_batch(settings, net)
+    if models.uses_package_towers(settings.model):
+        towers.load_pretrained_towers(models.freeze(net))
+        data = tower_features(net, data)
+        trained: nn.Module = _Heads(net)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        what = "aligning heads of"
+    else:
+        trained, what = net.train(), "pretraining base"
     total, start = settings.pretrain_steps, time.perf_counter()
     every = max(1, total // 20)
 
@@ -62,12 +117,12 @@ def pretrain_base(settings: Settings, progress: bool = True) -> torch.nn.Module:
         if progress and (step % every == 0 or step == total):
             elapsed = time.perf_counter() - start
             log.info(
-                "pretraining base %s: step %d/%d loss %.3f (%.0fs, ~%.0fs left)",
-                settings.model, step, total, loss, elapsed, elapsed / step * (total - step),
+                "%s %s: step %d/%d loss %.3f (%.0fs, ~%.0fs left)",
+                what, settings.model, step, total, loss, elapsed, elapsed / step * (total - step),
             )
 
     train_steps(
-        net, data, steps=total, batch_size=settings.pretrain_batch_size,
+        trained, data, steps=total, batch_size=settings.pretrain_batch_size,
         lr=settings.pretrain_lr, weight_decay=0.1, seed=BASE_SEED, warmup_cosine=True, progress=report,
     )
     return models.freeze(net)

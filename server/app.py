@@ -105,7 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     tokenizer = models.create_tokenizer(settings.model)
     mean, std, size = models.image_mean_std(base)
     num_classes = len(class_names(splits["server"]))
-    class_emb = class_embeddings(base, tokenizer, zero_shot_prompts(class_names(splits["server"])))
+    prompts = zero_shot_prompts(class_names(splits["server"]))
     torch.manual_seed(settings.seed)  # LoRA init is part of the seeded run
     net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
     held_out = to_batch(splits["server"], tokenizer, mean, std, size)
@@ -127,7 +127,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         lora.set_adapter_arrays(net, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
-        metrics = evaluate(net, held_out, class_emb)
+        # the adapter changes the text tower too: embed the prompts with it
+        metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
         history.record_central(server_round, metrics)
         now = time.perf_counter()
         if server_round > 0:

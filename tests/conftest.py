@@ -26,7 +26,10 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def base_settings(cache_dir) -> Settings:
-    return Settings.from_run_config({"cache-dir": cache_dir, "pretrain-steps": TEST_PRETRAIN_STEPS})
+    # the tiny from-scratch model keeps the suite fast; tests/test_towers.py covers the default model
+    return Settings.from_run_config(
+        {"model": "fedmm-tiny-vit", "cache-dir": cache_dir, "pretrain-steps": TEST_PRETRAIN_STEPS}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,7 @@ def test_fedmm_run_fails_when_the_server_app_fails(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "unused"))
     code = cli.main([
         "run", "--clients", "2",
-        "--run-config", f"dataset='{manifest}' pretrained='none' output-dir='{tmp_path / 'out'}'",
+        "--run-config", f"model='fedmm-tiny-vit' dataset='{manifest}' pretrained='none' output-dir='{tmp_path / 'out'}'",
     ])
     assert code == 1
     assert "the run did not complete" in capsys.readouterr().err
@@ -103,3 +103,24 @@ def test_qfedavg_runs_in_simulation_with_its_client_obligation(base_settings, tm
     rounds = {int(k): v for k, v in json.loads((out / "metrics.json").read_text())["rounds"].items()}
     assert rounds[2]["train/num-replies"] == 4 and rounds[2]["train/train_loss"] > 0
     assert rounds[2]["central/zs-acc"] > 0.5 * rounds[0]["central/zs-acc"]
+
+
+def test_default_model_federates_with_frozen_published_towers(cache_dir, tmp_path):
+    """The default effnet-lite0-minilm: heads aligned on the public split, then federated LoRA."""
+    out = tmp_path / "report"
+    run_config = {
+        "cache-dir": cache_dir,
+        "pretrain-steps": 300,  # heads only: seconds
+        "num-server-rounds": 2,
+        "local-steps": 6,
+        "fraction-evaluate": 0.5,
+        "partitioner": "iid",
+        "output-dir": str(out),
+    }
+    code = run_simulation(ROOT, run_config, num_supernodes=3, flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["model"] == "effnet-lite0-minilm"
+    rounds = {int(k): v for k, v in metrics["rounds"].items()}
+    assert rounds[2]["train/num-replies"] == 3
+    assert rounds[2]["central/zs-acc"] > rounds[0]["central/zs-acc"] + 0.05, (rounds[0], rounds[2])
