@@ -4,23 +4,30 @@ Base model, tokenizer, class prompts and the partition are built once per
 process (``_node``) and reused across messages and rounds; only the adapter
 arrays change hands. Obligations honoured for the built-in strategies: the
 reply carries ``num-examples``; ``proximal-mu`` > 0 in the train config adds
-FedProx's mu/2 * ||w - w_global||^2 over the adapter tensors.
+FedProx's mu/2 * ||w - w_global||^2 over the adapter tensors. Clients of
+different LoRA ranks (``lora-ranks``): each trains its own rank, fitted from
+the global adapter (``lora.load_global``: truncation, plus any frozen update
+a strategy sends), and replies zero-padded to the global rank with its
+``lora-rank`` in the metrics (see strategies/lora_base.py).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.mods import compression_mod
+from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
+from fedmm.lora_keys import A_SUFFIX, RANK_METRIC
 from fedmm.config import Settings
 from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings
@@ -40,12 +47,22 @@ class RunState:
     """What every node of one run shares in this process: settings, model, prompts."""
 
     settings: Settings
-    net: Any  # peft model; its adapter is overwritten by every message
+    base: Any  # the frozen base, never modified: each rank's model is a copy with LoRA
     prompts: list[list[str]]  # zero-shot class prompts, embedded by the current adapter
     tokenizer: Any
     preprocess: tuple  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
+    nets: dict[int, Any] = field(default_factory=dict)  # rank -> peft model, overwritten by every message
+
+    def net(self, rank: int) -> Any:
+        if rank not in self.nets:
+            s = self.settings
+            torch.manual_seed(s.seed)  # LoRA init as on the server (it is overwritten by the global anyway)
+            # attach_lora modifies its model in place: copy the base unless it is the only rank
+            base = self.base if len(set(s.client_ranks)) == 1 else copy.deepcopy(self.base)
+            self.nets[rank] = lora.attach_lora(base, rank, s.lora_alpha_for(rank), s.lora_target_list)
+        return self.nets[rank]
 
 
 @dataclass
@@ -60,8 +77,12 @@ class Node:
         return self.run.settings
 
     @property
+    def rank(self) -> int:
+        return self.settings.rank_of(self.partition_id)
+
+    @property
     def net(self) -> Any:
-        return self.run.net
+        return self.run.net(self.rank)
 
 
 # One simulation actor serves many nodes in turn: the model is built once per
@@ -81,10 +102,9 @@ def _run_state(context: Context) -> RunState:
         base_id = models.fingerprint(base)
         tokenizer = models.create_tokenizer(settings.model)
         prompts = zero_shot_prompts(class_names(splits["clients"]))
-        net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
         groups = splits["clients"]["group"]
         _RUNS[key] = RunState(
-            settings, net, prompts, tokenizer, models.image_mean_std(base),
+            settings, base, prompts, tokenizer, models.image_mean_std(base),
             num_groups=max(groups) + 1 if len(groups) else 1,
             base_fingerprint=base_id,
         )
@@ -120,9 +140,16 @@ def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
             f"differs from the server's ({expected}); adapters trained on different bases "
             "cannot be averaged — check 'model', 'pretrained' and the base cache"
         )
-    state = msg.content["arrays"].to_torch_state_dict()
-    lora.set_adapter_arrays(node.net, {k: v.numpy() for k, v in state.items()})
+    lora.load_global(node.net, dict(to_numpy(msg.content["arrays"])))
     return [p.detach().clone() for p in lora.trainable_parameters(node.net)]
+
+
+def _global_rank(msg: Message) -> int:
+    arrays = msg.content["arrays"]
+    for key in arrays.keys():
+        if key.endswith(A_SUFFIX):
+            return int(arrays[key].shape[0])
+    raise ValueError("the global arrays hold no LoRA adapter")
 
 
 @app.train()
@@ -130,6 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
     global_params = _load_global(node, msg)
+    global_rank = _global_rank(msg)
     mu = float(config.get("proximal-mu", node.settings.proximal_mu))
     server_round = int(config.get("server-round", 0))
     # Distinct, reproducible minibatch order per (run seed, round, client).
@@ -150,11 +178,13 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed,
         extra_terms=[proximal_term(global_params, mu)] if mu > 0 else [],
     )
-    arrays = ArrayRecord(torch_state_dict=lora.adapter_state(node.net))
+    # replies have the global shapes: a lower-rank adapter is zero-padded
+    arrays = to_record(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
     metrics = MetricRecord(
         {
             "num-examples": len(node.train),
             "partition-id": node.partition_id,
+            RANK_METRIC: node.rank,
             "train-loss": stats.loss,
             "clip-loss": stats.clip_loss,
             "train-seconds": stats.seconds,

@@ -20,6 +20,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedmm.compression import encode_with_feedback, layout_from_arrays, make_codec, payload_bytes
+from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
 
 RESIDUAL_KEY = "codec-residual"
@@ -45,7 +46,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     start = time.perf_counter()
     up = make_codec(str(config["codec-up"]))
     local = to_numpy(reply.content["arrays"])
-    delta = OrderedDict((k, local[k] - global_arrays[k]) for k in global_arrays)
+    # the reply holds the trainable keys; downlink-only ones (fedmm.lora_keys) stay with the server
+    delta = OrderedDict((k, local[k] - global_arrays[k]) for k in global_arrays if not is_downlink_only(k))
     seed = [int(config.get("codec-seed", 0)), int(config.get("server-round", 0)), int(context.node_id)]
     rng = np.random.default_rng(seed)
     residual = None

@@ -65,6 +65,13 @@ def _codec(v: Any) -> str | None:
     return None
 
 
+def _rank_list(v: Any) -> str | None:
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        return "must be empty or comma-separated positive integers, e.g. \"4,8,16\""
+    return None
+
+
 SPEC: dict[str, Key] = {
     # model
     "model": Key(
@@ -83,7 +90,13 @@ SPEC: dict[str, Key] = {
     "pretrain-lr": Key(float, 1e-3, "learning rate of the central base pretraining", _positive),
     # LoRA
     "lora-rank": Key(int, 8, "LoRA rank r", _positive),
-    "lora-alpha": Key(float, 16.0, "LoRA scaling alpha (scale = alpha / r)", _positive),
+    "lora-alpha": Key(float, 16.0, "LoRA scaling alpha (scale = alpha / lora-rank, for every client)", _positive),
+    "lora-ranks": Key(
+        str, "",
+        "per-client LoRA ranks, e.g. \"4,8,16\": partition p gets the (p mod n)-th; the global adapter "
+        "has the largest; empty = every client has lora-rank",
+        _rank_list,
+    ),
     "lora-targets": Key(
         str,
         "auto",
@@ -139,6 +152,7 @@ class Settings:
     pretrain_lr: float
     lora_rank: int
     lora_alpha: float
+    lora_ranks: str
     lora_targets: str
     dataset: str
     partitioner: str
@@ -216,6 +230,23 @@ class Settings:
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config form (round-trips through ``from_run_config``)."""
         return {key: getattr(self, _attr(key)) for key in SPEC}
+
+    @property
+    def client_ranks(self) -> list[int]:
+        return [int(p) for p in self.lora_ranks.split(",") if p.strip()] or [self.lora_rank]
+
+    def rank_of(self, partition_id: int) -> int:
+        """The LoRA rank of a client (by partition id)."""
+        ranks = self.client_ranks
+        return ranks[partition_id % len(ranks)]
+
+    @property
+    def global_rank(self) -> int:
+        return max(self.client_ranks)
+
+    def lora_alpha_for(self, rank: int) -> float:
+        """peft alpha giving rank ``rank`` the run's one scale, lora-alpha / lora-rank."""
+        return self.lora_alpha * rank / self.lora_rank
 
     @property
     def lora_target_list(self) -> list[str]:

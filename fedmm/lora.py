@@ -21,6 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft import set_peft_model_state_dict
 from torch import nn
 
+from . import lora_keys as keys
+
 
 class LinearMultiheadAttention(nn.Module):
     """Self/cross attention with separate q, k, v, out ``nn.Linear`` layers.
@@ -185,3 +187,71 @@ def load_peft(base: nn.Module, folder: str | Path) -> PeftModel:
     """Inverse of ``export_peft`` on a fresh base model (attention swapped here)."""
     swap_attention(base)
     return PeftModel.from_pretrained(base, str(folder))
+
+
+def adapter_rank(model: PeftModel) -> int:
+    """The rank of the model's adapter (first LoRA layer's A rows)."""
+    for key, value in adapter_state(model).items():
+        if key.endswith(keys.A_SUFFIX):
+            return int(value.shape[0])
+    raise ValueError("the model has no LoRA adapter")
+
+
+def fit_rank(arrays: dict[str, np.ndarray], rank: int) -> OrderedDict[str, np.ndarray]:
+    """The first ``rank`` components of every LoRA layer (rows of A, columns of B).
+
+    Strategies order components so that this truncation is what a client of
+    lower rank should train (see strategies/lora_factors.py).
+    """
+    out = OrderedDict()
+    for key, value in arrays.items():
+        if key.endswith(keys.A_SUFFIX):
+            value = _resized(value, 0, rank)
+        elif key.endswith(keys.B_SUFFIX):
+            value = _resized(value, 1, rank)
+        out[key] = value
+    return out
+
+
+pad_rank = fit_rank  # padding to a higher rank is the same resize: extra components are zero
+
+
+def _resized(value: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    have = value.shape[axis]
+    if have >= rank:
+        return np.take(value, np.arange(rank), axis=axis)
+    pad = [(0, 0)] * value.ndim
+    pad[axis] = (0, rank - have)
+    return np.pad(value, pad)
+
+
+def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
+    """Load a global adapter of any rank into ``model``, and its frozen update if any.
+
+    LoRA factors are fitted to the model's own rank (``fit_rank``); downlink-only
+    frozen updates (``fedmm.lora_keys``) are added, times the layer's LoRA
+    scale, to the base weights as they were when first touched, so loading
+    the next global replaces rather than accumulates.
+    """
+    frozen = {k: v for k, v in arrays.items() if keys.is_downlink_only(k)}
+    adapter = {k: v for k, v in arrays.items() if not keys.is_downlink_only(k)}
+    set_adapter_arrays(model, fit_rank(adapter, adapter_rank(model)))
+    layers = {keys.layer_of(k) for k in frozen}
+    touched = getattr(model, "_fedmm_frozen_layers", set())
+    for layer in sorted(layers | touched):
+        module = model.get_submodule(layer)
+        weight = module.get_base_layer().weight
+        original = getattr(module, "_fedmm_base_weight", None)
+        if original is None:
+            original = module._fedmm_base_weight = weight.detach().clone()
+        delta = torch.zeros_like(original)
+        if layer in layers:
+            if layer + keys.FROZEN_W in frozen:
+                dense = torch.as_tensor(frozen[layer + keys.FROZEN_W], dtype=torch.float32)
+            else:
+                dense = torch.as_tensor(frozen[layer + keys.FROZEN_B], dtype=torch.float32) @ torch.as_tensor(
+                    frozen[layer + keys.FROZEN_A], dtype=torch.float32)
+            delta = module.scaling["default"] * dense.reshape(original.shape).to(original.dtype)
+        with torch.no_grad():
+            weight.copy_(original + delta)
+    model._fedmm_frozen_layers = touched | layers

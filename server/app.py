@@ -16,6 +16,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid, ServerApp
@@ -29,10 +30,12 @@ from fedmm import report
 from fedmm.config import Settings
 from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
+from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
 from server.history import MetricsHistory
 from strategies.builtin import RANGES, check_population
 from strategies.compression import CompressedUpdates
+from strategies.records import to_numpy
 
 app = ServerApp()
 
@@ -107,7 +110,9 @@ def main(grid: Grid, context: Context) -> None:
     num_classes = len(class_names(splits["server"]))
     prompts = zero_shot_prompts(class_names(splits["server"]))
     torch.manual_seed(settings.seed)  # LoRA init is part of the seeded run
-    net = lora.attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_target_list)
+    # the global adapter has the largest client rank; clients of lower rank fit it to theirs
+    rank = settings.global_rank
+    net = lora.attach_lora(base, rank, settings.lora_alpha_for(rank), settings.lora_target_list)
     held_out = to_batch(splits["server"], tokenizer, mean, std, size)
     initial = ArrayRecord(torch_state_dict=lora.adapter_state(net))
     adapter_bytes = initial.count_bytes()
@@ -126,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
     round_started = [time.perf_counter()]
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        lora.set_adapter_arrays(net, {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()})
+        lora.load_global(net, dict(to_numpy(arrays)))  # adapter, and a strategy's frozen update if any
         # the adapter changes the text tower too: embed the prompts with it
         metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
         history.record_central(server_round, metrics)
@@ -162,8 +167,15 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=central_eval,
     )
 
-    lora.set_adapter_arrays(net, {k: v.numpy() for k, v in result.arrays.to_torch_state_dict().items()})
+    final = dict(to_numpy(result.arrays))
+    lora.load_global(net, final)
     adapter_dir = lora.export_peft(net, out / "adapter")
+    frozen = {k: v for k, v in final.items() if is_downlink_only(k)}
+    if frozen:  # e.g. FLoRA's merged update: part of the model, outside PEFT's format
+        save_file({k: torch.as_tensor(v).contiguous() for k, v in frozen.items()},
+                  str(adapter_dir / "fedmm_frozen_update.safetensors"))
+        log(INFO, "fedmm: the strategy's frozen update (add scale * B @ A to each layer's base weight) -> %s",
+            adapter_dir / "fedmm_frozen_update.safetensors")
     paths = report.write_report(
         out,
         settings=settings,

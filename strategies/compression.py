@@ -28,6 +28,7 @@ from flwr.supercore import log
 import numpy as np
 
 from fedmm.compression import CodecError, layout_arrays, layout_of, make_codec
+from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
 
 
@@ -73,7 +74,10 @@ class CompressedUpdates(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         send, self._reference = self._downlink(server_round, arrays)
-        messages = list(self.strategy.configure_train(server_round, send, self._config(config, True), grid))
+        # the wrapped strategy sees the plain global arrays; the wire carries the encoded ones
+        messages = list(self.strategy.configure_train(server_round, arrays, self._config(config, True), grid))
+        for message in messages:
+            message.content[self.key] = send
         self.stats[server_round] = {
             "bytes-downlink-per-client": float(send.count_bytes()),
             "bytes-downlink-total": float(send.count_bytes() * len(messages)),
@@ -87,7 +91,9 @@ class CompressedUpdates(Strategy):
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
-        layout = layout_of(self._reference)
+        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.lora_keys)
+        trainable = OrderedDict((k, v) for k, v in self._reference.items() if not is_downlink_only(k))
+        layout = layout_of(trainable)
         kept = []
         for msg in replies:
             if msg.has_error():
@@ -102,7 +108,7 @@ class CompressedUpdates(Strategy):
                 self.stats[server_round]["dropped-updates"] += 1
                 continue
             msg.content[self.key] = to_record(
-                OrderedDict((k, self._reference[k] + delta[k]) for k in self._reference)
+                OrderedDict((k, trainable[k] + delta[k]) for k in trainable)
             )
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
@@ -111,7 +117,10 @@ class CompressedUpdates(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         send, _ = self._downlink(server_round, arrays)
-        return self.strategy.configure_evaluate(server_round, send, self._config(config, False), grid)
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, self._config(config, False), grid))
+        for message in messages:
+            message.content[self.key] = send
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
