@@ -72,6 +72,8 @@ class LoRAFactorStrategy(FedAvg):
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         weights = [float(m[self.weighted_by_key]) for m in metrics]
         ranks = [int(m.get(RANK_METRIC, _rank_of(a))) for m, a in zip(metrics, arrays)]
+        # components beyond a client's rank are its padding: exactly zero, whatever a lossy codec made of them
+        arrays = [lf.zero_beyond_rank(a, r) for a, r in zip(arrays, ranks)]
         trainable = [k for k in self.current if not lf.is_downlink_only(k)]
         layers = lf.lora_layers(trainable)
         factor_keys = {layer + s for layer in layers for s in (lf.A_SUFFIX, lf.B_SUFFIX)}

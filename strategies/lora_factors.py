@@ -30,6 +30,20 @@ def lora_layers(keys: Sequence[str]) -> list[str]:
     return [k[: -len(A_SUFFIX)] for k in keys if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in keyset]
 
 
+def zero_beyond_rank(arrays: Mapping[str, np.ndarray], rank: int) -> OrderedDict[str, np.ndarray]:
+    """``arrays`` with the LoRA components from ``rank`` on set to zero (a padded reply, cleaned)."""
+    out = OrderedDict()
+    for key, value in arrays.items():
+        if key.endswith(A_SUFFIX) and value.shape[0] > rank:
+            value = value.copy()
+            value[rank:] = 0
+        elif key.endswith(B_SUFFIX) and value.shape[1] > rank:
+            value = value.copy()
+            value[:, rank:] = 0
+        out[key] = value
+    return out
+
+
 def as_matrix(factor: np.ndarray) -> np.ndarray:
     """A (r, in[, 1, 1]) or B (out, r[, 1, 1]) as a 2-D matrix."""
     if factor.ndim == 4 and factor.shape[2:] == (1, 1):

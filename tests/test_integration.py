@@ -131,8 +131,8 @@ def test_default_model_federates_with_frozen_published_towers(cache_dir, tmp_pat
     [
         ("fedprox", {"proximal-mu": 0.01}),  # FedAvg family, with its client obligation
         ("fedadam", {"strategy-args": "eta=0.01 tau=0.001"}),  # adaptive server optimisers
-        ("fedmedian", {}),  # robust: coordinate-wise
-        ("bulyan", {"strategy-args": "num_malicious_nodes=0"}),  # robust: Krum selection + trimmed mean
+        # robust family (median, trimmed mean, Krum, Bulyan): Bulyan runs Krum selection, then a trimmed mean
+        ("bulyan", {"strategy-args": "num_malicious_nodes=0"}),
     ],
 )
 def test_each_builtin_family_runs_in_simulation(strategy, extra, base_settings, tmp_path):

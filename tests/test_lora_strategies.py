@@ -146,3 +146,14 @@ def test_lora_ranks_config():
     assert Settings.from_run_config({}).client_ranks == [8]
     with pytest.raises(ConfigError, match="'lora-ranks'.*positive integers"):
         Settings.from_run_config({"lora-ranks": "4,0"})
+
+
+def test_codec_noise_in_a_clients_padding_is_ignored():
+    """A lossy codec can leave non-zeros where a low-rank client's padding was; the product must not see them."""
+    reply = _client(3)
+    noisy = OrderedDict(reply)
+    noisy[LAYER + lf.A_SUFFIX] = reply[LAYER + lf.A_SUFFIX] + np.pad(RNG.normal(size=(R - 3, IN)), ((3, 0), (0, 0)))
+    noisy[LAYER + lf.B_SUFFIX] = reply[LAYER + lf.B_SUFFIX] + np.pad(RNG.normal(size=(OUT, R - 3)), ((0, 0), (3, 0)))
+    cleaned = lf.zero_beyond_rank(noisy, 3)
+    for key in reply:
+        np.testing.assert_array_equal(cleaned[key], reply[key])

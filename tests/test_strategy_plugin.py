@@ -41,20 +41,20 @@ def test_installed_plugin_is_listed_with_its_arguments(installed_plugin, capsys)
 
 def test_federation_runs_the_plugin_selected_by_name(installed_plugin, base_settings, tmp_path):
     ensure_base_checkpoint(base_settings, progress=False)
-    results = {}
-    for server_lr in (0.0, 1.0):
-        out = tmp_path / f"lr{server_lr}"
-        run_config = {
-            **base_settings.to_run_config(),
-            "num-server-rounds": 2, "local-steps": 8, "fraction-evaluate": 0.5,
-            "strategy": installed_plugin, "strategy-args": f"server_lr={server_lr}",
-            "output-dir": str(out),
-        }
-        code = run_simulation(ROOT, run_config, num_supernodes=3, flwr_home=tmp_path / f"flwr{server_lr}", stream=False)
-        assert code == 0, (tmp_path / f"flwr{server_lr}" / "run.log").read_text()[-3000:]
-        rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-        results[server_lr] = [rounds[str(r)]["central/zs-acc"] for r in (0, 1, 2)]
-        assert rounds["2"]["train/num-replies"] == 3
-    # server_lr=0 keeps the global adapter where it started: the plugin's own aggregation ran
-    assert results[0.0][0] == results[0.0][1] == results[0.0][2]
-    assert results[1.0][2] != results[1.0][0]
+    out = tmp_path / "report"
+    run_config = {
+        **base_settings.to_run_config(),
+        "num-server-rounds": 2, "local-steps": 8, "fraction-evaluate": 0.5, "partitioner": "iid",
+        "strategy": installed_plugin, "strategy-args": "server_lr=0.0",
+        "output-dir": str(out),
+    }
+    code = run_simulation(ROOT, run_config, num_supernodes=3, flwr_home=tmp_path / "flwr", stream=False)
+    assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["strategy"] == installed_plugin
+    rounds = metrics["rounds"]
+    assert rounds["2"]["train/num-replies"] == 3 and rounds["2"]["train/train-loss"] > 0  # clients trained...
+    # ...but server_lr=0 keeps the global adapter where it started: the plugin's own aggregation ran
+    # (FedAvg's moves it; see the other simulation tests)
+    assert [rounds[str(r)]["central/zs-acc"] for r in (1, 2)] == [rounds["0"]["central/zs-acc"]] * 2
+    assert rounds["2"]["central/loss"] == rounds["0"]["central/loss"]
