@@ -1,6 +1,7 @@
 """The ClientApp's handlers, driven with real Flower Messages (no federation)."""
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -97,3 +98,27 @@ def test_train_reports_the_global_models_loss_before_training(run_config, global
     # Only computed when the server's strategy asks for it.
     plain = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32}, pid=2)
     assert "train_loss" not in plain.content["metrics"]
+
+
+def test_default_model_batch_norm_is_unchanged_by_client_rounds(cache_dir):
+    """Federated training on effnet-lite0-minilm: the trunk's BatchNorm statistics never move."""
+    from clients import app as client_module
+    from fedmm.config import Settings
+
+    settings = Settings.from_run_config({"cache-dir": cache_dir, "pretrain-steps": 50})
+    assert settings.model == "effnet-lite0-minilm"
+    fresh = load_base_model(settings, progress=False)
+    run_config = {**settings.to_run_config(), "local-steps": 2, "batch-size": 8}
+    net = lora.attach_lora(load_base_model(settings, progress=False), 8, 16.0, settings.lora_target_list)
+    arrays = ArrayRecord(torch_state_dict=lora.adapter_state(net))
+    for server_round in (1, 2):
+        reply = _call(run_config, MessageType.TRAIN, arrays, {"server-round": server_round, "lr": 0.05})
+        arrays = reply.content["arrays"]
+    trained = next(iter(client_module._RUNS.values())).net(settings.rank_of(0))
+    bn = {k: v for k, v in fresh.state_dict().items() if "running_" in k}
+    assert len(bn) > 40
+    after = trained.get_base_model().state_dict()
+    for key, value in bn.items():
+        assert torch.equal(after[key], value), key
+    moved = [n for n, p in trained.named_parameters() if "lora_B" in n and ".trunk." in n and p.abs().sum() > 0]
+    assert moved  # the image trunk's adapters did train
