@@ -157,3 +157,12 @@ def test_codec_noise_in_a_clients_padding_is_ignored():
     cleaned = lf.zero_beyond_rank(noisy, 3)
     for key in reply:
         np.testing.assert_array_equal(cleaned[key], reply[key])
+
+
+def test_hetlora_with_equal_ranks_is_fedavg():
+    strategy = HetLoRA()
+    strategy.current = _global()
+    replies, weights = [_client(R) for _ in range(3)], [1.0, 2.0, 5.0]
+    out = strategy.combine(replies, weights, [R] * 3, [LAYER])
+    for key in (LAYER + lf.A_SUFFIX, LAYER + lf.B_SUFFIX):
+        np.testing.assert_allclose(out[key], lf.weighted_mean(replies, weights, key))
