@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from fedmm import lora  # noqa: E402
 from fedmm import model as models  # noqa: E402
 from fedmm.compression import layout_of, make_codec, payload_bytes  # noqa: E402
-from fedmm.config import SPEC  # noqa: E402
 
 CODECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "q8-row", "topk0.1", "topk0.1+q8", "topk0.05+q4", "topk0.02+q8"]
 ACCURACY_RUNS = [  # (codec, error feedback)
