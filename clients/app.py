@@ -27,7 +27,7 @@ from clients.mods import compression_mod
 from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
-from fedmm.lora_keys import A_SUFFIX, RANK_METRIC
+from fedmm.lora_keys import RANK_METRIC, rank_of
 from fedmm.config import Settings
 from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings
@@ -144,20 +144,12 @@ def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
     return [p.detach().clone() for p in lora.trainable_parameters(node.net)]
 
 
-def _global_rank(msg: Message) -> int:
-    arrays = msg.content["arrays"]
-    for key in arrays.keys():
-        if key.endswith(A_SUFFIX):
-            return int(arrays[key].shape[0])
-    raise ValueError("the global arrays hold no LoRA adapter")
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
     global_params = _load_global(node, msg)
-    global_rank = _global_rank(msg)
+    global_rank = rank_of(msg.content["arrays"])
     mu = float(config.get("proximal-mu", node.settings.proximal_mu))
     server_round = int(config.get("server-round", 0))
     # Distinct, reproducible minibatch order per (run seed, round, client).

@@ -190,11 +190,8 @@ def load_peft(base: nn.Module, folder: str | Path) -> PeftModel:
 
 
 def adapter_rank(model: PeftModel) -> int:
-    """The rank of the model's adapter (first LoRA layer's A rows)."""
-    for key, value in adapter_state(model).items():
-        if key.endswith(keys.A_SUFFIX):
-            return int(value.shape[0])
-    raise ValueError("the model has no LoRA adapter")
+    """The rank of the model's adapter."""
+    return keys.rank_of(adapter_state(model))
 
 
 def fit_rank(arrays: dict[str, np.ndarray], rank: int) -> OrderedDict[str, np.ndarray]:

@@ -22,6 +22,14 @@ def is_downlink_only(key: str) -> bool:
     return key.endswith(DOWNLINK_ONLY)
 
 
+def rank_of(arrays) -> int:
+    """The LoRA rank of named arrays (numpy or Flower ``Array``): rows of the first A factor."""
+    for key in arrays.keys():
+        if key.endswith(A_SUFFIX):
+            return int(arrays[key].shape[0])
+    raise ValueError("the arrays hold no LoRA adapter (no '*.lora_A.weight')")
+
+
 def layer_of(key: str) -> str:
     for suffix in (A_SUFFIX, B_SUFFIX, *DOWNLINK_ONLY):
         if key.endswith(suffix):

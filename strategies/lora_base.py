@@ -71,7 +71,7 @@ class LoRAFactorStrategy(FedAvg):
         arrays = [to_numpy(c[self.arrayrecord_key]) for c in contents]
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         weights = [float(m[self.weighted_by_key]) for m in metrics]
-        ranks = [int(m.get(RANK_METRIC, _rank_of(a))) for m, a in zip(metrics, arrays)]
+        ranks = [int(m.get(RANK_METRIC, lf.rank_of(a))) for m, a in zip(metrics, arrays)]
         # components beyond a client's rank are its padding: exactly zero, whatever a lossy codec made of them
         arrays = [lf.zero_beyond_rank(a, r) for a, r in zip(arrays, ranks)]
         trainable = [k for k in self.current if not lf.is_downlink_only(k)]
@@ -91,8 +91,3 @@ class LoRAFactorStrategy(FedAvg):
     ) -> Mapping[str, np.ndarray]:
         raise NotImplementedError
 
-
-def _rank_of(arrays: Mapping[str, np.ndarray]) -> int:
-    """A reply without ``lora-rank``: its rank is the global one (no padding)."""
-    layers = lf.lora_layers(list(arrays))
-    return int(arrays[layers[0] + lf.A_SUFFIX].shape[0]) if layers else 0
