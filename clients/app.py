@@ -23,7 +23,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.mods import compression_mod
+from clients.mods import compression_mod, decline, load_ledger, privacy_mod, store_ledger
 from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
@@ -33,9 +33,11 @@ from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zer
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
+from fedmm.privacy import FixedNegativesLoss, Negatives, fixed_negatives, sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.train import mean_clip_loss, proximal_term, train_steps
 
-app = ClientApp(mods=[compression_mod])
+# Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize).
+app = ClientApp(mods=[compression_mod, privacy_mod])
 
 # open_clip logs through the root logger with logging.info(), which calls
 # basicConfig() on first use and would print every Flower record twice.
@@ -53,7 +55,22 @@ class RunState:
     preprocess: tuple  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
+    public: Batch | None = None  # public pairs for fixed negatives (loss 'fixed-negatives')
     nets: dict[int, Any] = field(default_factory=dict)  # rank -> peft model, overwritten by every message
+    _negatives: dict[tuple[int, int], Negatives] = field(default_factory=dict)
+
+    def negatives(self, net: Any, rank: int, server_round: int) -> Negatives:
+        """This round's fixed negatives: public pairs embedded by the received global adapter.
+
+        Every client of one rank computes the same ones, so one process computes them once per round.
+        """
+        key = (rank, server_round)
+        if key not in self._negatives:
+            if self.public is None:
+                raise ValueError("loss 'fixed-negatives' needs a public split; the dataset has no public rows")
+            self._negatives = {key: fixed_negatives(net, self.public, self.settings.dp_negatives,
+                                                    seed=self.settings.seed + server_round)}
+        return self._negatives[key]
 
     def net(self, rank: int) -> Any:
         if rank not in self.nets:
@@ -103,10 +120,17 @@ def _run_state(context: Context) -> RunState:
         tokenizer = models.create_tokenizer(settings.model)
         prompts = zero_shot_prompts(class_names(splits["clients"]))
         groups = splits["clients"]["group"]
+        public = None
+        if settings.objective == "fixed-negatives" and len(splits["public"]):
+            # a seeded pool, 4x the negatives drawn each round, keeps memory bounded
+            pool = splits["public"].shuffle(seed=settings.seed).select(
+                range(min(len(splits["public"]), 4 * settings.dp_negatives)))
+            public = to_batch(pool, tokenizer, *models.image_mean_std(base))
         _RUNS[key] = RunState(
             settings, base, prompts, tokenizer, models.image_mean_std(base),
             num_groups=max(groups) + 1 if len(groups) else 1,
             base_fingerprint=base_id,
+            public=public,
         )
     return _RUNS[key]
 
@@ -160,25 +184,42 @@ def train(msg: Message, context: Context) -> Message:
     extra = {}
     if bool(config.get("report-train-loss", False)):
         extra["train_loss"] = mean_clip_loss(node.net, node.train, batch_size)
-    stats = train_steps(
-        node.net,
-        node.train,
-        steps=int(config.get("local-steps", node.settings.local_steps)),
-        batch_size=batch_size,
-        lr=float(config.get("lr", node.settings.lr)),
-        weight_decay=node.settings.weight_decay,
-        seed=seed,
-        extra_terms=[proximal_term(global_params, mu)] if mu > 0 else [],
-    )
+    s = node.settings
+    steps = int(config.get("local-steps", s.local_steps))
+    lr = float(config.get("lr", s.lr))
+    terms = [proximal_term(global_params, mu)] if mu > 0 else []
+    negatives = node.run.negatives(node.net, node.rank, server_round) if s.objective == "fixed-negatives" else None
+    if s.dp == "dp-sgd":
+        ledger = load_ledger(context)
+        q = sample_rate(len(node.train), batch_size)
+        planned = sample_epsilon(ledger + [(s.dp_noise_multiplier, q, steps)], s.dp_delta)
+        if s.max_epsilon > 0 and planned > s.max_epsilon:
+            return decline(msg, f"partition {node.partition_id}: privacy budget spent: epsilon "
+                                f"{sample_epsilon(ledger, s.dp_delta):.3f}, one more round would reach "
+                                f"{planned:.3f} > max-epsilon {s.max_epsilon:g}")
+        stats, ledger = train_dp_sgd(
+            node.net, node.train, negatives, steps=steps, batch_size=batch_size, lr=lr,
+            noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
+            weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
+        )
+        store_ledger(context, ledger)
+        extra.update({"dp-epsilon": sample_epsilon(ledger, s.dp_delta), "dp-sample-rate": q})
+    else:
+        stats = train_steps(
+            node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
+            weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
+            loss_fn=FixedNegativesLoss(negatives) if negatives is not None else None,
+        )
     # replies have the global shapes: a lower-rank adapter is zero-padded
     arrays = to_record(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
     metrics = MetricRecord(
         {
             "num-examples": len(node.train),
+            "unit-weight": 1,  # the weight of uniform-mean aggregation (client-level DP)
             "partition-id": node.partition_id,
             RANK_METRIC: node.rank,
             "train-loss": stats.loss,
-            "clip-loss": stats.clip_loss,
+            "contrastive-loss": stats.clip_loss,
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),
             "bytes-uplink": arrays.count_bytes(),
@@ -192,7 +233,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     _load_global(node, msg)
-    metrics: dict[str, float] = {"num-examples": len(node.test), "partition-id": node.partition_id}
+    metrics: dict[str, float] = {"num-examples": len(node.test), "unit-weight": 1, "partition-id": node.partition_id}
     full = {}
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
         class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)

@@ -1,5 +1,14 @@
 """ClientApp mods: client-side concerns that wrap any handler.
 
+``privacy_mod`` (pairs with strategies/privacy.py): client-level DP on the
+train reply. With Flower's clipping-norm key in the config (central DP with
+client-side clipping) it runs Flower's ``fixedclipping_mod``; with fedmm's
+``dp-clip-norm`` / ``dp-noise-std`` (local and distributed DP) it clips the
+update to the norm and adds the noise; for local DP it also keeps the
+client's epsilon ledger in ``context.state`` and declines the round, with a
+reason, once the next release would exceed ``max-epsilon``. A no-op for
+messages whose config names none of these, so it is safe to install always.
+
 ``compression_mod`` (pairs with ``strategies.compression.CompressedUpdates``
 on the server): decodes a compressed global adapter before the handler sees
 it, and turns the train reply into an encoded update: delta = local - global,
@@ -19,11 +28,77 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from flwr.app import ConfigRecord, Error
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
 from fedmm.compression import encode_with_feedback, layout_from_arrays, make_codec, payload_bytes
 from fedmm.lora_keys import is_downlink_only
+from fedmm.privacy import privatize_update, sample_epsilon, update_norm
+from strategies import privacy as dp_keys
 from strategies.records import to_numpy, to_record
 
 RESIDUAL_KEY = "codec-residual"
+LEDGER_KEY = "dp-ledger"  # context.state: this client's (sigma, q, steps) releases, across rounds
+
+
+def load_ledger(context: Context) -> list[tuple[float, float, int]]:
+    """This client's privacy ledger (empty on its first round)."""
+    if LEDGER_KEY not in context.state:
+        return []
+    rec = context.state[LEDGER_KEY]
+    return [(float(a), float(b), int(c)) for a, b, c in zip(rec["sigma"], rec["q"], rec["steps"])]
+
+
+def store_ledger(context: Context, ledger: list[tuple[float, float, int]]) -> None:
+    context.state[LEDGER_KEY] = ConfigRecord(
+        {"sigma": [float(h[0]) for h in ledger], "q": [float(h[1]) for h in ledger], "steps": [int(h[2]) for h in ledger]}
+    )
+
+
+def decline(msg: Message, reason: str) -> Message:
+    """A reply that says why this client does not train this round (the server logs and reports it)."""
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN or msg.has_error() or "config" not in msg.content:
+        return call_next(msg, context)
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    if dp_keys.NOISE_STD_KEY not in config:
+        return call_next(msg, context)
+    clip, std = float(config[dp_keys.CLIP_KEY]), float(config[dp_keys.NOISE_STD_KEY])
+    ledger_sigma = float(config.get(dp_keys.LEDGER_SIGMA_KEY, 0.0))
+    delta = float(config.get(dp_keys.DELTA_KEY, 1e-5))
+    ledger = load_ledger(context)
+    if ledger_sigma > 0:  # local DP: this client's own guarantee, checked before any work
+        planned = sample_epsilon(ledger + [(ledger_sigma, 1.0, 1)], delta)
+        budget = float(config.get(dp_keys.MAX_EPSILON_KEY, 0.0))
+        if budget > 0 and planned > budget:
+            return decline(msg, f"node {context.node_id}: privacy budget spent: epsilon "
+                                f"{sample_epsilon(ledger, delta):.3f}, one more update would reach "
+                                f"{planned:.3f} > max-epsilon {budget:g}")
+    global_arrays = to_numpy(msg.content["arrays"])
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    local = to_numpy(reply.content["arrays"])
+    delta_arrays = OrderedDict((k, local[k] - global_arrays[k]) for k in local)
+    norm = update_norm(delta_arrays)
+    # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
+    private = privatize_update(delta_arrays, clip, std, np.random.default_rng())
+    reply.content["arrays"] = to_record(OrderedDict((k, global_arrays[k] + private[k]) for k in local))
+    metrics = reply.content["metrics"]
+    metrics["update-norm"] = norm
+    metrics["clipped"] = float(norm > clip)
+    if ledger_sigma > 0:
+        ledger = ledger + [(ledger_sigma, 1.0, 1)]
+        store_ledger(context, ledger)
+        metrics["dp-epsilon"] = sample_epsilon(ledger, delta)
+    return reply
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

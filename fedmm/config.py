@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+DP_MODES = ("none", "dp-sgd", "central-server", "central-client", "local", "distributed")
+LOSSES = ("auto", "clip", "fixed-negatives")
 
 
 class ConfigError(ValueError):
@@ -126,6 +128,36 @@ SPEC: dict[str, Key] = {
     "lr": Key(float, 3e-3, "client learning rate (AdamW on adapter parameters)", _positive),
     "weight-decay": Key(float, 0.0, "client AdamW weight decay", _non_negative),
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
+    "loss": Key(
+        str, "auto",
+        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'fixed-negatives' (per-sample "
+        "InfoNCE against fixed public negatives; what DP-SGD needs), 'auto' = fixed-negatives under dp-sgd, else clip",
+        _one_of(*LOSSES),
+    ),
+    # differential privacy (fedmm.privacy, strategies/privacy.py, clients/mods.py)
+    "dp": Key(
+        str, "none",
+        "differential privacy: none | dp-sgd (sample level, Opacus) | central-server | central-client | "
+        "local | distributed (client level)",
+        _one_of(*DP_MODES),
+    ),
+    "dp-noise-multiplier": Key(
+        float, 1.0, "Gaussian noise std / clipping norm (per step for dp-sgd, per round for client level)", _non_negative
+    ),
+    "dp-clip-norm": Key(
+        float, 1.0, "L2 clipping norm: of each per-sample gradient (dp-sgd) or of each client's update", _positive
+    ),
+    "dp-delta": Key(float, 1e-5, "target delta of the (epsilon, delta) guarantee", _open_fraction),
+    "max-epsilon": Key(
+        float, 0.0,
+        "privacy budget: a client (dp-sgd, local) stops training, or the run stops (central, distributed), "
+        "before epsilon would exceed it; 0 = no budget",
+        _non_negative,
+    ),
+    "dp-negatives": Key(int, 256, "fixed negatives per round for the 'fixed-negatives' loss (public split)", _positive),
+    "dp-grad-sample-mode": Key(
+        str, "hooks", "Opacus per-sample gradients for dp-sgd: hooks | ghost (ghost clipping)", _one_of("hooks", "ghost")
+    ),
     # compression (fedmm.compression)
     "codec": Key(str, "fp32", "uplink codec: [topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]", _codec),
     "codec-downlink": Key(str, "fp32", "downlink codec for the global adapter (dense only)", _codec),
@@ -171,6 +203,14 @@ class Settings:
     lr: float
     weight_decay: float
     proximal_mu: float
+    loss: str
+    dp: str
+    dp_noise_multiplier: float
+    dp_clip_norm: float
+    dp_delta: float
+    max_epsilon: float
+    dp_negatives: int
+    dp_grad_sample_mode: str
     codec: str
     codec_downlink: str
     error_feedback: bool
@@ -224,12 +264,32 @@ class Settings:
                 "run-config 'codec-downlink': top-k would drop most of the global adapter; "
                 "use a dense codec (fp16, bf16, q8, ...)"
             )
+        if self.dp == "dp-sgd" and self.loss == "clip":
+            raise ConfigError(
+                "run-config 'loss' = 'clip' with 'dp' = 'dp-sgd': ClipLoss uses the other pairs of a batch as "
+                "negatives, so one example's gradient depends on the others and DP-SGD's per-sample guarantee "
+                "does not hold; use loss = 'fixed-negatives' (or 'auto')"
+            )
+        if self.dp != "none" and self.dp_noise_multiplier <= 0:
+            raise ConfigError(
+                f"run-config 'dp-noise-multiplier' = {self.dp_noise_multiplier}: must be > 0 with dp = '{self.dp}' "
+                "(without noise there is no guarantee; use dp = 'none')"
+            )
+        if self.max_epsilon > 0 and self.dp == "none":
+            raise ConfigError("run-config 'max-epsilon' is set but 'dp' = 'none': there is no epsilon to budget")
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
             raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config form (round-trips through ``from_run_config``)."""
         return {key: getattr(self, _attr(key)) for key in SPEC}
+
+    @property
+    def objective(self) -> str:
+        """The client loss actually used: 'clip' or 'fixed-negatives'."""
+        if self.loss == "auto":
+            return "fixed-negatives" if self.dp == "dp-sgd" else "clip"
+        return self.loss
 
     @property
     def client_ranks(self) -> list[int]:

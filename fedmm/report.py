@@ -61,6 +61,52 @@ def _plot(path: Path, title: str, rounds: Mapping[int, Mapping[str, Any]], keys:
     plt.close(fig)
 
 
+EPSILON_KEYS = ("privacy/epsilon", "train/dp-epsilon-max")  # server ledger; the weakest client's own ledger
+
+
+def _privacy_utility(path: Path, rounds: Mapping[int, Mapping[str, Any]]) -> None:
+    """Accuracy against the epsilon spent so far: one point per round (round 0 at epsilon 0)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in EPSILON_KEYS:
+        xs = [r for r in sorted(rounds) if key in rounds[r] and "central/zs-acc" in rounds[r]]
+        if xs:
+            eps = [0.0] + [rounds[r][key] for r in xs]
+            acc = [rounds.get(0, {}).get("central/zs-acc", float("nan"))] + [rounds[r]["central/zs-acc"] for r in xs]
+            ax.plot(eps, acc, marker="o", label=f"central/zs-acc vs {key}")
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel("zero-shot accuracy (server held-out)")
+    ax.set_title("privacy-utility")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _privacy_lines(privacy: Mapping[str, Any], rounds: Mapping[int, Mapping[str, Any]],
+                   failures: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["", "## Privacy", "", f"Mode `{privacy['dp']}`: {privacy['guarantee']}.", ""]
+    lines.append(
+        f"Noise multiplier {privacy['noise-multiplier']}, clipping norm {privacy['clip-norm']}, "
+        f"delta {privacy['delta']:g}, budget (max-epsilon) {privacy['max-epsilon'] or 'none'}, "
+        f"{privacy['clients']} clients."
+    )
+    for note in privacy.get("notes", []):
+        lines.append(f"- warning: {note}")
+    keys = [k for k in EPSILON_KEYS if any(k in row for row in rounds.values())]
+    if keys:
+        lines += ["", "| round | " + " | ".join(keys) + " | central/zs-acc |", "|---" * (len(keys) + 2) + "|"]
+        for r, row in rounds.items():
+            if r > 0:
+                lines.append(f"| {r} | " + " | ".join(_fmt(row.get(k, ""), k) for k in keys)
+                             + f" | {_fmt(row.get('central/zs-acc', ''))} |")
+    declined = [f for f in failures if "budget" in str(f.get("reason", ""))]
+    if declined:
+        lines += ["", "Clients that stopped training because their budget was spent:", ""]
+        lines += [f"- round {f['round']}: {f['reason']}" for f in declined]
+    return lines
+
+
 def _fmt(v: Any, key: str = "") -> str:
     if isinstance(v, float) and (v.is_integer() and ("num-" in key or "bytes" in key)):
         return f"{int(v):,}"  # counts and byte sizes, not rates
@@ -101,6 +147,13 @@ def write_report(
         _plot(folder / name, title, rounds, keys)
         paths[name] = folder / name
 
+    privacy = (extra or {}).get("privacy")
+    if privacy and privacy.get("dp") != "none":
+        _plot(folder / "privacy.png", "epsilon per round", rounds, list(EPSILON_KEYS))
+        _privacy_utility(folder / "privacy_utility.png", rounds)
+        paths["privacy.png"] = folder / "privacy.png"
+        paths["privacy_utility.png"] = folder / "privacy_utility.png"
+
     last = max(rounds) if rounds else 0
     base, final = rounds.get(0, {}), rounds.get(last, {})
     lines = [
@@ -128,10 +181,17 @@ def write_report(
         lines += ["| partition | examples | zs-acc |", "|---|---|---|"]
         for c in sorted(finals, key=lambda c: c.get("partition-id", -1)):
             lines.append(f"| {c.get('partition-id')} | {c.get('num-examples')} | {_fmt(c.get('zs-acc', ''))} |")
+    if privacy and privacy.get("dp") != "none":
+        lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
+    failures = (extra or {}).get("failed-replies", [])
+    if failures:
+        lines += ["", "## Failed replies", "", "| round | node | reason |", "|---|---|---|"]
+        lines += [f"| {f['round']} | {f['node']} | {f['reason']} |" for f in failures]
     lines += ["", "## Files", ""]
     lines += [f"- `{p.name}`" for p in paths.values() if p.name != "summary.md"]
     for k, v in (extra or {}).items():
-        lines.append(f"- {k}: `{v}`")
+        if k not in ("privacy", "failed-replies"):
+            lines.append(f"- {k}: `{v}`")
     paths["summary"].write_text("\n".join(lines) + "\n")
     return paths
 

@@ -26,7 +26,7 @@ class TrainStats:
     steps: int
     examples_seen: int
     loss: float  # mean total loss over the steps
-    clip_loss: float  # mean ClipLoss over the steps
+    clip_loss: float  # mean contrastive loss (without extra terms) over the steps
     seconds: float
 
 
@@ -55,10 +55,13 @@ def train_steps(
     weight_decay: float = 0.0,
     seed: int = 0,
     extra_terms: Sequence[LossTerm] = (),
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     warmup_cosine: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
     """``steps`` AdamW steps on the model's trainable parameters.
+
+    ``loss_fn`` maps the model output to the loss; None = open_clip's ClipLoss.
 
     ``warmup_cosine``: linear warm-up over the first 10% of steps, then cosine
     decay (training from scratch collapses to the ln(batch) plateau without it).
@@ -76,7 +79,12 @@ def train_steps(
             optimizer,
             lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
         )
-    loss_fn = open_clip.ClipLoss()
+    if loss_fn is None:
+        clip_loss = open_clip.ClipLoss()
+
+        def loss_fn(out: dict[str, torch.Tensor]) -> torch.Tensor:
+            return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(data))
     order = torch.randperm(len(data), generator=gen)
@@ -88,7 +96,7 @@ def train_steps(
         batch = data.subset(order[cursor : cursor + bs])
         cursor += bs
         out = forward(model, batch)
-        clip = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        clip = loss_fn(out)
         loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

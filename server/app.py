@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -32,9 +32,13 @@ from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
+from fedmm.config import ConfigError
+from fedmm.data import partition
+from fedmm.privacy import gaussian_epsilon, rounds_within_budget
 from server.history import MetricsHistory
 from strategies.builtin import RANGES, check_population
 from strategies.compression import CompressedUpdates
+from strategies.privacy import CENTRAL_MODES, check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
 
 app = ServerApp()
@@ -55,7 +59,45 @@ logging.getLogger("fedmm").addHandler(_ToFlowerLog())
 logging.getLogger("fedmm").setLevel(logging.INFO)
 
 # Printed each round, in this order, when present.
-HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss")
+HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss",
+            "privacy/epsilon", "train/dp-epsilon-max")
+
+# What each dp mode guarantees, to whom, and under which assumptions (written into the report).
+PRIVACY_LEVELS = {
+    "none": "no differential privacy",
+    "dp-sgd": "sample level, per client: (epsilon, delta)-DP for any one training example of a client, "
+              "against anyone who sees that client's updates (the server included). DP-SGD (Opacus) with "
+              "Poisson sampling at rate q = 1/ceil(n/batch-size) per step; RDP accounting (Opacus) over every "
+              "step of every round the client trained; per-sample loss against fixed public negatives "
+              "(fedmm/privacy/objective.py), so per-sample gradients are independent",
+    "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
+                      "sees the global models (not against the server, which sees raw updates). Server clips "
+                      "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "
+                      "accountant, add/remove one client, no amplification from client sampling claimed",
+    "central-client": "client level, as central-server, but clients clip their own updates "
+                      "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant",
+    "local": "client level, per client: (epsilon, delta)-DP for the client's whole data, against anyone, the "
+             "server included. Each client clips its update to C and adds N(0, sigma^2 C^2) before encoding; "
+             "sensitivity 2C (any change of its data), so each release is a Gaussian mechanism of multiplier "
+             "sigma/2; RDP accounting kept by the client",
+    "distributed": "client level, central-equivalent: each of the n sampled clients adds N(0, sigma^2 C^2 / n), "
+                   "so the mean carries the noise of central DP; Flower's RDP accountant, add/remove one "
+                   "client, no amplification claimed. Private against the server ONLY when the sum is formed "
+                   "under secure aggregation (not in fedmm yet): each single update carries 1/sqrt(n) of the noise",
+}
+
+
+def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
+    return {
+        "dp": settings.dp,
+        "guarantee": PRIVACY_LEVELS[settings.dp],
+        "noise-multiplier": settings.dp_noise_multiplier,
+        "clip-norm": settings.dp_clip_norm,
+        "delta": settings.dp_delta,
+        "max-epsilon": settings.max_epsilon or None,
+        "clients": num_nodes,
+        "notes": notes,
+    }
 
 
 def output_dir(settings: Settings) -> Path:
@@ -64,8 +106,12 @@ def output_dir(settings: Settings) -> Path:
     return Path.home() / "fedmm-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def make_strategy(settings: Settings, history: MetricsHistory) -> CompressedUpdates:
-    """The run's strategy, built from the settings and ``strategy-args``, wrapped for decoding."""
+def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> CompressedUpdates:
+    """The run's strategy, built from the settings and ``strategy-args``, wrapped for privacy and decoding.
+
+    ``num_nodes`` (the federation's size) sizes client-level DP; None builds the
+    strategy without its privacy wrapper (to validate the arguments early).
+    """
     managed = {
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": settings.fraction_evaluate,
@@ -75,7 +121,8 @@ def make_strategy(settings: Settings, history: MetricsHistory) -> CompressedUpda
         "proximal_mu": settings.proximal_mu,
         "client_learning_rate": settings.lr,  # QFedAvg's estimate of the Lipschitz constant
         # The record keys fedmm's ClientApp reads and writes: not the user's to change.
-        "weighted_by_key": "num-examples",
+        # client-level DP calibrates noise to a uniform mean; otherwise FedAvg weights by examples
+        "weighted_by_key": "unit-weight" if needs_uniform_mean(settings.dp) else "num-examples",
         "arrayrecord_key": "arrays",
         "configrecord_key": "config",
         "train_loss_key": "train_loss",
@@ -85,10 +132,62 @@ def make_strategy(settings: Settings, history: MetricsHistory) -> CompressedUpda
     assert set(managed) == strategies.MANAGED, "keep strategies.MANAGED in step"
     args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
     strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
+    check_uniform_mean(strategy, settings.dp)
+    if num_nodes is not None:
+        strategy = make_private_strategy(
+            strategy, settings.dp,
+            noise_multiplier=settings.dp_noise_multiplier, clipping_norm=settings.dp_clip_norm,
+            delta=settings.dp_delta, max_epsilon=settings.max_epsilon,
+            num_nodes=num_nodes, num_sampled=num_sampled(settings, num_nodes),
+        )
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
     # gets the same decoding checks (shapes, finiteness), byte counts and a
     # node-id aggregation order.
     return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
+
+
+def num_sampled(settings: Settings, num_nodes: int) -> int:
+    """Nodes per training round, as Flower's FedAvg samples them."""
+    return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
+
+
+def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int, list[str]]:
+    """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
+    notes: list[str] = []
+    rounds = settings.num_server_rounds
+    if settings.objective == "fixed-negatives" and len(splits["public"]) == 0:
+        raise ConfigError(
+            f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws its negatives from the "
+            "public split, and the dataset has none (manifest column 'split' = public)"
+        )
+    if settings.dp in CENTRAL_MODES:
+        if settings.dp_delta >= 1 / num_nodes:
+            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "
+                         "fail for one client in the federation is weak; lower dp-delta")
+        if settings.max_epsilon > 0:
+            rounds = rounds_within_budget(settings.dp_noise_multiplier, settings.dp_delta,
+                                          settings.max_epsilon, settings.num_server_rounds)
+            if rounds == 0:
+                raise ConfigError(
+                    f"run-config 'max-epsilon' = {settings.max_epsilon:g}: one round at noise multiplier "
+                    f"{settings.dp_noise_multiplier:g} already costs epsilon "
+                    f"{gaussian_epsilon(settings.dp_noise_multiplier, 1, settings.dp_delta):.3f}"
+                )
+            if rounds < settings.num_server_rounds:
+                notes.append(f"max-epsilon {settings.max_epsilon:g} allows {rounds} of "
+                             f"{settings.num_server_rounds} rounds: the run stops after round {rounds}")
+    if settings.dp == "dp-sgd":
+        s = settings
+        sizes = [len(partition(splits["clients"], s.partitioner, pid, num_nodes, alpha=s.dirichlet_alpha,
+                               classes_per_client=s.classes_per_client, test_fraction=s.test_fraction,
+                               seed=s.seed)[0]) for pid in range(num_nodes)]
+        small = min(sizes)
+        if small and settings.dp_delta >= 1 / small:
+            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{small} (the smallest client's examples): "
+                         "a guarantee that may fail for one example is weak; lower dp-delta")
+    for note in notes:
+        log(WARNING, "fedmm privacy: %s", note)
+    return rounds, notes
 
 
 @app.main()
@@ -96,7 +195,7 @@ def main(grid: Grid, context: Context) -> None:
     # Validation first: a bad run config fails here, before any client is contacted.
     settings = Settings.from_run_config(context.run_config)
     history = MetricsHistory()
-    strategy = make_strategy(settings, history)
+    make_strategy(settings, history)  # the strategy's own arguments, checked before anything else
     out = output_dir(settings)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -126,7 +225,10 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes > len(splits["clients"]):
         raise ValueError(f"{num_nodes} nodes but only {len(splits['clients'])} client samples")
-    check_population(strategy.strategy, max(settings.min_nodes, int(num_nodes * settings.fraction_train)))
+    strategy = make_strategy(settings, history, num_nodes)
+    check_population(strategies.innermost(strategy), num_sampled(settings, num_nodes))
+    num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
+    ledger = getattr(strategy.strategy, "privacy_spent", None)  # Flower's accounted DP wrappers
 
     round_started = [time.perf_counter()]
 
@@ -140,10 +242,12 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "round-seconds", now - round_started[0])
             for key, value in strategy.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
+            if ledger is not None and ledger() is not None:
+                history.record(server_round, "privacy/epsilon", ledger().epsilon)
         round_started[0] = now
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)
-        log(INFO, "fedmm round %d/%d: %s", server_round, settings.num_server_rounds, shown)
+        log(INFO, "fedmm round %d/%d: %s", server_round, num_rounds, shown)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     train_config = ConfigRecord(
@@ -154,13 +258,13 @@ def main(grid: Grid, context: Context) -> None:
             "proximal-mu": settings.proximal_mu,
             "base-fingerprint": base_id,
             # QFedAvg reads each client's loss of the global model; others do not pay for it.
-            "report-train-loss": hasattr(strategy.strategy, "train_loss_key"),
+            "report-train-loss": hasattr(strategies.innermost(strategy), "train_loss_key"),
         }
     )
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=settings.num_server_rounds,
+        num_rounds=num_rounds,
         timeout=settings.round_timeout,
         train_config=train_config,
         evaluate_config=ConfigRecord({"base-fingerprint": base_id}),
@@ -185,6 +289,8 @@ def main(grid: Grid, context: Context) -> None:
             "adapter-bytes": adapter_bytes,
             "base-model-bytes": full_bytes,
             "adapter-dir": str(adapter_dir),
+            "privacy": privacy_summary(settings, num_nodes, privacy_notes),
+            "failed-replies": strategy.failures,
         },
     )
     log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)

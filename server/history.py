@@ -37,6 +37,7 @@ class MetricsHistory:
     def _aggregate(self, phase: str, replies: list[RecordDict], weight_key: str) -> MetricRecord:
         rnd = self._record(phase, replies)
         counts: dict[str, float] = defaultdict(float)
+        maxima: dict[str, float] = {}
         plain = []
         for rd in replies:
             for rec in rd.metric_records.values():
@@ -46,11 +47,17 @@ class MetricsHistory:
                         counts[k] += float(v)
                     elif k.startswith("bytes-"):  # bytes add up; a weighted mean would be meaningless
                         counts[f"{k}-total"] += float(v)
+                    elif k.startswith("dp-epsilon"):  # a guarantee is as weak as its weakest client
+                        maxima[f"{k}-max"] = max(maxima.get(f"{k}-max", 0.0), float(v))
                     else:
                         keep[k] = v
                 plain.append(RecordDict({"metrics": MetricRecord(keep)}))
         agg = dict(aggregate_metricrecords(plain, weight_key)) if plain else {}
         agg.pop("partition-id", None)
+        agg.pop("unit-weight", None)
+        # the weakest client's ledger so far: clients that stopped (budget spent) keep what they spent
+        for k, v in maxima.items():
+            agg[k] = max([v] + [row[f"{phase}/{k}"] for row in self.rounds.values() if f"{phase}/{k}" in row])
         for k in list(counts):
             if k.startswith("bytes-"):
                 agg[k] = counts[k]

@@ -31,6 +31,13 @@ MANAGED = frozenset({
 })
 
 
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy inside fedmm's wrappers (compression, privacy): what the user selected."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
+
+
 def available() -> dict[str, Any]:
     """name -> entry point of every installed strategy."""
     return {ep.name: ep for ep in entry_points(group=GROUP)}

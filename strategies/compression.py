@@ -49,6 +49,7 @@ class CompressedUpdates(Strategy):
         self.key = getattr(strategy, "arrayrecord_key", "arrays")
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
+        self.failures: list[dict[str, object]] = []  # error replies (crashes, declines), with their reasons
 
     def summary(self) -> None:
         log(INFO, "\t├──> CompressedUpdates: uplink %s (error feedback %s), downlink %s",
@@ -82,6 +83,7 @@ class CompressedUpdates(Strategy):
             "bytes-downlink-per-client": float(send.count_bytes()),
             "bytes-downlink-total": float(send.count_bytes() * len(messages)),
             "dropped-updates": 0.0,
+            "failed-replies": 0.0,
         }
         return messages
 
@@ -98,6 +100,10 @@ class CompressedUpdates(Strategy):
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)  # the wrapped strategy logs and skips it
+                self.stats.setdefault(server_round, {}).setdefault("failed-replies", 0.0)
+                self.stats[server_round]["failed-replies"] += 1
+                self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
+                                      "reason": msg.error.reason or f"error code {msg.error.code}"})
                 continue
             try:
                 delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)

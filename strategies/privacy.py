@@ -1,0 +1,191 @@
+"""Client-level differential privacy around a strategy: central, local, distributed.
+
+``make_private_strategy`` wraps a strategy for the run's ``dp`` mode:
+
+- ``central-server``: Flower's ``DifferentialPrivacyServerSideFixedClipping``
+  (the server clips each update to C, averages, adds N(0, (sigma C / n)^2)).
+- ``central-client``: Flower's ``DifferentialPrivacyClientSideFixedClipping``;
+  client obligation: clip the update to C (fedmm's ``privacy_mod`` runs
+  Flower's ``fixedclipping_mod`` when the config carries the clipping norm).
+- ``distributed``: ``DistributedFixedClipping`` below; client obligation:
+  clip to C and add N(0, sigma^2 C^2 / n) itself, so the sum of the n
+  updates carries N(0, sigma^2 C^2), the same noise as central DP. The server
+  never adds noise. Private against the server only under secure
+  aggregation (it must see the sum, not the n noisy terms).
+- ``local``: ``LocalUpdatePrivacy`` below; client obligation: clip to C, add
+  N(0, sigma^2 C^2) and keep its own ledger (``privacy_mod``): each update is
+  private on its own, against anyone.
+
+Central and distributed releases are accounted with Flower's RDP accountant,
+client-level (add/remove one client), with no amplification from client
+sampling claimed. They need equal client weights and a uniform-mean
+aggregate (FedAvg's ``aggregate_train``): the noise is calibrated to
+sensitivity C / n. A round in which fewer than the sampled clients reply is
+not released (Flower's strict check): the planned noise would be too small
+in the distributed case, and the accountant's event would not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase, validate_replies
+from flwr.supercore import log
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+# Train-config keys the client's privacy_mod acts on.
+CLIP_KEY = "dp-clip-norm"
+NOISE_STD_KEY = "dp-noise-std"  # absolute std of the noise each client adds to its update
+LEDGER_SIGMA_KEY = "dp-ledger-sigma"  # local DP: noise multiplier of the client's own ledger
+DELTA_KEY = "dp-delta"
+MAX_EPSILON_KEY = "dp-max-epsilon"
+
+CENTRAL_MODES = ("central-server", "central-client", "distributed")
+CLIENT_MODES = ("dp-sgd", "local")  # epsilon kept by each client
+
+
+def needs_uniform_mean(dp: str) -> bool:
+    return dp in CENTRAL_MODES
+
+
+def check_uniform_mean(strategy: Strategy, dp: str) -> None:
+    """Central/distributed DP calibrate noise to a uniform mean: refuse other aggregates."""
+    if not needs_uniform_mean(dp):
+        return
+    if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
+        raise ValueError(
+            f"run-config 'dp' = '{dp}': the noise is calibrated to a uniform mean of clipped updates "
+            f"(FedAvg's aggregate); strategy '{type(strategy).__name__}' aggregates otherwise. "
+            "Use strategy fedavg or fedprox, or dp = local / dp-sgd, which compose with any strategy"
+        )
+
+
+def client_level_accountant(delta: float, population: int, max_epsilon: float | None) -> RdpAccountant:
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=max_epsilon,
+        )
+    )
+
+
+class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):
+    """Distributed DP: each of the n sampled clients clips to C and adds N(0, sigma^2 C^2 / n).
+
+    Client obligation: fedmm's ``privacy_mod`` (clip -> noise -> encode). The
+    mean of n such updates carries noise of std sigma C / n, as central DP's.
+    Only private against the server when the sum is computed under secure
+    aggregation; without it each update carries just 1/sqrt(n) of the noise.
+    """
+
+    def __repr__(self) -> str:
+        return "Differential Privacy Strategy Wrapper (Distributed, Client-Side Noise)"
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Distributed DP: noise multiplier %s, clipping norm %s, %d clients per round",
+            self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[CLIP_KEY] = self.clipping_norm
+        config[NOISE_STD_KEY] = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients**0.5
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._prepare_accounting(server_round, messages)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        event = self._pop_pending_event(server_round)
+        if not validate_replies(replies, self.num_sampled_clients, strict=True):
+            return None, None  # fewer noise shares than planned: release nothing
+        self._validate_uniform_weights(replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            self._compose_release(event)
+        return arrays, metrics
+
+
+class LocalUpdatePrivacy(Strategy):
+    """Local DP: asks every client to clip its update to C and add N(0, sigma^2 C^2).
+
+    Client obligation: fedmm's ``privacy_mod``, which also keeps the client's
+    own epsilon ledger and declines to train once ``max-epsilon`` would be
+    exceeded. Aggregation is the wrapped strategy's, unchanged (the updates
+    are already private: anything after is post-processing).
+    """
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 delta: float, max_epsilon: float) -> None:
+        self.strategy = strategy
+        self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
+        self.delta, self.max_epsilon = delta, max_epsilon
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Local DP: noise multiplier %s, clipping norm %s", self.noise_multiplier, self.clipping_norm)
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[CLIP_KEY] = self.clipping_norm
+        config[NOISE_STD_KEY] = self.noise_multiplier * self.clipping_norm
+        # changing one client's data moves its clipped update by up to 2C: the ledger's multiplier is sigma / 2
+        config[LEDGER_SIGMA_KEY] = self.noise_multiplier / 2
+        config[DELTA_KEY] = self.delta
+        config[MAX_EPSILON_KEY] = self.max_epsilon
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def make_private_strategy(
+    strategy: Strategy,
+    dp: str,
+    *,
+    noise_multiplier: float,
+    clipping_norm: float,
+    delta: float,
+    max_epsilon: float,
+    num_nodes: int,
+    num_sampled: int,
+) -> Strategy:
+    """Wrap ``strategy`` for the client-level DP mode ``dp`` (unchanged for none / dp-sgd)."""
+    if dp in ("none", "dp-sgd"):
+        return strategy
+    if dp == "local":
+        return LocalUpdatePrivacy(strategy, noise_multiplier, clipping_norm, delta, max_epsilon)
+    check_uniform_mean(strategy, dp)
+    accountant = client_level_accountant(delta, num_nodes, max_epsilon or None)
+    wrapper = {
+        "central-server": DifferentialPrivacyServerSideFixedClipping,
+        "central-client": DifferentialPrivacyClientSideFixedClipping,
+        "distributed": DistributedFixedClipping,
+    }[dp]
+    return wrapper(strategy, noise_multiplier, clipping_norm, num_sampled, accountant=accountant)

@@ -1,0 +1,268 @@
+"""Differential privacy: the guarantees' assumptions, accounting, clipping and noise."""
+
+from collections import OrderedDict
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from clients.mods import load_ledger, privacy_mod, store_ledger
+from fedmm import lora
+from fedmm.config import ConfigError, Settings
+from fedmm.data import load_splits, to_batch
+from fedmm.privacy import (
+    FixedNegativesLoss,
+    fixed_negatives,
+    gaussian_epsilon,
+    privatize_update,
+    rounds_within_budget,
+    sample_epsilon,
+    sample_rate,
+    train_dp_sgd,
+    update_norm,
+)
+from server.app import make_strategy, privacy_plan
+from server.history import MetricsHistory
+from strategies import privacy as dp_keys
+from strategies.records import to_record
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+@pytest.fixture(scope="module")
+def adapted(_base_model, base_settings):
+    import copy
+
+    torch.manual_seed(0)
+    net = lora.attach_lora(copy.deepcopy(_base_model), 4, 8.0, base_settings.lora_target_list)
+    with torch.no_grad():  # a non-zero B, so every LoRA tensor has a gradient
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    # train mode (Opacus records activations only then); the tiny model has no dropout, so removing
+    # an example cannot shift other examples' random masks
+    net.train()
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in net.modules())
+    return net
+
+
+@pytest.fixture(scope="module")
+def public_and_batch(base_settings, tokenizer, _base_model):
+    from fedmm import model as models
+
+    splits = load_splits(base_settings.dataset)
+    mean, std, size = models.image_mean_std(_base_model)
+    public = to_batch(splits["public"].select(range(64)), tokenizer, mean, std, size)
+    batch = to_batch(splits["clients"].select(range(6)), tokenizer, mean, std, size)
+    return public, batch
+
+
+def _per_sample_grads(net, batch, loss_of) -> dict[str, torch.Tensor]:
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    try:
+        out = gsm(batch.images, batch.tokens)
+        loss_of(out).backward()
+        grads = {n: p.grad_sample.detach().clone() for n, p in gsm.named_parameters() if p.requires_grad}
+    finally:
+        gsm.zero_grad(set_to_none=True)
+        gsm._close()
+    return grads
+
+
+def _removal_change(net, batch, loss_of, removed: int = 2) -> float:
+    """Largest relative change of any other example's per-sample gradient when one example is removed."""
+    full = _per_sample_grads(net, batch, loss_of)
+    keep = torch.tensor([i for i in range(len(batch)) if i != removed])
+    reduced = _per_sample_grads(net, batch.subset(keep), loss_of)
+    worst = 0.0
+    for name, g in full.items():
+        before, after = g[keep], reduced[name]
+        scale = before.flatten(1).norm(dim=1).clamp_min(1e-12)
+        worst = max(worst, float(((before - after).flatten(1).norm(dim=1) / scale).max()))
+    return worst
+
+
+def test_fixed_negatives_make_per_sample_gradients_independent(adapted, public_and_batch):
+    public, batch = public_and_batch
+    negatives = fixed_negatives(adapted, public, 32)
+    loss = FixedNegativesLoss(negatives, reduction="sum")
+    assert len(_per_sample_grads(adapted, batch, loss)) == len(lora.trainable_parameters(adapted))
+    assert _removal_change(adapted, batch, loss) < 1e-5
+
+
+def test_clip_loss_couples_samples_so_the_check_can_fail(adapted, public_and_batch):
+    """The same check on open_clip's in-batch ClipLoss finds the coupling DP-SGD must not have."""
+    _, batch = public_and_batch
+    clip = open_clip.ClipLoss()
+
+    def clip_sum(out):
+        return clip(out["image_features"], out["text_features"], out["logit_scale"]) * len(out["image_features"])
+
+    assert _removal_change(adapted, batch, clip_sum) > 0.01
+
+
+def test_fixed_negatives_loss_per_sample_matches_mean(adapted, public_and_batch):
+    public, batch = public_and_batch
+    negatives = fixed_negatives(adapted, public, 16)
+    with torch.no_grad():
+        out = adapted(batch.images, batch.tokens)
+    per_sample = FixedNegativesLoss(negatives, reduction="none")(out)
+    assert per_sample.shape == (len(batch),) and bool((per_sample > 0).all())
+    assert torch.isclose(FixedNegativesLoss(negatives)(out), per_sample.mean())
+
+
+@pytest.mark.parametrize("q,sigma,steps", [(0.2, 1.0, 60), (1.0, 2.0, 12), (0.05, 0.8, 400)])
+def test_epsilon_equals_opacus_rdp_analysis(q, sigma, steps):
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS)
+    expected, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)
+    assert sample_epsilon([(sigma, q, steps)], 1e-5) == pytest.approx(expected, rel=1e-9)
+    # a ledger carried round by round through context.state gives the same epsilon as one accountant
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    for _ in range(4):
+        store_ledger(context, load_ledger(context) + [(sigma, q, steps // 4)])
+    assert sample_epsilon(load_ledger(context), 1e-5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_flower_client_level_accountant_agrees_with_opacus():
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    accountant = dp_keys.client_level_accountant(1e-5, population=10, max_epsilon=None)
+    for rounds in range(1, 6):
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.2, sample_size=10, population_size=10))
+        # two RDP implementations, different order grids: equal to well under one percent
+        assert accountant.get_epsilon(1e-5) == pytest.approx(gaussian_epsilon(1.2, rounds, 1e-5), rel=5e-3)
+    assert rounds_within_budget(1.2, 1e-5, gaussian_epsilon(1.2, 3, 1e-5) + 1e-9, 10) == 3
+
+
+def test_dp_sgd_ledger_counts_every_step_at_opacus_sample_rate(adapted, public_and_batch, base_settings, tokenizer,
+                                                               _base_model):
+    import copy
+
+    from fedmm import model as models
+
+    public, _ = public_and_batch
+    splits = load_splits(base_settings.dataset)
+    data = to_batch(splits["clients"].select(range(50)), tokenizer, *models.image_mean_std(_base_model))
+    net = copy.deepcopy(adapted)
+    before = [p.detach().clone() for p in lora.trainable_parameters(net)]
+    stats, ledger = train_dp_sgd(net, data, fixed_negatives(net, public, 16), steps=5, batch_size=16, lr=1e-2,
+                                 noise_multiplier=1.1, max_grad_norm=0.5, history=[(1.1, 0.25, 7)])
+    q = sample_rate(50, 16)
+    assert q == 0.25 and stats.steps == 5
+    assert sample_epsilon(ledger, 1e-5) == pytest.approx(sample_epsilon([(1.1, q, 12)], 1e-5), rel=1e-12)
+    after = lora.trainable_parameters(net)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert not any(hasattr(p, "grad_sample") for p in net.parameters())  # Opacus's hooks are gone
+
+
+def test_privatize_update_clips_then_adds_the_configured_noise():
+    rng = np.random.default_rng(0)
+    big = OrderedDict(a=rng.normal(0, 1, (300, 200)).astype(np.float32), b=rng.normal(0, 1, 5000).astype(np.float32))
+    small = OrderedDict((k, v * 1e-4) for k, v in big.items())
+    for delta in (big, small):
+        clipped = privatize_update(delta, clip_norm=0.7, noise_std=0.0, rng=rng)
+        assert update_norm(clipped) <= 0.7 * (1 + 1e-6)
+    np.testing.assert_allclose(privatize_update(small, 0.7, 0.0, rng)["a"], small["a"])  # inside the ball: untouched
+    zero = OrderedDict(a=np.zeros((400, 500), np.float32))
+    noise = privatize_update(zero, clip_norm=1.0, noise_std=0.03, rng=rng)["a"]
+    # 200,000 draws: the sample std is within 1% of 0.03 with overwhelming probability
+    assert abs(noise.std() / 0.03 - 1) < 0.01 and abs(noise.mean()) < 0.03 * 0.01
+
+
+def _mod_call(config: dict, delta: np.ndarray, context: Context | None = None):
+    context = context or Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    global_arrays = to_record(OrderedDict(w=np.zeros(delta.shape, np.float32)))
+    content = RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": 1, **config})})
+    msg = Message(content=content, dst_node_id=3, message_type=MessageType.TRAIN)
+
+    def handler(m: Message, _ctx: Context) -> Message:
+        reply_arrays = to_record(OrderedDict(w=(m.content["arrays"]["w"].numpy() + delta).astype(np.float32)))
+        from flwr.app import MetricRecord
+
+        return Message(RecordDict({"arrays": reply_arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+
+    return privacy_mod(msg, context, handler), context
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+
+
+def test_distributed_noise_shares_sum_to_central_noise(task_identity):
+    """n clients each add N(0, sigma^2 C^2 / n): their mean carries std sigma C / n, as central DP's."""
+    sigma, clip, n = 0.8, 0.5, 4
+    config = {dp_keys.CLIP_KEY: clip, dp_keys.NOISE_STD_KEY: sigma * clip / n**0.5}
+    updates = []
+    for _ in range(n):
+        reply, _ = _mod_call(config, np.full(100_000, 3.0, np.float32))
+        w = reply.content["arrays"]["w"].numpy()
+        updates.append(w)
+        assert reply.content["metrics"]["clipped"] == 1.0
+    mean = np.mean(updates, axis=0)
+    # signal: each update clipped to norm C along (1, .., 1)/sqrt(d)
+    signal = clip / np.sqrt(mean.size)
+    assert abs(mean.mean() - signal) < 5 * (sigma * clip / n) / np.sqrt(mean.size)  # 5 standard errors
+    assert abs((mean - signal).std() / (sigma * clip / n) - 1) < 0.02
+
+
+def test_local_dp_keeps_a_ledger_and_declines_when_the_budget_is_spent(task_identity):
+    sigma = 2.0
+    one = gaussian_epsilon(sigma / 2, 1, 1e-5)
+    budget = gaussian_epsilon(sigma / 2, 2, 1e-5) + 1e-6  # room for exactly two releases
+    config = {dp_keys.CLIP_KEY: 1.0, dp_keys.NOISE_STD_KEY: sigma, dp_keys.LEDGER_SIGMA_KEY: sigma / 2,
+              dp_keys.DELTA_KEY: 1e-5, dp_keys.MAX_EPSILON_KEY: budget}
+    reply, context = _mod_call(config, np.ones(10, np.float32))
+    assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(one)
+    reply, context = _mod_call(config, np.ones(10, np.float32), context)
+    assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(budget, abs=1e-5)
+    reply, context = _mod_call(config, np.ones(10, np.float32), context)
+    assert reply.has_error() and "privacy budget spent" in reply.error.reason and "node 3" in reply.error.reason
+    assert len(load_ledger(context)) == 2  # a declined round spends nothing
+
+
+def test_central_client_clipping_runs_flowers_mod(task_identity):
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    reply, _ = _mod_call({KEY_CLIPPING_NORM: 0.25}, np.full(64, 1.0, np.float32))
+    assert update_norm({"w": reply.content["arrays"]["w"].numpy()}) == pytest.approx(0.25, rel=1e-5)
+
+
+def _settings(**kw) -> Settings:
+    return Settings.from_run_config({"model": "fedmm-tiny-vit", **kw})
+
+
+def test_invalid_privacy_combinations_are_rejected_with_the_key():
+    with pytest.raises(ConfigError, match="'loss' = 'clip' with 'dp' = 'dp-sgd'"):
+        _settings(dp="dp-sgd", loss="clip")
+    with pytest.raises(ConfigError, match="dp-noise-multiplier"):
+        _settings(dp="local", **{"dp-noise-multiplier": 0.0})
+    with pytest.raises(ConfigError, match="max-epsilon"):
+        _settings(**{"max-epsilon": 3.0})
+    with pytest.raises(ConfigError, match="'dp'"):
+        _settings(dp="central")
+    with pytest.raises(ValueError, match="uniform mean.*FedMedian"):
+        make_strategy(_settings(dp="central-server", strategy="fedmedian"), MetricsHistory())
+    assert _settings(dp="dp-sgd").objective == "fixed-negatives"
+    assert _settings().objective == "clip"
+
+
+def test_privacy_plan_limits_rounds_and_warns_about_delta():
+    splits = load_splits("digits")
+    s = _settings(dp="central-server", **{"max-epsilon": gaussian_epsilon(1.0, 4, 1e-5) + 1e-9})
+    rounds, notes = privacy_plan(s, 10, splits)
+    assert rounds == 4 and any("allows 4 of 10 rounds" in n for n in notes)
+    with pytest.raises(ConfigError, match="one round at noise multiplier"):
+        privacy_plan(_settings(dp="distributed", **{"max-epsilon": 0.1}), 10, splits)
+    _, notes = privacy_plan(_settings(dp="central-server", **{"dp-delta": 0.2}), 10, splits)
+    assert any("dp-delta 0.2 >= 1/10" in n for n in notes)
+    _, notes = privacy_plan(_settings(dp="dp-sgd", **{"dp-delta": 0.1}), 10, splits)
+    assert any("smallest client's examples" in n for n in notes)
