@@ -33,7 +33,7 @@ from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zer
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
-from fedmm.privacy import FixedNegativesLoss, Negatives, fixed_negatives, sample_epsilon, sample_rate, train_dp_sgd
+from fedmm.privacy import PublicNegativesLoss, sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.train import mean_clip_loss, proximal_term, train_steps
 
 # Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize).
@@ -55,22 +55,8 @@ class RunState:
     preprocess: tuple  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
-    public: Batch | None = None  # public pairs for fixed negatives (loss 'fixed-negatives')
+    public: Batch | None = None  # public pairs, negatives of the 'public-negatives' loss
     nets: dict[int, Any] = field(default_factory=dict)  # rank -> peft model, overwritten by every message
-    _negatives: dict[tuple[int, int], Negatives] = field(default_factory=dict)
-
-    def negatives(self, net: Any, rank: int, server_round: int) -> Negatives:
-        """This round's fixed negatives: public pairs embedded by the received global adapter.
-
-        Every client of one rank computes the same ones, so one process computes them once per round.
-        """
-        key = (rank, server_round)
-        if key not in self._negatives:
-            if self.public is None:
-                raise ValueError("loss 'fixed-negatives' needs a public split; the dataset has no public rows")
-            self._negatives = {key: fixed_negatives(net, self.public, self.settings.dp_negatives,
-                                                    seed=self.settings.seed + server_round)}
-        return self._negatives[key]
 
     def net(self, rank: int) -> Any:
         if rank not in self.nets:
@@ -121,10 +107,10 @@ def _run_state(context: Context) -> RunState:
         prompts = zero_shot_prompts(class_names(splits["clients"]))
         groups = splits["clients"]["group"]
         public = None
-        if settings.objective == "fixed-negatives" and len(splits["public"]):
-            # a seeded pool, 4x the negatives drawn each round, keeps memory bounded
+        if settings.objective == "public-negatives" and len(splits["public"]):
+            # a seeded pool, 16x the negatives drawn each step, keeps memory bounded
             pool = splits["public"].shuffle(seed=settings.seed).select(
-                range(min(len(splits["public"]), 4 * settings.dp_negatives)))
+                range(min(len(splits["public"]), 16 * settings.dp_negatives)))
             public = to_batch(pool, tokenizer, *models.image_mean_std(base))
         _RUNS[key] = RunState(
             settings, base, prompts, tokenizer, models.image_mean_std(base),
@@ -188,7 +174,11 @@ def train(msg: Message, context: Context) -> Message:
     steps = int(config.get("local-steps", s.local_steps))
     lr = float(config.get("lr", s.lr))
     terms = [proximal_term(global_params, mu)] if mu > 0 else []
-    negatives = node.run.negatives(node.net, node.rank, server_round) if s.objective == "fixed-negatives" else None
+    objective = None
+    if s.objective == "public-negatives":
+        if node.run.public is None:
+            raise ValueError("loss 'public-negatives' needs a public split; the dataset has no public rows")
+        objective = PublicNegativesLoss(node.net, node.run.public, s.dp_negatives, seed=seed)
     if s.dp == "dp-sgd":
         ledger = load_ledger(context)
         q = sample_rate(len(node.train), batch_size)
@@ -198,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
                                 f"{sample_epsilon(ledger, s.dp_delta):.3f}, one more round would reach "
                                 f"{planned:.3f} > max-epsilon {s.max_epsilon:g}")
         stats, ledger = train_dp_sgd(
-            node.net, node.train, negatives, steps=steps, batch_size=batch_size, lr=lr,
+            node.net, node.train, objective, steps=steps, batch_size=batch_size, lr=lr,
             noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
             weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
         )
@@ -208,7 +198,7 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_steps(
             node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
-            loss_fn=FixedNegativesLoss(negatives) if negatives is not None else None,
+            loss_fn=objective,
         )
     # replies have the global shapes: a lower-rank adapter is zero-padded
     arrays = to_record(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))

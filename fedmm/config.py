@@ -19,7 +19,7 @@ from typing import Any
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 DP_MODES = ("none", "dp-sgd", "central-server", "central-client", "local", "distributed")
-LOSSES = ("auto", "clip", "fixed-negatives")
+LOSSES = ("auto", "clip", "public-negatives")
 
 
 class ConfigError(ValueError):
@@ -130,8 +130,9 @@ SPEC: dict[str, Key] = {
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
     "loss": Key(
         str, "auto",
-        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'fixed-negatives' (per-sample "
-        "InfoNCE against fixed public negatives; what DP-SGD needs), 'auto' = fixed-negatives under dp-sgd, else clip",
+        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'public-negatives' (per-sample "
+        "InfoNCE against public pairs embedded each step; what DP-SGD needs), 'auto' = public-negatives under "
+        "dp-sgd, else clip",
         _one_of(*LOSSES),
     ),
     # differential privacy (fedmm.privacy, strategies/privacy.py, clients/mods.py)
@@ -154,7 +155,7 @@ SPEC: dict[str, Key] = {
         "before epsilon would exceed it; 0 = no budget",
         _non_negative,
     ),
-    "dp-negatives": Key(int, 256, "fixed negatives per round for the 'fixed-negatives' loss (public split)", _positive),
+    "dp-negatives": Key(int, 64, "public pairs drawn as negatives at each step of the 'public-negatives' loss", _positive),
     "dp-grad-sample-mode": Key(
         str, "hooks", "Opacus per-sample gradients for dp-sgd: hooks | ghost (ghost clipping)", _one_of("hooks", "ghost")
     ),
@@ -268,7 +269,7 @@ class Settings:
             raise ConfigError(
                 "run-config 'loss' = 'clip' with 'dp' = 'dp-sgd': ClipLoss uses the other pairs of a batch as "
                 "negatives, so one example's gradient depends on the others and DP-SGD's per-sample guarantee "
-                "does not hold; use loss = 'fixed-negatives' (or 'auto')"
+                "does not hold; use loss = 'public-negatives' (or 'auto')"
             )
         if self.dp != "none" and self.dp_noise_multiplier <= 0:
             raise ConfigError(
@@ -286,9 +287,9 @@ class Settings:
 
     @property
     def objective(self) -> str:
-        """The client loss actually used: 'clip' or 'fixed-negatives'."""
+        """The client loss actually used: 'clip' or 'public-negatives'."""
         if self.loss == "auto":
-            return "fixed-negatives" if self.dp == "dp-sgd" else "clip"
+            return "public-negatives" if self.dp == "dp-sgd" else "clip"
         return self.loss
 
     @property

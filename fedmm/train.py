@@ -55,13 +55,13 @@ def train_steps(
     weight_decay: float = 0.0,
     seed: int = 0,
     extra_terms: Sequence[LossTerm] = (),
-    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    loss_fn: Callable[[dict[str, torch.Tensor], Batch], torch.Tensor] | None = None,
     warmup_cosine: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
     """``steps`` AdamW steps on the model's trainable parameters.
 
-    ``loss_fn`` maps the model output to the loss; None = open_clip's ClipLoss.
+    ``loss_fn`` maps (model output, batch) to the loss; None = open_clip's ClipLoss.
 
     ``warmup_cosine``: linear warm-up over the first 10% of steps, then cosine
     decay (training from scratch collapses to the ln(batch) plateau without it).
@@ -82,7 +82,7 @@ def train_steps(
     if loss_fn is None:
         clip_loss = open_clip.ClipLoss()
 
-        def loss_fn(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        def loss_fn(out: dict[str, torch.Tensor], _batch: Batch) -> torch.Tensor:
             return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +96,7 @@ def train_steps(
         batch = data.subset(order[cursor : cursor + bs])
         cursor += bs
         out = forward(model, batch)
-        clip = loss_fn(out)
+        clip = loss_fn(out, batch)
         loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -68,7 +68,7 @@ PRIVACY_LEVELS = {
     "dp-sgd": "sample level, per client: (epsilon, delta)-DP for any one training example of a client, "
               "against anyone who sees that client's updates (the server included). DP-SGD (Opacus) with "
               "Poisson sampling at rate q = 1/ceil(n/batch-size) per step; RDP accounting (Opacus) over every "
-              "step of every round the client trained; per-sample loss against fixed public negatives "
+              "step of every round the client trained; per-sample loss against public negatives embedded each step "
               "(fedmm/privacy/objective.py), so per-sample gradients are independent",
     "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
                       "sees the global models (not against the server, which sees raw updates). Server clips "
@@ -155,7 +155,7 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
     """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
     notes: list[str] = []
     rounds = settings.num_server_rounds
-    if settings.objective == "fixed-negatives" and len(splits["public"]) == 0:
+    if settings.objective == "public-negatives" and len(splits["public"]) == 0:
         raise ConfigError(
             f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws its negatives from the "
             "public split, and the dataset has none (manifest column 'split' = public)"

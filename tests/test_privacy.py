@@ -16,8 +16,7 @@ from fedmm import lora
 from fedmm.config import ConfigError, Settings
 from fedmm.data import load_splits, to_batch
 from fedmm.privacy import (
-    FixedNegativesLoss,
-    fixed_negatives,
+    PublicNegativesLoss,
     gaussian_epsilon,
     privatize_update,
     rounds_within_budget,
@@ -66,7 +65,7 @@ def _per_sample_grads(net, batch, loss_of) -> dict[str, torch.Tensor]:
     gsm = GradSampleModule(net, loss_reduction="sum")
     try:
         out = gsm(batch.images, batch.tokens)
-        loss_of(out).backward()
+        loss_of(out, batch).backward()
         grads = {n: p.grad_sample.detach().clone() for n, p in gsm.named_parameters() if p.requires_grad}
     finally:
         gsm.zero_grad(set_to_none=True)
@@ -87,12 +86,14 @@ def _removal_change(net, batch, loss_of, removed: int = 2) -> float:
     return worst
 
 
-def test_fixed_negatives_make_per_sample_gradients_independent(adapted, public_and_batch):
+def test_public_negatives_make_per_sample_gradients_independent(adapted, public_and_batch):
     public, batch = public_and_batch
-    negatives = fixed_negatives(adapted, public, 32)
-    loss = FixedNegativesLoss(negatives, reduction="sum")
-    assert len(_per_sample_grads(adapted, batch, loss)) == len(lora.trainable_parameters(adapted))
-    assert _removal_change(adapted, batch, loss) < 1e-5
+
+    def loss_of(out, b):  # a fresh loss per pass: both passes draw the same public pairs
+        return PublicNegativesLoss(adapted, public, 32, seed=0, reduction="sum")(out, b)
+
+    assert len(_per_sample_grads(adapted, batch, loss_of)) == len(lora.trainable_parameters(adapted))
+    assert _removal_change(adapted, batch, loss_of) < 1e-5
 
 
 def test_clip_loss_couples_samples_so_the_check_can_fail(adapted, public_and_batch):
@@ -100,20 +101,23 @@ def test_clip_loss_couples_samples_so_the_check_can_fail(adapted, public_and_bat
     _, batch = public_and_batch
     clip = open_clip.ClipLoss()
 
-    def clip_sum(out):
+    def clip_sum(out, _batch):
         return clip(out["image_features"], out["text_features"], out["logit_scale"]) * len(out["image_features"])
 
     assert _removal_change(adapted, batch, clip_sum) > 0.01
 
 
-def test_fixed_negatives_loss_per_sample_matches_mean(adapted, public_and_batch):
+def test_public_negatives_loss_masks_same_class_pairs_and_reduces(adapted, public_and_batch):
     public, batch = public_and_batch
-    negatives = fixed_negatives(adapted, public, 16)
     with torch.no_grad():
         out = adapted(batch.images, batch.tokens)
-    per_sample = FixedNegativesLoss(negatives, reduction="none")(out)
-    assert per_sample.shape == (len(batch),) and bool((per_sample > 0).all())
-    assert torch.isclose(FixedNegativesLoss(negatives)(out), per_sample.mean())
+    per_sample = PublicNegativesLoss(adapted, public, 16, seed=3, reduction="none")(out, batch)
+    assert per_sample.shape == (len(batch),) and bool(torch.isfinite(per_sample).all() and (per_sample > 0).all())
+    assert torch.isclose(PublicNegativesLoss(adapted, public, 16, seed=3)(out, batch), per_sample.mean())
+    # public pairs of the sample's own class are not negatives: with only those, the loss is zero
+    own = public.subset(torch.nonzero(public.labels == batch.labels[0]).flatten())
+    only_own = PublicNegativesLoss(adapted, own, 8, reduction="none")(out, batch)
+    assert float(only_own[0]) == 0.0 and bool((only_own[batch.labels != batch.labels[0]] > 0).all())
 
 
 @pytest.mark.parametrize("q,sigma,steps", [(0.2, 1.0, 60), (1.0, 2.0, 12), (0.05, 0.8, 400)])
@@ -150,7 +154,7 @@ def test_dp_sgd_ledger_counts_every_step_at_opacus_sample_rate(adapted, public_a
     data = to_batch(splits["clients"].select(range(50)), tokenizer, *models.image_mean_std(_base_model))
     net = copy.deepcopy(adapted)
     before = [p.detach().clone() for p in lora.trainable_parameters(net)]
-    stats, ledger = train_dp_sgd(net, data, fixed_negatives(net, public, 16), steps=5, batch_size=16, lr=1e-2,
+    stats, ledger = train_dp_sgd(net, data, PublicNegativesLoss(net, public, 16), steps=5, batch_size=16, lr=1e-2,
                                  noise_multiplier=1.1, max_grad_norm=0.5, history=[(1.1, 0.25, 7)])
     q = sample_rate(50, 16)
     assert q == 0.25 and stats.steps == 5
@@ -251,7 +255,7 @@ def test_invalid_privacy_combinations_are_rejected_with_the_key():
         _settings(dp="central")
     with pytest.raises(ValueError, match="uniform mean.*FedMedian"):
         make_strategy(_settings(dp="central-server", strategy="fedmedian"), MetricsHistory())
-    assert _settings(dp="dp-sgd").objective == "fixed-negatives"
+    assert _settings(dp="dp-sgd").objective == "public-negatives"
     assert _settings().objective == "clip"
 
 

@@ -1,7 +1,7 @@
 """Differential privacy: sample level (DP-SGD) and client level (update clipping + noise).
 
-- ``FixedNegativesLoss`` / ``fixed_negatives``: the per-sample contrastive
-  objective DP-SGD needs (objective.py explains why ClipLoss is refused).
+- ``PublicNegativesLoss``: the per-sample contrastive objective DP-SGD needs
+  (objective.py explains why ClipLoss is refused).
 - ``train_dp_sgd``: Opacus DP-SGD on the trainable (LoRA) parameters, with the
   client's accountant ledger carried in and out; ``sample_epsilon``.
 - ``privatize_update``: clip -> Gaussian noise of a client's update (local
@@ -13,15 +13,13 @@
 
 from .accounting import gaussian_epsilon, rounds_within_budget
 from .dp_sgd import GRAD_SAMPLE_MODES, sample_epsilon, sample_rate, train_dp_sgd
-from .objective import FixedNegativesLoss, Negatives, fixed_negatives
+from .objective import PublicNegativesLoss
 from .update import clip_update, privatize_update, update_norm
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
-    "FixedNegativesLoss",
-    "Negatives",
+    "PublicNegativesLoss",
     "clip_update",
-    "fixed_negatives",
     "gaussian_epsilon",
     "privatize_update",
     "rounds_within_budget",

@@ -3,7 +3,7 @@
 ``train_dp_sgd`` runs ``steps`` DP-SGD steps on Poisson-sampled minibatches
 (Opacus's ``make_private``: per-sample gradient clipping to ``max_grad_norm``,
 Gaussian noise of std ``noise_multiplier * max_grad_norm`` on their sum). The
-loss must be per-sample (``FixedNegativesLoss``), never the in-batch ClipLoss.
+loss must be per-sample (``PublicNegativesLoss``), never the in-batch ClipLoss.
 
 A fresh PrivacyEngine starts its accountant at zero, so the caller passes the
 client's ledger (``history``: Opacus RDP accountant entries (sigma, q, steps)
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import Batch
 from ..train import LossTerm, TrainStats, forward
-from .objective import FixedNegativesLoss, Negatives
+from .objective import PublicNegativesLoss
 
 History = list[tuple[float, float, int]]  # Opacus RDPAccountant.history: (sigma, sample rate, steps)
 
@@ -52,7 +52,7 @@ def sample_epsilon(history: Sequence[tuple[float, float, int]], delta: float) ->
 def train_dp_sgd(
     model: nn.Module,
     data: Batch,
-    negatives: Negatives,
+    loss: PublicNegativesLoss,
     *,
     steps: int,
     batch_size: int,
@@ -66,6 +66,9 @@ def train_dp_sgd(
 ) -> tuple[TrainStats, History]:
     """``steps`` DP-SGD (AdamW) steps; returns the stats and the extended ledger.
 
+    ``loss`` is the per-sample objective, built on ``model`` (it embeds its
+    public negatives with the model's current parameters every step).
+
     ``extra_terms`` must not read the data (e.g. FedProx's proximal term):
     their gradient is added after clipping, like weight decay.
     """
@@ -78,12 +81,12 @@ def train_dp_sgd(
         # torch's generator from OS entropy), and torch that backward hooks fire on frozen inputs
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _train(model, data, negatives, steps, batch_size, lr, noise_multiplier, max_grad_norm,
+        return _train(model, data, loss, steps, batch_size, lr, noise_multiplier, max_grad_norm,
                       history, weight_decay, grad_sample_mode, extra_terms)
 
 
 def _train(
-    model: nn.Module, data: Batch, negatives: Negatives, steps: int, batch_size: int, lr: float,
+    model: nn.Module, data: Batch, loss: PublicNegativesLoss, steps: int, batch_size: int, lr: float,
     noise_multiplier: float, max_grad_norm: float, history: Sequence[tuple[float, float, int]],
     weight_decay: float, grad_sample_mode: str, extra_terms: Sequence[LossTerm],
 ) -> tuple[TrainStats, History]:
@@ -95,11 +98,10 @@ def _train(
     engine.accountant.history = [tuple(h) for h in history]
     # which examples a Poisson draw takes must be secret too (amplification by sampling): OS entropy
     engine.secure_rng = torch.Generator().manual_seed(secrets.randbits(63))
-    criterion = FixedNegativesLoss(negatives)
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
-        criterion=criterion,
+        criterion=loss,
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -111,7 +113,7 @@ def _train(
     if grad_sample_mode == "ghost":
         private_model, private_opt, private_loss, private_loader = made
     else:
-        (private_model, private_opt, private_loader), private_loss = made, criterion
+        (private_model, private_opt, private_loader), private_loss = made, loss
     total, seen, done = 0.0, 0, 0
     start = time.perf_counter()
     try:
@@ -123,8 +125,8 @@ def _train(
                 # an empty Poisson draw still makes a step (zero gradient plus noise), as the analysis assumes
                 batch = data.subset(idx)
                 out = forward(private_model, batch)
-                loss = private_loss(out)
-                loss.backward()
+                value = private_loss(out, batch)
+                value.backward()
                 if not extra_terms:
                     private_opt.step()
                 elif private_opt.pre_step():  # clip, noise, account; then the data-independent terms
@@ -133,7 +135,7 @@ def _train(
                         if g is not None:
                             p.grad = p.grad + g
                     private_opt.original_optimizer.step()
-                total += float(loss.item()) if len(idx) else 0.0
+                total += float(value.item()) if len(idx) else 0.0
                 seen += len(idx)
                 done += 1
     finally:

@@ -1,0 +1,199 @@
+"""Privacy benchmarks: DP step-time ratio and memory; accuracy at epsilon 1, 3, 8, infinity.
+
+    # per-step time and peak memory: non-private vs DP-SGD (hooks, ghost), one subprocess per mode
+    .venv/bin/python benchmarks/privacy.py step [--model effnet-lite0-minilm] [--steps 12] [--repeats 3]
+
+    # the default job under each privacy setting, in Flower's simulation engine
+    .venv/bin/python benchmarks/privacy.py accuracy [--model effnet-lite0-minilm] [--clients 10]
+        [--epsilons 1,3,8] [--levels dp-sgd,central-server] [--client-level-epsilons 8]
+
+Calibration. DP-SGD: each client's epsilon depends on its sampling rate q = 1/ceil(n/batch);
+the noise multiplier is set so that the *median* client spends exactly the target epsilon in
+num-server-rounds * local-steps steps, and max-epsilon = target stops clients with a higher q
+(smaller data) early: no client ever exceeds the target. Client level: the noise multiplier
+whose num-server-rounds Gaussian releases cost exactly the target (Flower's accountant, no
+amplification claimed). Prints markdown rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedmm.config import Settings  # noqa: E402
+
+
+def _step_worker(model: str, mode: str, steps: int, repeats: int) -> None:
+    """One mode in this process: median seconds per step, peak RSS. Prints JSON."""
+    import torch
+
+    from fedmm import lora
+    from fedmm import model as models
+    from fedmm.data import load_splits, to_batch
+    from fedmm.pretrain import load_base_model
+    from fedmm.privacy import PublicNegativesLoss, train_dp_sgd
+    from fedmm.train import train_steps
+
+    torch.set_num_threads(2)
+    s = Settings.from_run_config({"model": model})
+    base = load_base_model(s, progress=False)
+    net = lora.attach_lora(base, s.lora_rank, s.lora_alpha, s.lora_target_list)
+    tok = models.create_tokenizer(s.model)
+    pre = models.image_mean_std(base)
+    splits = load_splits(s.dataset)
+    public = to_batch(splits["public"].select(range(min(len(splits["public"]), 4 * s.dp_negatives))), tok, *pre)
+    data = to_batch(splits["clients"].select(range(160)), tok, *pre)  # q = 0.2 at batch 32
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats + 1):  # the first repeat warms up
+        if mode == "non-private":
+            st = train_steps(net, data, steps=steps, batch_size=s.batch_size, lr=s.lr, loss_fn=PublicNegativesLoss(net, public, s.dp_negatives))
+        elif mode == "non-private-cliploss":
+            st = train_steps(net, data, steps=steps, batch_size=s.batch_size, lr=s.lr)
+        else:
+            st, _ = train_dp_sgd(net, data, PublicNegativesLoss(net, public, s.dp_negatives), steps=steps, batch_size=s.batch_size, lr=s.lr,
+                                 noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+        times.append(st.seconds / steps)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mode": mode, "step": statistics.median(times[1:]), "rss-mib": rss / 1024,
+                      "train-rss-mib": (rss - rss0) / 1024}))
+
+
+def step_benchmark(model: str, steps: int, repeats: int) -> None:
+    rows = []
+    for mode in ("non-private-cliploss", "non-private", "hooks", "ghost"):
+        out = subprocess.run([sys.executable, __file__, "_step", "--model", model, "--mode", mode,
+                              "--steps", str(steps), "--repeats", str(repeats)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ref = next(r for r in rows if r["mode"] == "non-private")["step"]
+    print(f"\nmodel {model}, batch 32 (Poisson, q = 0.2 under DP), {steps} steps x {repeats} repeats\n")
+    print("| mode | median step (s) | ratio to non-private (same loss) | peak RSS (MiB) | RSS growth in training (MiB) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['step']:.3f} | {r['step'] / ref:.2f}x | {r['rss-mib']:.0f} | {r['train-rss-mib']:.0f} |")
+
+
+def client_sizes(settings: Settings, clients: int) -> list[int]:
+    from fedmm.data import load_splits, partition
+
+    s = settings
+    return [len(partition(load_splits(s.dataset)["clients"], s.partitioner, pid, clients, alpha=s.dirichlet_alpha,
+                          classes_per_client=s.classes_per_client, test_fraction=s.test_fraction, seed=s.seed)[0])
+            for pid in range(clients)]
+
+
+def calibrate(settings: Settings, level: str, epsilon: float, clients: int) -> dict:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedmm.privacy import sample_rate
+
+    rounds, delta = settings.num_server_rounds, settings.dp_delta
+    if level == "dp-sgd":
+        q = statistics.median(sample_rate(n, settings.batch_size) for n in client_sizes(settings, clients))
+        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                     steps=rounds * settings.local_steps, accountant="rdp", epsilon_tolerance=0.005)
+    else:
+        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
+                                     accountant="rdp", epsilon_tolerance=0.005)
+    return {"dp": level, "dp-noise-multiplier": float(sigma), "max-epsilon": float(epsilon)}
+
+
+def run_one(name: str, overrides: dict, clients: int, work: Path) -> dict:
+    from fedmm.cli import run_simulation
+
+    out = work / name
+    start = time.perf_counter()
+    code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
+                          flwr_home=out / "flwr", stream=False)
+    if code != 0:
+        raise SystemExit(f"{name}: job failed ({code}); logs under {out}")
+    data = json.loads((out / "report" / "metrics.json").read_text())
+    rounds = {int(k): v for k, v in data["rounds"].items()}
+    last = rounds[max(rounds)]
+    eps = last.get("privacy/epsilon", max((r.get("train/dp-epsilon-max", 0.0) for r in rounds.values()), default=0.0))
+    declined = sum(1 for f in data["extra"].get("failed-replies", []) if "budget" in f["reason"])
+    return {"name": name, "acc": last["central/zs-acc"], "base": rounds[0]["central/zs-acc"], "epsilon": eps,
+            "declined": declined, "wall": time.perf_counter() - start, "rounds": max(rounds)}
+
+
+def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: list[str], extra: dict,
+                       client_level_epsilons: list[float] | None = None, references: bool = True) -> None:
+    base = {"model": model, **extra}
+    settings = Settings.from_run_config(base)
+    plan: list[tuple[str, dict]] = [
+        ("non-private, ClipLoss (the default job)", {}),
+        ("non-private, public negatives (DP-SGD's objective, eps = inf)", {"loss": "public-negatives"}),
+    ] if references else []
+    for level in levels:
+        for eps in (epsilons if level == "dp-sgd" or client_level_epsilons is None else client_level_epsilons):
+            cal = calibrate(settings, level, eps, clients)
+            plan.append((f"{level}, eps {eps:g} (sigma {cal['dp-noise-multiplier']:.3f})", cal))
+    with tempfile.TemporaryDirectory(prefix="fedmm-privacy-") as tmp:
+        results = []
+        for i, (name, overrides) in enumerate(plan):
+            r = run_one(f"run{i}", {**base, **overrides}, clients, Path(tmp))
+            r["name"] = name
+            results.append(r)
+            print(f"{name}: acc {r['acc']:.4f} eps {r['epsilon']:.3f} declined {r['declined']} "
+                  f"({r['wall']:.0f} s)", flush=True)
+    nan = float("nan")
+    ref = {"clip": results[0]["acc"], "public": results[1]["acc"]} if references else {"clip": nan, "public": nan}
+    print(f"\nmodel {model}, {clients} clients, {settings.num_server_rounds} rounds, delta {settings.dp_delta:g}; "
+          f"base (round 0) zs-acc {results[0]['base']:.4f}\n")
+    print("| setting | final zs-acc | % of non-private (same loss) | epsilon spent (worst client / server ledger) "
+          "| client-rounds declined (budget) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        same = ref["public"] if ("dp-sgd" in r["name"] or "public" in r["name"]) else ref["clip"]
+        eps = "inf" if "non-private" in r["name"] else f"{r['epsilon']:.2f}"
+        print(f"| {r['name']} | {r['acc']:.4f} | {100 * r['acc'] / same:.0f}% | {eps} | {r['declined']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("step")
+    p.add_argument("--model", default="effnet-lite0-minilm")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    w = sub.add_parser("_step")
+    w.add_argument("--model")
+    w.add_argument("--mode")
+    w.add_argument("--steps", type=int)
+    w.add_argument("--repeats", type=int)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--model", default="effnet-lite0-minilm")
+    a.add_argument("--clients", type=int, default=10)
+    a.add_argument("--epsilons", default="1,3,8")
+    a.add_argument("--levels", default="dp-sgd,central-server")
+    a.add_argument("--client-level-epsilons", default="", help="epsilons for client-level DP (default: --epsilons)")
+    a.add_argument("--run-config", default="", help="extra run-config overrides, k=v ...")
+    a.add_argument("--no-references", action="store_true", help="skip the two non-private runs")
+    args = parser.parse_args()
+    if args.cmd == "step":
+        step_benchmark(args.model, args.steps, args.repeats)
+    elif args.cmd == "_step":
+        _step_worker(args.model, args.mode, args.steps, args.repeats)
+    else:
+        from fedmm.cli import parse_run_config
+
+        extra = parse_run_config(args.run_config) if args.run_config else {}
+        accuracy_benchmark(args.model, args.clients, [float(e) for e in args.epsilons.split(",")],
+                           [lv for lv in args.levels.split(",") if lv], extra,
+                           [float(e) for e in args.client_level_epsilons.split(",")] if args.client_level_epsilons else None,
+                           references=not args.no_references)
+
+
+if __name__ == "__main__":
+    main()
