@@ -135,10 +135,12 @@ def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: 
         ("non-private, ClipLoss (the default job)", {}),
         ("non-private, public negatives (DP-SGD's objective, eps = inf)", {"loss": "public-negatives"}),
     ] if references else []
-    for level in levels:
-        for eps in (epsilons if level == "dp-sgd" or client_level_epsilons is None else client_level_epsilons):
-            cal = calibrate(settings, level, eps, clients)
-            plan.append((f"{level}, eps {eps:g} (sigma {cal['dp-noise-multiplier']:.3f})", cal))
+    runs = [(level, eps) for level in levels
+            for eps in (epsilons if level == "dp-sgd" or client_level_epsilons is None else client_level_epsilons)]
+    runs.sort(key=lambda r: -r[1])  # largest epsilon first: the most informative runs come first
+    for level, eps in runs:
+        cal = calibrate(settings, level, eps, clients)
+        plan.append((f"{level}, eps {eps:g} (sigma {cal['dp-noise-multiplier']:.3f})", cal))
     with tempfile.TemporaryDirectory(prefix="fedmm-privacy-") as tmp:
         results = []
         for i, (name, overrides) in enumerate(plan):
