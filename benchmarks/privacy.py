@@ -85,12 +85,9 @@ def step_benchmark(model: str, steps: int, repeats: int) -> None:
 
 
 def client_sizes(settings: Settings, clients: int) -> list[int]:
-    from fedmm.data import load_splits, partition
+    from fedmm.data import load_splits, train_sizes
 
-    s = settings
-    return [len(partition(load_splits(s.dataset)["clients"], s.partitioner, pid, clients, alpha=s.dirichlet_alpha,
-                          classes_per_client=s.classes_per_client, test_fraction=s.test_fraction, seed=s.seed)[0])
-            for pid in range(clients)]
+    return train_sizes(settings, load_splits(settings.dataset)["clients"], clients)
 
 
 def calibrate(settings: Settings, level: str, epsilon: float, clients: int) -> dict:

@@ -29,7 +29,7 @@ from fedmm import lora
 from fedmm import model as models
 from fedmm.lora_keys import RANK_METRIC, rank_of
 from fedmm.config import Settings
-from fedmm.data import Batch, class_names, load_splits, partition, to_batch, zero_shot_prompts
+from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
@@ -128,12 +128,7 @@ def _node(context: Context) -> Node:
     num = int(context.node_config["num-partitions"])
     key = (id(run), pid, num)
     if key not in _NODES:
-        s = run.settings
-        train_ds, test_ds = partition(
-            load_splits(s.dataset)["clients"], s.partitioner, pid, num,
-            alpha=s.dirichlet_alpha, classes_per_client=s.classes_per_client,
-            test_fraction=s.test_fraction, seed=s.seed,
-        )
+        train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
         _NODES[key] = Node(
             run, pid,
             to_batch(train_ds, run.tokenizer, *run.preprocess),

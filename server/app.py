@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 import torch
@@ -32,13 +32,11 @@ from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
-from fedmm.config import ConfigError
-from fedmm.data import partition
-from fedmm.privacy import gaussian_epsilon, rounds_within_budget
 from server.history import MetricsHistory
+from server.privacy import privacy_plan, privacy_summary
 from strategies.builtin import RANGES, check_population
 from strategies.compression import CompressedUpdates
-from strategies.privacy import CENTRAL_MODES, check_uniform_mean, make_private_strategy, needs_uniform_mean
+from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
 
 app = ServerApp()
@@ -61,43 +59,6 @@ logging.getLogger("fedmm").setLevel(logging.INFO)
 # Printed each round, in this order, when present.
 HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss",
             "privacy/epsilon", "train/dp-epsilon-max")
-
-# What each dp mode guarantees, to whom, and under which assumptions (written into the report).
-PRIVACY_LEVELS = {
-    "none": "no differential privacy",
-    "dp-sgd": "sample level, per client: (epsilon, delta)-DP for any one training example of a client, "
-              "against anyone who sees that client's updates (the server included). DP-SGD (Opacus) with "
-              "Poisson sampling at rate q = 1/ceil(n/batch-size) per step; RDP accounting (Opacus) over every "
-              "step of every round the client trained; per-sample loss against public negatives embedded each step "
-              "(fedmm/privacy/objective.py), so per-sample gradients are independent",
-    "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
-                      "sees the global models (not against the server, which sees raw updates). Server clips "
-                      "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "
-                      "accountant, add/remove one client, no amplification from client sampling claimed",
-    "central-client": "client level, as central-server, but clients clip their own updates "
-                      "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant",
-    "local": "client level, per client: (epsilon, delta)-DP for the client's whole data, against anyone, the "
-             "server included. Each client clips its update to C and adds N(0, sigma^2 C^2) before encoding; "
-             "sensitivity 2C (any change of its data), so each release is a Gaussian mechanism of multiplier "
-             "sigma/2; RDP accounting kept by the client",
-    "distributed": "client level, central-equivalent: each of the n sampled clients adds N(0, sigma^2 C^2 / n), "
-                   "so the mean carries the noise of central DP; Flower's RDP accountant, add/remove one "
-                   "client, no amplification claimed. Private against the server ONLY when the sum is formed "
-                   "under secure aggregation (not in fedmm yet): each single update carries 1/sqrt(n) of the noise",
-}
-
-
-def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
-    return {
-        "dp": settings.dp,
-        "guarantee": PRIVACY_LEVELS[settings.dp],
-        "noise-multiplier": settings.dp_noise_multiplier,
-        "clip-norm": settings.dp_clip_norm,
-        "delta": settings.dp_delta,
-        "max-epsilon": settings.max_epsilon or None,
-        "clients": num_nodes,
-        "notes": notes,
-    }
 
 
 def output_dir(settings: Settings) -> Path:
@@ -149,45 +110,6 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
 def num_sampled(settings: Settings, num_nodes: int) -> int:
     """Nodes per training round, as Flower's FedAvg samples them."""
     return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
-
-
-def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int, list[str]]:
-    """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
-    notes: list[str] = []
-    rounds = settings.num_server_rounds
-    if settings.objective == "public-negatives" and len(splits["public"]) == 0:
-        raise ConfigError(
-            f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws its negatives from the "
-            "public split, and the dataset has none (manifest column 'split' = public)"
-        )
-    if settings.dp in CENTRAL_MODES:
-        if settings.dp_delta >= 1 / num_nodes:
-            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "
-                         "fail for one client in the federation is weak; lower dp-delta")
-        if settings.max_epsilon > 0:
-            rounds = rounds_within_budget(settings.dp_noise_multiplier, settings.dp_delta,
-                                          settings.max_epsilon, settings.num_server_rounds)
-            if rounds == 0:
-                raise ConfigError(
-                    f"run-config 'max-epsilon' = {settings.max_epsilon:g}: one round at noise multiplier "
-                    f"{settings.dp_noise_multiplier:g} already costs epsilon "
-                    f"{gaussian_epsilon(settings.dp_noise_multiplier, 1, settings.dp_delta):.3f}"
-                )
-            if rounds < settings.num_server_rounds:
-                notes.append(f"max-epsilon {settings.max_epsilon:g} allows {rounds} of "
-                             f"{settings.num_server_rounds} rounds: the run stops after round {rounds}")
-    if settings.dp == "dp-sgd":
-        s = settings
-        sizes = [len(partition(splits["clients"], s.partitioner, pid, num_nodes, alpha=s.dirichlet_alpha,
-                               classes_per_client=s.classes_per_client, test_fraction=s.test_fraction,
-                               seed=s.seed)[0]) for pid in range(num_nodes)]
-        small = min(sizes)
-        if small and settings.dp_delta >= 1 / small:
-            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{small} (the smallest client's examples): "
-                         "a guarantee that may fail for one example is weak; lower dp-delta")
-    for note in notes:
-        log(WARNING, "fedmm privacy: %s", note)
-    return rounds, notes
 
 
 @app.main()

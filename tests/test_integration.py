@@ -183,14 +183,12 @@ def test_heterogeneous_ranks_run_in_simulation(strategy, extra, base_settings, t
 
 
 def test_dp_sgd_federation_accounts_per_client_and_stops_spent_clients(base_settings, tmp_path):
-    from fedmm.data import load_splits, partition
+    from fedmm.data import load_splits, train_sizes
     from fedmm.privacy import sample_epsilon, sample_rate
 
     ensure_base_checkpoint(base_settings, progress=False)
     s, steps, nodes = base_settings, 4, 4
-    sizes = [len(partition(load_splits(s.dataset)["clients"], s.partitioner, pid, nodes, alpha=s.dirichlet_alpha,
-                           classes_per_client=s.classes_per_client, test_fraction=s.test_fraction,
-                           seed=s.seed)[0]) for pid in range(nodes)]
+    sizes = train_sizes(s, load_splits(s.dataset)["clients"], nodes)
 
     def eps(n: int, rounds: int) -> float:
         return sample_epsilon([(1.0, sample_rate(n, s.batch_size), rounds * steps)], s.dp_delta)

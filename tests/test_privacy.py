@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.mods import load_ledger, privacy_mod, store_ledger
@@ -25,7 +24,8 @@ from fedmm.privacy import (
     train_dp_sgd,
     update_norm,
 )
-from server.app import make_strategy, privacy_plan
+from server.app import make_strategy
+from server.privacy import privacy_plan
 from server.history import MetricsHistory
 from strategies import privacy as dp_keys
 from strategies.records import to_record

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from .digits import CLASS_NAMES, DATA_VERSION, ZERO_SHOT_TEMPLATES, load_digits_splits
 from .manifest import ManifestError, ManifestReport, load_manifest
-from .partition import partition
+from .partition import client_split, partition, train_sizes
 
 __all__ = [
     "Batch",
@@ -20,7 +20,9 @@ __all__ = [
     "class_names",
     "dataset_version",
     "load_splits",
+    "client_split",
     "partition",
+    "train_sizes",
     "to_batch",
     "zero_shot_prompts",
 ]

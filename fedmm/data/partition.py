@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -10,6 +12,9 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
     Partitioner,
 )
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 def make_partitioner(
@@ -79,3 +84,15 @@ def partition(
         return part, part.select([])
     split = part.train_test_split(test_size=test_fraction, seed=seed)
     return split["train"], split["test"]
+
+
+def client_split(settings: Settings, dataset: Dataset, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
+    """``partition`` with the run's partitioning settings: what client ``partition_id`` trains and tests on."""
+    s = settings
+    return partition(dataset, s.partitioner, partition_id, num_partitions, alpha=s.dirichlet_alpha,
+                     classes_per_client=s.classes_per_client, test_fraction=s.test_fraction, seed=s.seed)
+
+
+def train_sizes(settings: Settings, dataset: Dataset, num_partitions: int) -> list[int]:
+    """Training examples of every client, by partition id."""
+    return [len(client_split(settings, dataset, pid, num_partitions)[0]) for pid in range(num_partitions)]

@@ -1,0 +1,93 @@
+"""Run-level privacy on the server: the plan checked before round 1, and what the report states.
+
+``privacy_plan`` turns the run's privacy settings into the number of rounds
+the budget allows (central and distributed DP: every round costs the same,
+so it is known up front) and warnings (delta too large for the population),
+and raises ``ConfigError`` when nothing is possible, all before any client
+is contacted. ``PRIVACY_LEVELS`` says, per ``dp`` mode, what the guarantee
+covers, against whom, and under which assumptions; ``privacy_summary`` puts
+it in the report.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+from flwr.supercore import log
+
+from fedmm.config import ConfigError, Settings
+from fedmm.data import train_sizes
+from fedmm.privacy import gaussian_epsilon, rounds_within_budget
+from strategies.privacy import CENTRAL_MODES
+
+# What each dp mode guarantees, to whom, and under which assumptions (written into the report).
+PRIVACY_LEVELS = {
+    "none": "no differential privacy",
+    "dp-sgd": "sample level, per client: (epsilon, delta)-DP for any one training example of a client, "
+              "against anyone who sees that client's updates (the server included). DP-SGD (Opacus) with "
+              "Poisson sampling at rate q = 1/ceil(n/batch-size) per step; RDP accounting (Opacus) over every "
+              "step of every round the client trained; per-sample loss against public negatives embedded each step "
+              "(fedmm/privacy/objective.py), so per-sample gradients are independent",
+    "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
+                      "sees the global models (not against the server, which sees raw updates). Server clips "
+                      "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "
+                      "accountant, add/remove one client, no amplification from client sampling claimed",
+    "central-client": "client level, as central-server, but clients clip their own updates "
+                      "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant",
+    "local": "client level, per client: (epsilon, delta)-DP for the client's whole data, against anyone, the "
+             "server included. Each client clips its update to C and adds N(0, sigma^2 C^2) before encoding; "
+             "sensitivity 2C (any change of its data), so each release is a Gaussian mechanism of multiplier "
+             "sigma/2; RDP accounting kept by the client",
+    "distributed": "client level, central-equivalent: each of the n sampled clients adds N(0, sigma^2 C^2 / n), "
+                   "so the mean carries the noise of central DP; Flower's RDP accountant, add/remove one "
+                   "client, no amplification claimed. Private against the server ONLY when the sum is formed "
+                   "under secure aggregation (not in fedmm yet): each single update carries 1/sqrt(n) of the noise",
+}
+
+
+def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
+    return {
+        "dp": settings.dp,
+        "guarantee": PRIVACY_LEVELS[settings.dp],
+        "noise-multiplier": settings.dp_noise_multiplier,
+        "clip-norm": settings.dp_clip_norm,
+        "delta": settings.dp_delta,
+        "max-epsilon": settings.max_epsilon or None,
+        "clients": num_nodes,
+        "notes": notes,
+    }
+
+
+def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int, list[str]]:
+    """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
+    notes: list[str] = []
+    rounds = settings.num_server_rounds
+    if settings.objective == "public-negatives" and len(splits["public"]) == 0:
+        raise ConfigError(
+            f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws its negatives from the "
+            "public split, and the dataset has none (manifest column 'split' = public)"
+        )
+    if settings.dp in CENTRAL_MODES:
+        if settings.dp_delta >= 1 / num_nodes:
+            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "
+                         "fail for one client in the federation is weak; lower dp-delta")
+        if settings.max_epsilon > 0:
+            rounds = rounds_within_budget(settings.dp_noise_multiplier, settings.dp_delta,
+                                          settings.max_epsilon, settings.num_server_rounds)
+            if rounds == 0:
+                raise ConfigError(
+                    f"run-config 'max-epsilon' = {settings.max_epsilon:g}: one round at noise multiplier "
+                    f"{settings.dp_noise_multiplier:g} already costs epsilon "
+                    f"{gaussian_epsilon(settings.dp_noise_multiplier, 1, settings.dp_delta):.3f}"
+                )
+            if rounds < settings.num_server_rounds:
+                notes.append(f"max-epsilon {settings.max_epsilon:g} allows {rounds} of "
+                             f"{settings.num_server_rounds} rounds: the run stops after round {rounds}")
+    if settings.dp == "dp-sgd":
+        small = min(train_sizes(settings, splits["clients"], num_nodes))
+        if small and settings.dp_delta >= 1 / small:
+            notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{small} (the smallest client's examples): "
+                         "a guarantee that may fail for one example is weak; lower dp-delta")
+    for note in notes:
+        log(WARNING, "fedmm privacy: %s", note)
+    return rounds, notes
