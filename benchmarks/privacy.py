@@ -125,13 +125,16 @@ def run_one(name: str, overrides: dict, clients: int, work: Path) -> dict:
 
 
 def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: list[str], extra: dict,
-                       client_level_epsilons: list[float] | None = None, references: bool = True) -> None:
+                       client_level_epsilons: list[float] | None = None, references: bool = True,
+                       clip_reference: float | None = None) -> None:
     base = {"model": model, **extra}
     settings = Settings.from_run_config(base)
     plan: list[tuple[str, dict]] = [
         ("non-private, ClipLoss (the default job)", {}),
         ("non-private, public negatives (DP-SGD's objective, eps = inf)", {"loss": "public-negatives"}),
     ] if references else []
+    if references and clip_reference is not None:  # measured before with the same code path: not re-run
+        plan = plan[1:]
     runs = [(level, eps) for level in levels
             for eps in (epsilons if level == "dp-sgd" or client_level_epsilons is None else client_level_epsilons)]
     runs.sort(key=lambda r: -r[1])  # largest epsilon first: the most informative runs come first
@@ -147,6 +150,9 @@ def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: 
             print(f"{name}: acc {r['acc']:.4f} eps {r['epsilon']:.3f} declined {r['declined']} "
                   f"({r['wall']:.0f} s)", flush=True)
     nan = float("nan")
+    if references and clip_reference is not None:
+        results.insert(0, {"name": "non-private, ClipLoss (the default job; --clip-reference)", "acc": clip_reference,
+                           "base": results[0]["base"], "epsilon": 0.0, "declined": 0})
     ref = {"clip": results[0]["acc"], "public": results[1]["acc"]} if references else {"clip": nan, "public": nan}
     print(f"\nmodel {model}, {clients} clients, {settings.num_server_rounds} rounds, delta {settings.dp_delta:g}; "
           f"base (round 0) zs-acc {results[0]['base']:.4f}\n")
@@ -179,6 +185,8 @@ def main() -> None:
     a.add_argument("--client-level-epsilons", default="", help="epsilons for client-level DP (default: --epsilons)")
     a.add_argument("--run-config", default="", help="extra run-config overrides, k=v ...")
     a.add_argument("--no-references", action="store_true", help="skip the two non-private runs")
+    a.add_argument("--clip-reference", type=float, default=None,
+                   help="final accuracy of the default (ClipLoss) job measured before: skips that run")
     args = parser.parse_args()
     if args.cmd == "step":
         step_benchmark(args.model, args.steps, args.repeats)
@@ -191,7 +199,7 @@ def main() -> None:
         accuracy_benchmark(args.model, args.clients, [float(e) for e in args.epsilons.split(",")],
                            [lv for lv in args.levels.split(",") if lv], extra,
                            [float(e) for e in args.client_level_epsilons.split(",")] if args.client_level_epsilons else None,
-                           references=not args.no_references)
+                           references=not args.no_references, clip_reference=args.clip_reference)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,33 @@ added or removed. DP-SGD's analysis assumes each example's gradient is a
 function of that example alone (it clips and noises per-sample gradients,
 then sums); with ClipLoss the epsilon Opacus reports is not a valid bound.
 
-``PublicNegativesLoss`` keeps CLIP's symmetric InfoNCE shape but takes its
-negatives from *public* pairs: at every step it embeds a fresh draw of K
-public pairs with the current parameters, without gradient. For pair i with
-image embedding u_i and text embedding v_i:
+``PublicNegativesLoss`` is CLIP's image-to-text InfoNCE with its negatives
+taken from *public* pairs: at every step it embeds the captions of a fresh
+draw of K public pairs with the current parameters, without gradient. For
+pair i with image embedding u_i and text embedding v_i:
 
-    loss_i = 1/2 * ( CE([s u_i.v_i, s u_i.T_1 .. s u_i.T_K], 0)
-                   + CE([s v_i.u_i, s v_i.I_1 .. s v_i.I_K], 0) )
+    loss_i = CE([s u_i.v_i, s u_i.T_1 .. s u_i.T_K], 0)
 
-where T, I are the K public text and image embeddings (constants in the
-backward pass) and s the logit scale, also a constant. Public pairs of the
-sample's own class (same label; or the same caption when labels are unknown)
-are masked out: they are not negatives. loss_i reads only (image_i, text_i,
-label_i), the public data and the current parameters, so per-sample
-gradients do not interact: removing example j leaves every other example's
-gradient unchanged (tests/test_privacy.py checks this for every trainable
-tensor). The parameters are the output of earlier DP steps: adaptive
-composition covers their use. BatchNorm would couple samples too; fedmm's
-towers freeze it.
+where T are the K public caption embeddings (constants in the backward pass)
+and s the logit scale, also a constant. Public captions of the sample's own
+class (same label; or the same caption when labels are unknown) are masked
+out: they are not negatives. loss_i reads only (image_i, text_i, label_i),
+the public data and the current parameters, so per-sample gradients do not
+interact: removing example j leaves every other example's gradient unchanged
+(tests/test_privacy.py checks this for every trainable tensor). The
+parameters are the output of earlier DP steps: adaptive composition covers
+their use. BatchNorm would couple samples too; fedmm's towers freeze it. The
+text tower still learns: through v_i and through the negatives' positions.
 
-Why every step, not once per round: against negatives frozen at the start of
-the round, the loss falls by moving *all* embeddings away from where the
-negatives were — measured on the default model, non-private training with
-round-frozen negatives collapsed to chance accuracy (11%) in 10 rounds.
-Negatives that move with the model rule that out.
+Two variants that looked natural failed on the default model (non-private,
+10 rounds, measured):
+- negatives embedded once per round and frozen: the loss falls by moving all
+  embeddings away from where the negatives were; accuracy fell to chance
+  (11.2%, vs 84.8% with ClipLoss);
+- the symmetric form, adding text-to-image CE of v_i against public *images*:
+  client images differ from public ones (a domain shift, as in real
+  federations), so texts learn to match "client-looking" images, not the
+  class; accuracy fell to chance again (9.7%).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from ..data import Batch
 
 
 class PublicNegativesLoss(nn.Module):
-    """Symmetric InfoNCE against K public pairs embedded afresh each call; a per-sample loss.
+    """Image-to-text InfoNCE against K public captions embedded afresh each call; a per-sample loss.
 
     ``reduction`` is "mean", "sum" or "none" (a vector of per-sample losses,
     as Opacus's ghost clipping expects of a criterion). Draws are seeded
@@ -58,35 +61,33 @@ class PublicNegativesLoss(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
-    def negatives(self) -> tuple[torch.Tensor, torch.Tensor, Batch]:
-        """A fresh draw of public pairs, embedded with the current parameters (normalised, detached)."""
+    def negatives(self) -> tuple[torch.Tensor, Batch]:
+        """A fresh draw of public captions, embedded with the current parameters (normalised, detached)."""
         idx = torch.randperm(len(self.public), generator=self.generator)[: self.count]
         chosen = self.public.subset(idx)
-        out = self._model[0](chosen.images, chosen.tokens)
-        return F.normalize(out["image_features"], dim=-1), F.normalize(out["text_features"], dim=-1), chosen
+        model = self._model[0]
+        encode_text = getattr(model, "get_base_model", lambda: model)().encode_text
+        return F.normalize(encode_text(chosen.tokens), dim=-1), chosen
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        neg_images, neg_texts, chosen = self.negatives()
+        neg_texts, chosen = self.negatives()
         u = F.normalize(out["image_features"], dim=-1)
         v = F.normalize(out["text_features"], dim=-1)
         # a shared trainable scale would be an unclipped, data-dependent parameter: constant here
         scale = out["logit_scale"].detach()
         same = _same_class(batch, chosen)  # (B, K): public pairs that are not negatives for this sample
         positive = scale * (u * v).sum(-1, keepdim=True)
-        image_logits = torch.cat([positive, (scale * (u @ neg_texts.T)).masked_fill(same, float("-inf"))], dim=1)
-        text_logits = torch.cat([positive, (scale * (v @ neg_images.T)).masked_fill(same, float("-inf"))], dim=1)
+        logits = torch.cat([positive, (scale * (u @ neg_texts.T)).masked_fill(same, float("-inf"))], dim=1)
         target = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
-        per_sample = 0.5 * (
-            F.cross_entropy(image_logits, target, reduction="none")
-            + F.cross_entropy(text_logits, target, reduction="none")
-        )
+        per_sample = F.cross_entropy(logits, target, reduction="none")
         if self.reduction == "none":
             return per_sample
         return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
 
 def _same_class(batch: Batch, public: Batch) -> torch.Tensor:
-    """(B, K) mask: same label when both are labelled, else the same caption tokens."""
+    """(B, K) mask: same label when both are labelled, else the same caption tokens (compared on the
+    shorter width: a caption that is a padded prefix of another is masked too, which only removes a negative)."""
     labelled = (batch.labels[:, None] >= 0) & (public.labels[None, :] >= 0)
     same_label = batch.labels[:, None] == public.labels[None, :]
     width = min(batch.tokens.shape[1], public.tokens.shape[1])
