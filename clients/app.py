@@ -23,7 +23,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.mods import compression_mod, decline, load_ledger, privacy_mod, store_ledger
+from clients.mods import budget_refusal, compression_mod, decline, load_ledger, privacy_mod, store_ledger
 from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
@@ -177,11 +177,9 @@ def train(msg: Message, context: Context) -> Message:
     if s.dp == "dp-sgd":
         ledger = load_ledger(context)
         q = sample_rate(len(node.train), batch_size)
-        planned = sample_epsilon(ledger + [(s.dp_noise_multiplier, q, steps)], s.dp_delta)
-        if s.max_epsilon > 0 and planned > s.max_epsilon:
-            return decline(msg, f"partition {node.partition_id}: privacy budget spent: epsilon "
-                                f"{sample_epsilon(ledger, s.dp_delta):.3f}, one more round would reach "
-                                f"{planned:.3f} > max-epsilon {s.max_epsilon:g}")
+        refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, steps), s.dp_delta, s.max_epsilon)
+        if refusal:
+            return decline(msg, f"partition {node.partition_id}: {refusal}")
         stats, ledger = train_dp_sgd(
             node.net, node.train, objective, steps=steps, batch_size=batch_size, lr=lr,
             noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,

@@ -57,6 +57,17 @@ def store_ledger(context: Context, ledger: list[tuple[float, float, int]]) -> No
     )
 
 
+def budget_refusal(
+    ledger: list[tuple[float, float, int]], release: tuple[float, float, int], delta: float, max_epsilon: float
+) -> str | None:
+    """Why the next ``release`` must not happen (it would exceed ``max_epsilon``), or None (0 = no budget)."""
+    planned = sample_epsilon(ledger + [release], delta)
+    if max_epsilon <= 0 or planned <= max_epsilon:
+        return None
+    return (f"privacy budget spent: epsilon {sample_epsilon(ledger, delta):.3f}, one more release would reach "
+            f"{planned:.3f} > max-epsilon {max_epsilon:g}")
+
+
 def decline(msg: Message, reason: str) -> Message:
     """A reply that says why this client does not train this round (the server logs and reports it)."""
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
@@ -75,12 +86,10 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     delta = float(config.get(dp_keys.DELTA_KEY, 1e-5))
     ledger = load_ledger(context)
     if ledger_sigma > 0:  # local DP: this client's own guarantee, checked before any work
-        planned = sample_epsilon(ledger + [(ledger_sigma, 1.0, 1)], delta)
-        budget = float(config.get(dp_keys.MAX_EPSILON_KEY, 0.0))
-        if budget > 0 and planned > budget:
-            return decline(msg, f"node {context.node_id}: privacy budget spent: epsilon "
-                                f"{sample_epsilon(ledger, delta):.3f}, one more update would reach "
-                                f"{planned:.3f} > max-epsilon {budget:g}")
+        refusal = budget_refusal(ledger, (ledger_sigma, 1.0, 1), delta,
+                                 float(config.get(dp_keys.MAX_EPSILON_KEY, 0.0)))
+        if refusal:
+            return decline(msg, f"node {context.node_id}: {refusal}")
     global_arrays = to_numpy(msg.content["arrays"])
     reply = call_next(msg, context)
     if reply.has_error():

@@ -164,8 +164,9 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "round-seconds", now - round_started[0])
             for key, value in strategy.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
-            if ledger is not None and ledger() is not None:
-                history.record(server_round, "privacy/epsilon", ledger().epsilon)
+            spent = ledger() if ledger is not None else None
+            if spent is not None:
+                history.record(server_round, "privacy/epsilon", spent.epsilon)
         round_started[0] = now
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)

@@ -17,8 +17,8 @@ from flwr.supercore import log
 
 from fedmm.config import ConfigError, Settings
 from fedmm.data import train_sizes
-from fedmm.privacy import gaussian_epsilon, rounds_within_budget
-from strategies.privacy import CENTRAL_MODES
+from fedmm.privacy import gaussian_epsilon
+from strategies.privacy import CENTRAL_MODES, rounds_allowed
 
 # What each dp mode guarantees, to whom, and under which assumptions (written into the report).
 PRIVACY_LEVELS = {
@@ -72,8 +72,8 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
             notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "
                          "fail for one client in the federation is weak; lower dp-delta")
         if settings.max_epsilon > 0:
-            rounds = rounds_within_budget(settings.dp_noise_multiplier, settings.dp_delta,
-                                          settings.max_epsilon, settings.num_server_rounds)
+            rounds = rounds_allowed(settings.dp_noise_multiplier, settings.dp_delta, num_nodes,
+                                    settings.max_epsilon, settings.num_server_rounds)
             if rounds == 0:
                 raise ConfigError(
                     f"run-config 'max-epsilon' = {settings.max_epsilon:g}: one round at noise multiplier "

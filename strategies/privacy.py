@@ -40,7 +40,12 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase, validate_replies
 from flwr.supercore import log
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 # Train-config keys the client's privacy_mod acts on.
@@ -51,7 +56,6 @@ DELTA_KEY = "dp-delta"
 MAX_EPSILON_KEY = "dp-max-epsilon"
 
 CENTRAL_MODES = ("central-server", "central-client", "distributed")
-CLIENT_MODES = ("dp-sgd", "local")  # epsilon kept by each client
 
 
 def needs_uniform_mean(dp: str) -> bool:
@@ -80,6 +84,21 @@ def client_level_accountant(delta: float, population: int, max_epsilon: float | 
             max_epsilon=max_epsilon,
         )
     )
+
+
+def rounds_allowed(noise_multiplier: float, delta: float, population: int, max_epsilon: float, num_rounds: int) -> int:
+    """Rounds (at most ``num_rounds``) that the ledger enforcing ``max_epsilon`` will release.
+
+    Counted with the same accountant the wrappers use, so the plan and the
+    enforcement cannot disagree at the boundary.
+    """
+    accountant = client_level_accountant(delta, population, max_epsilon)
+    event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=population, population_size=population)
+    allowed = 0
+    while allowed < num_rounds and not accountant.would_exceed(event):
+        accountant.compose(event)
+        allowed += 1
+    return allowed
 
 
 class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):

@@ -18,7 +18,6 @@ from fedmm.privacy import (
     PublicNegativesLoss,
     gaussian_epsilon,
     privatize_update,
-    rounds_within_budget,
     sample_epsilon,
     sample_rate,
     train_dp_sgd,
@@ -140,7 +139,7 @@ def test_flower_client_level_accountant_agrees_with_opacus():
         accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.2, sample_size=10, population_size=10))
         # two RDP implementations, different order grids: equal to well under one percent
         assert accountant.get_epsilon(1e-5) == pytest.approx(gaussian_epsilon(1.2, rounds, 1e-5), rel=5e-3)
-    assert rounds_within_budget(1.2, 1e-5, gaussian_epsilon(1.2, 3, 1e-5) + 1e-9, 10) == 3
+    assert dp_keys.rounds_allowed(1.2, 1e-5, 10, gaussian_epsilon(1.2, 3, 1e-5) + 1e-9, 10) == 3
 
 
 def test_dp_sgd_ledger_counts_every_step_at_opacus_sample_rate(adapted, public_and_batch, base_settings, tokenizer,

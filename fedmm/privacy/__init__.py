@@ -6,12 +6,12 @@
   client's accountant ledger carried in and out; ``sample_epsilon``.
 - ``privatize_update``: clip -> Gaussian noise of a client's update (local
   and distributed DP; before any quantization).
-- ``gaussian_epsilon`` / ``rounds_within_budget``: epsilon of repeated
-  client-level Gaussian releases (the server's own ledger uses Flower's
-  RDP accountant; tests check the two agree).
+- ``gaussian_epsilon``: epsilon of repeated client-level Gaussian releases
+  (the server's own ledger uses Flower's RDP accountant; tests check the two
+  agree).
 """
 
-from .accounting import gaussian_epsilon, rounds_within_budget
+from .accounting import gaussian_epsilon
 from .dp_sgd import GRAD_SAMPLE_MODES, sample_epsilon, sample_rate, train_dp_sgd
 from .objective import PublicNegativesLoss
 from .update import clip_update, privatize_update, update_norm
@@ -22,7 +22,6 @@ __all__ = [
     "clip_update",
     "gaussian_epsilon",
     "privatize_update",
-    "rounds_within_budget",
     "sample_epsilon",
     "sample_rate",
     "train_dp_sgd",

@@ -16,10 +16,3 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> fl
         return 0.0
     return sample_epsilon([(noise_multiplier, 1.0, releases)], delta)
 
-
-def rounds_within_budget(noise_multiplier: float, delta: float, max_epsilon: float, num_rounds: int) -> int:
-    """The most releases (at most ``num_rounds``) whose epsilon stays within ``max_epsilon``."""
-    allowed = 0
-    while allowed < num_rounds and gaussian_epsilon(noise_multiplier, allowed + 1, delta) <= max_epsilon:
-        allowed += 1
-    return allowed
