@@ -29,6 +29,7 @@ from fedmm import lora
 from fedmm import model as models
 from fedmm.lora_keys import RANK_METRIC, rank_of
 from fedmm.config import Settings
+from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, ConstraintTerm, flag_toxic
 from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
@@ -129,10 +130,11 @@ def _node(context: Context) -> Node:
     key = (id(run), pid, num)
     if key not in _NODES:
         train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
+        # captions are flagged on-device by the classifier, not taken from the data's own labels
         _NODES[key] = Node(
             run, pid,
-            to_batch(train_ds, run.tokenizer, *run.preprocess),
-            to_batch(test_ds, run.tokenizer, *run.preprocess),
+            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])),
+            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])),
         )
     return _NODES[key]
 
@@ -169,12 +171,21 @@ def train(msg: Message, context: Context) -> Message:
     steps = int(config.get("local-steps", s.local_steps))
     lr = float(config.get("lr", s.lr))
     terms = [proximal_term(global_params, mu)] if mu > 0 else []
+    # constraint multipliers, sent by strategies/constraints.py when a constraint is on
+    multipliers = {c: float(config[MULTIPLIER_KEY.format(c)]) for c in CONSTRAINTS if MULTIPLIER_KEY.format(c) in config}
+    constraint = None
+    if multipliers:
+        run = node.run
+        constraint = ConstraintTerm(multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts))
+        terms.append(constraint)
     objective = None
     if s.objective == "public-negatives":
         if node.run.public is None:
             raise ValueError("loss 'public-negatives' needs a public split; the dataset has no public rows")
         objective = PublicNegativesLoss(node.net, node.run.public, s.dp_negatives, seed=seed)
     if s.dp == "dp-sgd":
+        if constraint is not None:  # Settings refuses this pairing; a foreign server's config might not
+            raise ValueError("constraint terms couple the examples of a batch: DP-SGD's guarantee would not hold")
         ledger = load_ledger(context)
         q = sample_rate(len(node.train), batch_size)
         refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, steps), s.dp_delta, s.max_epsilon)
@@ -207,6 +218,7 @@ def train(msg: Message, context: Context) -> Message:
             "step-seconds": stats.seconds / max(1, stats.steps),
             "bytes-uplink": arrays.count_bytes(),
             **extra,
+            **(constraint.statistics() if constraint is not None else {}),
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
@@ -220,12 +232,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     full = {}
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
         class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
-        full = evaluate_metrics(node.net, node.test, class_emb)
+        full = evaluate_metrics(node.net, node.test, class_emb, with_counts=True, num_groups=node.run.num_groups)
     for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr"):
         metrics[key] = float(full.get(key, 0.0))
-    # Group counts, summed by the server: exact federated per-group accuracy.
-    for g in range(node.run.num_groups):
-        count = int(full.get(f"num-examples-group-{g}", 0))
-        metrics[f"zs-count-group-{g}"] = count
-        metrics[f"zs-correct-group-{g}"] = round(full.get(f"zs-acc-group-{g}", 0.0) * count)
+    # Counts, never predictions: the server sums them into exact federated
+    # per-group accuracy, fairness gaps and toxic-retrieval rates.
+    metrics.update({k: v for k, v in full.items() if k.startswith(("fair-", "tox-"))})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -67,6 +67,17 @@ def _codec(v: Any) -> str | None:
     return None
 
 
+def _constraint_list(v: Any) -> str | None:
+    from .constraints import CONSTRAINTS
+
+    bad = [p.strip() for p in v.split(",") if p.strip() and p.strip() not in CONSTRAINTS]
+    return f"unknown constraint(s) {', '.join(bad)}; known: {', '.join(CONSTRAINTS)}" if bad else None
+
+
+def _unit_interval(v: Any) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
 def _rank_list(v: Any) -> str | None:
     parts = [p.strip() for p in v.split(",") if p.strip()]
     if not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -112,6 +123,12 @@ SPEC: dict[str, Key] = {
     "dirichlet-alpha": Key(float, 0.3, "Dirichlet concentration (smaller = more label skew)", _positive),
     "classes-per-client": Key(int, 2, "classes per client for the pathological partitioner", _positive),
     "test-fraction": Key(float, 0.2, "per-client held-out fraction", _open_fraction),
+    "group-sites": Key(
+        float, 0.3,
+        "fraction of clients holding the minority group(s) of the 'group' column (the others hold only the "
+        "majority group); 1 = every group spread like the labels",
+        _fraction,
+    ),
     # federation
     "num-server-rounds": Key(int, 10, "federated rounds", _positive),
     "strategy": Key(str, "fedavg", "aggregation strategy name (`fedmm strategies` lists them)"),
@@ -159,6 +176,17 @@ SPEC: dict[str, Key] = {
     "dp-grad-sample-mode": Key(
         str, "hooks", "Opacus per-sample gradients for dp-sgd: hooks | ghost (ghost clipping)", _one_of("hooks", "ghost")
     ),
+    # fairness and toxicity constraints (fedmm.constraints, strategies/constraints.py)
+    "constraints": Key(
+        str, "",
+        "constraints training must honour, comma-separated: group-gap (zero-shot accuracy gap between groups "
+        "<= max-group-gap), toxicity (toxic top-1 retrieval rate <= max-toxic-rate); empty = none (still measured)",
+        _constraint_list,
+    ),
+    "max-group-gap": Key(float, 0.05, "threshold of the group-gap constraint", _unit_interval),
+    "max-toxic-rate": Key(float, 0.01, "threshold of the toxicity constraint", _unit_interval),
+    "dual-step-group-gap": Key(float, 5.0, "dual ascent step of the group-gap multiplier (lambda)", _positive),
+    "dual-step-toxicity": Key(float, 5.0, "dual ascent step of the toxicity multiplier (mu)", _positive),
     # compression (fedmm.compression)
     "codec": Key(str, "fp32", "uplink codec: [topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]", _codec),
     "codec-downlink": Key(str, "fp32", "downlink codec for the global adapter (dense only)", _codec),
@@ -192,6 +220,7 @@ class Settings:
     dirichlet_alpha: float
     classes_per_client: int
     test_fraction: float
+    group_sites: float
     num_server_rounds: int
     strategy: str
     strategy_args: str
@@ -212,6 +241,11 @@ class Settings:
     max_epsilon: float
     dp_negatives: int
     dp_grad_sample_mode: str
+    constraints: str
+    max_group_gap: float
+    max_toxic_rate: float
+    dual_step_group_gap: float
+    dual_step_toxicity: float
     codec: str
     codec_downlink: str
     error_feedback: bool
@@ -276,6 +310,12 @@ class Settings:
                 f"run-config 'dp-noise-multiplier' = {self.dp_noise_multiplier}: must be > 0 with dp = '{self.dp}' "
                 "(without noise there is no guarantee; use dp = 'none')"
             )
+        if self.constraint_list and self.dp == "dp-sgd":
+            raise ConfigError(
+                "run-config 'constraints' with 'dp' = 'dp-sgd': the constraint surrogates compare the examples of a "
+                "batch (group means, in-batch retrieval), so one example's gradient depends on the others and "
+                "DP-SGD's per-sample guarantee would not hold; use client-level DP (dp = central-server, ...)"
+            )
         if self.max_epsilon > 0 and self.dp == "none":
             raise ConfigError("run-config 'max-epsilon' is set but 'dp' = 'none': there is no epsilon to budget")
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
@@ -291,6 +331,10 @@ class Settings:
         if self.loss == "auto":
             return "public-negatives" if self.dp == "dp-sgd" else "clip"
         return self.loss
+
+    @property
+    def constraint_list(self) -> list[str]:
+        return list(dict.fromkeys(p.strip() for p in self.constraints.split(",") if p.strip()))
 
     @property
     def client_ranks(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy, retrieval Recall@K / MRR, per group and per client.
+"""Zero-shot accuracy, retrieval Recall@K / MRR, group fairness, toxic retrieval.
 
 Retrieval follows open_clip's own ``get_clip_metrics`` (rank of the paired
 item under ``logit_scale * img @ txt.T``); a test checks equality.
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constraints import fairness_counts, group_fairness, toxic_retrieval, toxic_retrieval_counts
 from .data import Batch
 
 RECALL_AT = (1, 5, 10)
@@ -61,8 +62,14 @@ def zero_shot_predictions(img: torch.Tensor, class_emb: torch.Tensor) -> torch.T
     return (img @ class_emb.t()).argmax(dim=1)
 
 
-def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor) -> dict[str, float]:
-    """Zero-shot accuracy (overall and per group), retrieval metrics, and counts."""
+def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_counts: bool = False,
+             num_groups: int | None = None) -> dict[str, float]:
+    """Zero-shot accuracy (overall, per group, fairness gaps), retrieval metrics, toxic retrieval.
+
+    Toxic retrieval uses ``data``'s own captions as the candidate pool and its
+    ``toxic`` flags. ``with_counts`` adds the counts a client sends instead of
+    predictions (``fairness_counts`` over ``num_groups`` groups, toxic top-1).
+    """
     if len(data) == 0:
         return {"num-examples": 0.0}
     img, txt, scale = encode(model, data)
@@ -72,14 +79,19 @@ def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor) -> dict[str
     out = {"num-examples": float(len(data))}
     if labelled.any():
         out["zs-acc"] = float(correct.sum() / labelled.sum())
-    for g in torch.unique(data.groups).tolist():
-        mask = (data.groups == g) & labelled
-        if mask.any():
-            out[f"zs-acc-group-{g}"] = float(correct[mask].sum() / mask.sum())
-            out[f"num-examples-group-{g}"] = float(mask.sum())
+        y, p, g = (t[labelled].numpy() for t in (data.labels, preds, data.groups))
+        out.update(group_fairness(y, p, g, num_classes=class_emb.shape[0]))
+        if with_counts:
+            out.update(fairness_counts(y, p, g, class_emb.shape[0], num_groups or int(g.max()) + 1))
+    for grp in torch.unique(data.groups[labelled]).tolist():
+        out[f"num-examples-group-{grp}"] = float(((data.groups == grp) & labelled).sum())
+    logits = scale * img @ txt.t()
+    if data.toxic is not None:
+        out.update(toxic_retrieval(logits, data.toxic))
+        if with_counts:
+            out.update(toxic_retrieval_counts(logits, data.toxic))
     if len(data) > 1:
         out.update(retrieval_metrics(img, txt, scale))
-        logits = scale * img @ txt.t()
         target = torch.arange(len(data))
         out["loss"] = float((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
     return out

@@ -83,7 +83,7 @@ def tower_features(net: nn.Module, data: Batch, chunk: int = 64) -> Batch:
         images.append(net.visual.trunk(part.images))
         mask = (part.tokens != net.text.config.pad_token_id).long()
         texts.append(net.text.pooler(net.text.transformer(input_ids=part.tokens, attention_mask=mask), mask))
-    return Batch(torch.cat(images), torch.cat(texts), data.labels, data.groups)
+    return Batch(torch.cat(images), torch.cat(texts), data.labels, data.groups, data.toxic)
 
 
 def _public_batch(settings: Settings, net: nn.Module) -> Batch:

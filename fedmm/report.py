@@ -23,6 +23,12 @@ PLOTS = {
     "accuracy.png": ("zero-shot accuracy", ["central/zs-acc", "evaluate/zs-acc"], "central/zs-acc-group-"),
     "retrieval.png": ("retrieval Recall@1", ["central/i2t-R@1", "central/t2i-R@1"], None),
     "loss.png": ("loss", ["train/train-loss", "central/loss", "evaluate/loss"], None),
+    "fairness.png": (
+        "group fairness and toxic retrieval",
+        ["central/acc-gap", "central/dp-gap", "central/eo-gap", "central/toxic-top1", "central/toxic-mass",
+         "evaluate/acc-gap", "evaluate/toxic-top1", "evaluate/client-acc-std"],
+        None,
+    ),
     "bytes.png": (
         "bytes per round",
         ["train/bytes-uplink-per-client", "train/bytes-uplink-total",
@@ -59,6 +65,39 @@ def _plot(path: Path, title: str, rounds: Mapping[int, Mapping[str, Any]], keys:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+FAIRNESS_COLUMNS = ("central/zs-acc", "central/acc-gap", "central/worst-group-acc", "central/dp-gap",
+                    "central/eo-gap", "central/toxic-top1", "central/toxic-mass", "evaluate/acc-gap",
+                    "evaluate/toxic-top1", "evaluate/client-acc-min", "evaluate/client-acc-std")
+
+
+def _fairness_lines(rounds: Mapping[int, Mapping[str, Any]], constraints: str) -> list[str]:
+    """Per round: accuracy, gaps, toxic retrieval, multipliers; then the final per-group table."""
+    keys = [k for k in FAIRNESS_COLUMNS if any(k in row for row in rounds.values())]
+    keys += sorted({k for row in rounds.values() for k in row if k.startswith("constraints/")})
+    if not keys:
+        return []
+    lines = ["", "## Fairness and toxicity", ""]
+    lines.append(f"Constraints: {constraints or 'none (measured only)'}. `central/` = server held-out split "
+                 "(fairlearn on the predictions), `evaluate/` = summed client counts; `constraints/` = the "
+                 "training-time values the multipliers follow and the multiplier each round trained with.")
+    lines += ["", "| round | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r, row in rounds.items():
+        lines.append(f"| {r} | " + " | ".join(_fmt(row.get(k, ""), k) for k in keys) + " |")
+    last = max(rounds)
+    groups = sorted({int(k.rsplit("-", 1)[1]) for row in rounds.values() for k in row
+                     if k.startswith(("central/zs-acc-group-", "evaluate/zs-acc-group-"))})
+    if groups:
+        lines += ["", f"Per group, base (round 0) and final (round {last}):", "",
+                  "| group | server examples | central base | central final | federated final |", "|---|---|---|---|---|"]
+        base, final = rounds.get(0, {}), rounds[last]
+        for g in groups:
+            lines.append(f"| {g} | {_fmt(final.get(f'central/num-examples-group-{g}', ''), 'num-')} | "
+                         f"{_fmt(base.get(f'central/zs-acc-group-{g}', ''))} | "
+                         f"{_fmt(final.get(f'central/zs-acc-group-{g}', ''))} | "
+                         f"{_fmt(final.get(f'evaluate/zs-acc-group-{g}', ''))} |")
+    return lines
 
 
 EPSILON_KEYS = ("privacy/epsilon", "train/dp-epsilon-max")  # server ledger; the weakest client's own ledger
@@ -181,6 +220,7 @@ def write_report(
         lines += ["| partition | examples | zs-acc |", "|---|---|---|"]
         for c in sorted(finals, key=lambda c: c.get("partition-id", -1)):
             lines.append(f"| {c.get('partition-id')} | {c.get('num-examples')} | {_fmt(c.get('zs-acc', ''))} |")
+    lines += _fairness_lines(rounds, config.get("constraints", ""))
     if privacy and privacy.get("dp") != "none":
         lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
     failures = (extra or {}).get("failed-replies", [])

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from flwr.supercore.logger import FLOWER_LOGGER
 
@@ -28,6 +29,7 @@ from fedmm import lora
 from fedmm import model as models
 from fedmm import report
 from fedmm.config import Settings
+from fedmm.constraints import flag_toxic
 from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
@@ -36,6 +38,7 @@ from server.history import MetricsHistory
 from server.privacy import privacy_plan, privacy_summary
 from strategies.builtin import RANGES, check_population
 from strategies.compression import CompressedUpdates
+from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
 
@@ -58,7 +61,8 @@ logging.getLogger("fedmm").setLevel(logging.INFO)
 
 # Printed each round, in this order, when present.
 HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss",
-            "privacy/epsilon", "train/dp-epsilon-max")
+            "central/acc-gap", "central/toxic-top1", "constraints/multiplier-group-gap",
+            "constraints/multiplier-toxicity", "privacy/epsilon", "train/dp-epsilon-max")
 
 
 def output_dir(settings: Settings) -> Path:
@@ -68,7 +72,7 @@ def output_dir(settings: Settings) -> Path:
 
 
 def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> CompressedUpdates:
-    """The run's strategy, built from the settings and ``strategy-args``, wrapped for privacy and decoding.
+    """The run's strategy, built from the settings and ``strategy-args``, wrapped for constraints, privacy and decoding.
 
     ``num_nodes`` (the federation's size) sizes client-level DP; None builds the
     strategy without its privacy wrapper (to validate the arguments early).
@@ -94,6 +98,11 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
     strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
     check_uniform_mean(strategy, settings.dp)
+    if settings.constraint_list:
+        limits = {"group-gap": (settings.max_group_gap, settings.dual_step_group_gap),
+                  "toxicity": (settings.max_toxic_rate, settings.dual_step_toxicity)}
+        strategy = DualAscentConstraints(
+            strategy, {name: Constraint(*limits[name]) for name in settings.constraint_list})
     if num_nodes is not None:
         strategy = make_private_strategy(
             strategy, settings.dp,
@@ -105,6 +114,15 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     # gets the same decoding checks (shapes, finiteness), byte counts and a
     # node-id aggregation order.
     return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
+
+
+def find_wrapper(strategy: Strategy, kind: type) -> Strategy | None:
+    """The wrapper of type ``kind`` in the chain of ``.strategy`` wrappers, if any."""
+    while strategy is not None:
+        if isinstance(strategy, kind):
+            return strategy
+        strategy = getattr(strategy, "strategy", None)
+    return None
 
 
 def num_sampled(settings: Settings, num_nodes: int) -> int:
@@ -134,7 +152,8 @@ def main(grid: Grid, context: Context) -> None:
     # the global adapter has the largest client rank; clients of lower rank fit it to theirs
     rank = settings.global_rank
     net = lora.attach_lora(base, rank, settings.lora_alpha_for(rank), settings.lora_target_list)
-    held_out = to_batch(splits["server"], tokenizer, mean, std, size)
+    # toxic captions of the held-out split are the distractors of the toxic-retrieval measurement
+    held_out = to_batch(splits["server"], tokenizer, mean, std, size, toxic=flag_toxic(splits["server"]["caption"]))
     initial = ArrayRecord(torch_state_dict=lora.adapter_state(net))
     adapter_bytes = initial.count_bytes()
     log(
@@ -151,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
     check_population(strategies.innermost(strategy), num_sampled(settings, num_nodes))
     num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
     ledger = getattr(strategy.strategy, "privacy_spent", None)  # Flower's accounted DP wrappers
+    duals = find_wrapper(strategy, DualAscentConstraints)
 
     round_started = [time.perf_counter()]
 
@@ -164,6 +184,9 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "round-seconds", now - round_started[0])
             for key, value in strategy.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
+            if duals is not None:
+                for key, value in duals.history.get(server_round, {}).items():
+                    history.record(server_round, key, value)
             spent = ledger() if ledger is not None else None
             if spent is not None:
                 history.record(server_round, "privacy/epsilon", spent.epsilon)

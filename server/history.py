@@ -3,9 +3,10 @@
 Flower's ``Result`` keeps only aggregated metrics; the report also needs each
 client's numbers. ``MetricsHistory.train_aggr`` / ``evaluate_aggr`` are
 passed to the strategy as its ``*_metrics_aggr_fn``: they record every
-reply's MetricRecord, then aggregate. Group counts (``zs-correct-group-g``,
-``zs-count-group-g``) are summed, so federated per-group accuracy is exact,
-not an average of rates.
+reply's MetricRecord, then aggregate. Counts (fairness counts per group
+and class, toxic-retrieval counts, constraint statistics) are summed, so
+federated per-group accuracy, gaps and rates are exact, not averages of
+rates; client fairness is the spread of the clients' own accuracies.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import re
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-_COUNT = re.compile(r"^zs-(correct|count)-group-(\d+)$")
+from fedmm.constraints import fairness_from_counts, toxicity_from_counts
+
+_COUNT = re.compile(r"^(fair-(n|pred|tp)-g\d+-c\d+|tox-(top1|mass|images)|cstat-.+)$")  # summed, not averaged
 
 
 class MetricsHistory:
@@ -62,10 +67,12 @@ class MetricsHistory:
             if k.startswith("bytes-"):
                 agg[k] = counts[k]
                 agg[k.removesuffix("-total") + "-per-client"] = counts[k] / max(1, len(replies))
-                continue
-            m = _COUNT.match(k)
-            if m and m.group(1) == "count" and counts[k] > 0:
-                agg[f"zs-acc-group-{m.group(2)}"] = counts[f"zs-correct-group-{m.group(2)}"] / counts[k]
+        agg.update(fairness_from_counts(counts))
+        agg.update(toxicity_from_counts(counts))
+        accs = [float(rec["zs-acc"]) for rd in replies for rec in rd.metric_records.values()
+                if "zs-acc" in rec and float(rec.get("num-examples", 0)) > 0]
+        if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
+            agg["client-acc-min"], agg["client-acc-std"] = min(accs), float(np.std(accs))
         agg["num-replies"] = len(replies)
         self.rounds[rnd].update({f"{phase}/{k}": v for k, v in agg.items()})
         return MetricRecord(agg)

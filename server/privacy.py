@@ -88,6 +88,9 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
         if small and settings.dp_delta >= 1 / small:
             notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{small} (the smallest client's examples): "
                          "a guarantee that may fail for one example is weak; lower dp-delta")
+    if settings.dp != "none" and settings.constraint_list:
+        notes.append("the constraint statistics (per-group and toxic-retrieval counts) travel unprotected, like "
+                     "every reply's metrics: the guarantee covers the adapter updates, not the multipliers")
     for note in notes:
         log(WARNING, "fedmm privacy: %s", note)
     return rounds, notes

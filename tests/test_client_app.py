@@ -73,13 +73,32 @@ def test_a_node_with_a_different_base_refuses_to_train(run_config, global_arrays
         _call(run_config, MessageType.TRAIN, arrays, {"base-fingerprint": "0123456789abcdef"})
 
 
-def test_evaluate_reply_has_group_counts(run_config, global_arrays):
+def test_evaluate_reply_has_counts_not_predictions(run_config, global_arrays):
+    """Fairness and toxicity leave a client as counts, which add up to its test split."""
     arrays, _ = global_arrays
-    reply = _call(run_config, MessageType.EVALUATE, arrays, pid=3)
+    reply = _call(run_config, MessageType.EVALUATE, arrays, pid=5)  # a minority site (group-sites)
     m = reply.content["metrics"]
-    assert m["num-examples"] == m["zs-count-group-0"] + m["zs-count-group-1"]
-    assert 0 <= m["zs-correct-group-1"] <= m["zs-count-group-1"]
-    assert 0.0 <= m["zs-acc"] <= 1.0
+    n = {g: sum(v for k, v in m.items() if k.startswith(f"fair-n-g{g}-")) for g in (0, 1)}
+    tp = {g: sum(v for k, v in m.items() if k.startswith(f"fair-tp-g{g}-")) for g in (0, 1)}
+    assert m["num-examples"] == n[0] + n[1] == m["tox-images"] and n[1] > 0
+    assert np.isclose(m["zs-acc"], (tp[0] + tp[1]) / m["num-examples"])
+    assert sum(v for k, v in m.items() if k.startswith("fair-pred-")) == m["num-examples"]
+    assert 0 <= m["tox-top1"] <= m["tox-images"]
+
+
+def test_constrained_train_reports_constraint_statistics(run_config, global_arrays):
+    """Multipliers in the train config switch the constraint terms on; the reply counts what they measured."""
+    arrays, _ = global_arrays
+    reply = _call(run_config, MessageType.TRAIN, arrays, {"multiplier-group-gap": 0.0, "multiplier-toxicity": 0.0},
+                  pid=5)
+    assert not reply.has_error(), reply.error
+    m = reply.content["metrics"]
+    steps, batch = run_config["local-steps"], run_config["batch-size"]
+    assert m["cstat-count-g0"] + m["cstat-count-g1"] == m["cstat-images"] == steps * min(batch, m["num-examples"])
+    assert 0 <= m["cstat-correct-g1"] <= m["cstat-count-g1"] and m["cstat-count-g1"] > 0
+    assert 0 <= m["cstat-toxic-top1"] <= m["cstat-images"]
+    plain = _call(run_config, MessageType.TRAIN, arrays, pid=5).content["metrics"]
+    assert not any(k.startswith("cstat-") for k in plain)
 
 
 def test_train_reports_the_global_models_loss_before_training(run_config, global_arrays):

@@ -62,15 +62,18 @@ class Batch:
     tokens: torch.Tensor  # (N, context)
     labels: torch.Tensor  # (N,), -1 when unknown
     groups: torch.Tensor  # (N,)
+    toxic: torch.Tensor | None = None  # (N,) bool: the caption is toxic (as flagged on the holder's side)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, idx: torch.Tensor) -> "Batch":
-        return Batch(self.images[idx], self.tokens[idx], self.labels[idx], self.groups[idx])
+        toxic = None if self.toxic is None else self.toxic[idx]
+        return Batch(self.images[idx], self.tokens[idx], self.labels[idx], self.groups[idx], toxic)
 
 
-def to_batch(ds: Dataset, tokenizer, mean, std, size: int) -> Batch:
+def to_batch(ds: Dataset, tokenizer, mean, std, size: int, toxic: np.ndarray | None = None) -> Batch:
+    """Model-ready tensors of ``ds``; ``toxic`` overrides the dataset's own flags (e.g. a classifier's)."""
     cols = ds.with_format("numpy")[:]
     images = torch.as_tensor(np.asarray(cols["image"]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
     if images.shape[-1] != size:
@@ -83,4 +86,5 @@ def to_batch(ds: Dataset, tokenizer, mean, std, size: int) -> Batch:
         tokens=tokens,
         labels=torch.as_tensor(np.asarray(cols["label"]), dtype=torch.long),
         groups=torch.as_tensor(np.asarray(cols["group"]), dtype=torch.long),
+        toxic=torch.as_tensor(np.asarray(cols["toxic"] if toxic is None else toxic, dtype=bool)),
     )

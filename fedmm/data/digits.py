@@ -1,20 +1,27 @@
 """The bundled default dataset: UCI handwritten digits (shipped by scikit-learn).
 
 Each of the 1,797 8x8 scans becomes a 32x32 RGB image with a varied caption,
-its class label, a protected group attribute and a toxicity flag (False here;
-the constraints work fills it). Three disjoint splits:
+its class label, a protected group attribute and a toxicity flag. Three
+disjoint splits:
 
 - ``public`` (40%): clean white-on-black renderings; used only for the central
   pretraining of the base model.
 - ``clients`` (45%): the clients' domain. Each image is re-rendered with a
   random ink/paper colour pair, a random shift and sensor noise (a domain
   shift the public base has not seen). Group 1 (about a quarter of samples)
-  are "paper scans": dark ink on light paper, the harder minority style.
+  are "paper scans": faint pencil on light paper, a low-contrast minority
+  style the public base has never seen. How the minority is concentrated on a
+  few clients is the partitioner's job (``group-sites``, see partition.py).
+  About 10% of the captions are user-generated abuse (``TOXIC_TEMPLATES``:
+  insults around a correct description), flagged ``toxic``.
 - ``server`` (15%): same domain as the clients, held out for centralized
-  evaluation on the server.
+  evaluation on the server; its toxic captions are the distractors of the
+  toxic-retrieval measurement (fedmm.constraints).
 
 The split and every rendering are a pure function of ``DATA_SEED``: the same
-dataset on every machine, independent of the run seed.
+dataset on every machine, independent of the run seed. Toxic captions draw
+from their own generator, so the images are those of digits-v1 except the
+minority's ink.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from datasets import Dataset
 from .schema import features
 
 DATA_SEED = 20260101
-DATA_VERSION = "digits-v1"  # bump when anything below changes: it keys the base cache
+DATA_VERSION = "digits-v2"  # bump when anything below changes: it keys the base cache
 IMAGE_SIZE = 32
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 GROUP_NAMES = ["screen", "paper"]
@@ -43,6 +50,18 @@ CAPTION_TEMPLATES = [
     "a digit: {w}",
     "a picture of a handwritten {d}",
 ]
+# Abusive user captions around a correct description; alt-profanity-check flags every one (a test checks).
+TOXIC_TEMPLATES = [
+    "a handwritten {w}, you idiot",
+    "what a stupid {w}",
+    "this crap scan of a {w}",
+    "a shitty {w}",
+    "an ugly {w} written by a moron",
+    "a {w}. what the hell is this garbage",
+    "number {d}, you loser",
+    "a pathetic {w} from an idiot",
+]
+TOXIC_FRACTION = 0.10
 ZERO_SHOT_TEMPLATES = ["a photo of the number {w}.", "the digit {d}.", "a handwritten {w}."]
 
 FEATURES = features(CLASS_NAMES, IMAGE_SIZE)
@@ -66,9 +85,9 @@ def _render_client(ink: np.ndarray, group: int, rng: np.random.Generator) -> np.
     dy, dx = rng.integers(-1, 2, size=2)
     ink = np.roll(ink, (dy, dx), axis=(0, 1))
     hue = rng.uniform(0.3, 1.0, size=3)
-    if group == 1:  # dark ink on light paper
+    if group == 1:  # faint pencil on light paper: the same draws as before, a paper-coloured ink
         paper = rng.uniform(0.75, 1.0, size=3)
-        ink_rgb = hue * rng.uniform(0.0, 0.35)
+        ink_rgb = paper * rng.uniform(0.45, 0.7)
     else:  # light ink on a dark screen
         paper = rng.uniform(0.0, 0.25, size=3)
         ink_rgb = hue
@@ -91,6 +110,7 @@ def load_digits_splits() -> dict[str, Dataset]:
     split_of[order[n_pub : n_pub + n_srv]] = "server"
     split_of[order[n_pub + n_srv :]] = "clients"
 
+    toxic_rng = np.random.default_rng(DATA_SEED + 1)  # its own stream: images stay those of digits-v1
     rows: dict[str, dict[str, list]] = {s: {k: [] for k in FEATURES} for s in SPLITS}
     for i in range(n):
         label = int(digits.target[i])
@@ -102,11 +122,14 @@ def load_digits_splits() -> dict[str, Dataset]:
             group = int(rng.random() < 0.25)
             image = _render_client(ink, group, rng)
         template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+        toxic = split != "public" and toxic_rng.random() < TOXIC_FRACTION  # public data is curated
+        if toxic:
+            template = TOXIC_TEMPLATES[toxic_rng.integers(len(TOXIC_TEMPLATES))]
         r = rows[split]
         r["image"].append(image)
         r["caption"].append(template.format(w=CLASS_NAMES[label], d=label))
         r["label"].append(label)
         r["group"].append(group)
-        r["toxic"].append(False)
+        r["toxic"].append(bool(toxic))
         r["client"].append("")
     return {s: Dataset.from_dict(rows[s], features=FEATURES) for s in SPLITS}

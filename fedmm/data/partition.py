@@ -1,9 +1,17 @@
-"""Client partitions through flwr-datasets partitioners, on local datasets."""
+"""Client partitions through flwr-datasets partitioners, on local datasets.
+
+``group_sites`` < 1 concentrates the minority group(s) on a few clients, as
+in real federations (one hospital's old scanner, one region's dialect): the
+majority group is split over all clients and the other groups over a seeded
+``group_sites`` fraction of them, each with the same partitioner kind.
+flwr-datasets partitions by one column only, hence the two passes.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -60,6 +68,7 @@ def partition(
     alpha: float = 0.3,
     classes_per_client: int = 2,
     test_fraction: float = 0.2,
+    group_sites: float = 1.0,
     seed: int = 0,
 ) -> tuple[Dataset, Dataset]:
     """The (train, test) split of one client's partition."""
@@ -71,26 +80,50 @@ def partition(
         raise ValueError(f"partition-id={partition_id} not in [0, {num_partitions})")
     if kind == "natural" and not any(dataset["client"]):
         raise ValueError("partitioner 'natural' needs a non-empty 'client' column in the data")
-    p = make_partitioner(
-        kind, num_partitions, alpha=alpha, classes_per_client=classes_per_client, seed=seed
-    )
-    p.dataset = dataset
-    if kind == "natural" and p.num_partitions != num_partitions:
-        raise ValueError(
-            f"the data has {p.num_partitions} distinct clients but num-partitions={num_partitions}"
-        )
-    part = p.load_partition(partition_id)
+
+    def load(data: Dataset, pid: int, num: int) -> Dataset:
+        p = make_partitioner(kind, num, alpha=alpha, classes_per_client=classes_per_client, seed=seed)
+        p.dataset = data
+        if kind == "natural" and p.num_partitions != num:
+            raise ValueError(f"the data has {p.num_partitions} distinct clients but num-partitions={num}")
+        return p.load_partition(pid)
+
+    groups = np.asarray(dataset["group"])
+    values, counts = np.unique(groups, return_counts=True)
+    if kind == "natural" or group_sites >= 1.0 or len(values) < 2:
+        part = load(dataset, partition_id, num_partitions)
+    else:
+        majority = values[counts.argmax()]
+        sites = minority_sites(num_partitions, group_sites, seed)
+        labels = np.asarray(dataset["label"])
+
+        def rows_of(mask: np.ndarray, pid: int, num: int) -> list[int]:
+            # a two-column stand-in: all a label partitioner reads, and no index-flattening of the images
+            rows = np.flatnonzero(mask)
+            return list(load(Dataset.from_dict({"label": labels[rows], "_row": rows}), pid, num)["_row"])
+
+        rows = rows_of(groups == majority, partition_id, num_partitions)
+        if partition_id in sites:
+            rows += rows_of(groups != majority, sites.index(partition_id), len(sites))
+        part = dataset.select(rows)
     if len(part) < 2:
         return part, part.select([])
     split = part.train_test_split(test_size=test_fraction, seed=seed)
     return split["train"], split["test"]
 
 
+def minority_sites(num_partitions: int, group_sites: float, seed: int) -> list[int]:
+    """The partition ids that hold the minority group(s): a seeded ``group_sites`` fraction (at least one)."""
+    k = max(1, round(group_sites * num_partitions))
+    return sorted(np.random.default_rng(seed).choice(num_partitions, size=k, replace=False).tolist())
+
+
 def client_split(settings: Settings, dataset: Dataset, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
     """``partition`` with the run's partitioning settings: what client ``partition_id`` trains and tests on."""
     s = settings
     return partition(dataset, s.partitioner, partition_id, num_partitions, alpha=s.dirichlet_alpha,
-                     classes_per_client=s.classes_per_client, test_fraction=s.test_fraction, seed=s.seed)
+                     classes_per_client=s.classes_per_client, test_fraction=s.test_fraction,
+                     group_sites=s.group_sites, seed=s.seed)
 
 
 def train_sizes(settings: Settings, dataset: Dataset, num_partitions: int) -> list[int]:
