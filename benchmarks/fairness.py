@@ -1,7 +1,7 @@
 """Fairness and toxicity benchmark: unconstrained vs constrained training on the default task.
 
     .venv/bin/python benchmarks/fairness.py [--model effnet-lite0-minilm] [--clients 10]
-        [--settings unconstrained,constrained,qfedavg] [--run-config "k=v ..."] [--keep DIR]
+        [--settings unconstrained,constrained,qfedavg] [--run-config "k=v ..."] [--keep DIR [--reuse]]
 
 Each setting is one job in Flower's simulation engine (the default job plus its overrides):
 
@@ -35,11 +35,20 @@ COLUMNS = ("central/zs-acc", "central/acc-gap", "central/worst-group-acc", "cent
            "central/toxic-mass", "evaluate/acc-gap", "evaluate/client-acc-min")
 
 
-def run_one(name: str, overrides: dict, clients: int, work: Path) -> dict:
+def run_one(name: str, overrides: dict, clients: int, work: Path, reuse: bool = False) -> dict:
     from fedmm.cli import run_simulation
 
     out = work / name
     start = time.perf_counter()
+    done = out / "report" / "metrics.json"
+    if reuse and done.is_file():  # a setting measured before into the same --keep folder
+        config = json.loads(done.read_text())["config"]
+        differ = {k: (config.get(k), v) for k, v in overrides.items() if config.get(k) != v}
+        if differ:
+            raise SystemExit(f"{name}: the kept report was run with other values: {differ}")
+        print(f"{name}: reusing {done}", flush=True)
+        return {"name": name, "rounds": {int(k): v for k, v in json.loads(done.read_text())["rounds"].items()},
+                "wall": float("nan")}
     code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
                           flwr_home=out / "flwr", stream=False)
     if code != 0:
@@ -56,6 +65,7 @@ def main() -> None:
     parser.add_argument("--settings", default="unconstrained,constrained")
     parser.add_argument("--run-config", default="", help="overrides for every setting, k=v ...")
     parser.add_argument("--keep", default="", help="keep the reports under this folder")
+    parser.add_argument("--reuse", action="store_true", help="reuse reports already under --keep (same overrides)")
     args = parser.parse_args()
     from fedmm.cli import parse_run_config
 
@@ -64,7 +74,7 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedmm-fairness-"))
     results = []
     for name in names:
-        r = run_one(name, {**extra, **SETTINGS[name]}, args.clients, work)
+        r = run_one(name, {**extra, **SETTINGS[name]}, args.clients, work, args.reuse)
         last = r["rounds"][max(r["rounds"])]
         print(f"{name}: " + " ".join(f"{k}={last.get(k, float('nan')):.4f}" for k in COLUMNS)
               + f" ({r['wall']:.0f} s)", flush=True)

@@ -176,7 +176,8 @@ def train(msg: Message, context: Context) -> Message:
     constraint = None
     if multipliers:
         run = node.run
-        constraint = ConstraintTerm(multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts))
+        constraint = ConstraintTerm(multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
+                                    num_groups=run.num_groups)
         terms.append(constraint)
     objective = None
     if s.objective == "public-negatives":

@@ -57,11 +57,13 @@ class ConstraintTerm:
     ``multipliers``: constraint name -> current multiplier (a constraint absent
     here is off). ``class_embeddings``: returns the normalised class-prompt
     embeddings under the current adapter (needed by ``group-gap``).
-    ``statistics()``: counts over every batch seen, summed by the server.
+    ``statistics()``: counts over every batch seen, summed by the server; the
+    same keys from every client (``num_groups`` groups), as Flower's metric
+    aggregation requires.
     """
 
     def __init__(self, multipliers: Mapping[str, float],
-                 class_embeddings: Callable[[], torch.Tensor] | None = None) -> None:
+                 class_embeddings: Callable[[], torch.Tensor] | None = None, num_groups: int = 1) -> None:
         unknown = set(multipliers) - set(CONSTRAINTS)
         if unknown:
             raise ValueError(f"unknown constraint(s) {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
@@ -70,6 +72,10 @@ class ConstraintTerm:
         self.multipliers = dict(multipliers)
         self.class_embeddings = class_embeddings
         self.stats: dict[str, float] = {}
+        if "group-gap" in multipliers:
+            self.stats.update({f"cstat-{kind}-g{g}": 0.0 for g in range(num_groups) for kind in ("correct", "count")})
+        if "toxicity" in multipliers:
+            self.stats.update({"cstat-toxic-top1": 0.0, "cstat-toxic-mass": 0.0, "cstat-images": 0.0})
 
     def _add(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + value
