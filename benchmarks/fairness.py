@@ -1,7 +1,8 @@
 """Fairness and toxicity benchmark: unconstrained vs constrained training on the default task.
 
     .venv/bin/python benchmarks/fairness.py [--model effnet-lite0-minilm] [--clients 10]
-        [--settings unconstrained,constrained,qfedavg] [--run-config "k=v ..."] [--keep DIR [--reuse]]
+        [--settings unconstrained,constrained,qfedavg] [--run-config "k=v ..."]
+        [--constraint-config "dual-step-group-gap=20.0 ..."] [--keep DIR [--reuse]]
 
 Each setting is one job in Flower's simulation engine (the default job plus its overrides):
 
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--settings", default="unconstrained,constrained")
     parser.add_argument("--run-config", default="", help="overrides for every setting, k=v ...")
+    parser.add_argument("--constraint-config", default="", help="overrides for the constrained setting only, k=v ...")
     parser.add_argument("--keep", default="", help="keep the reports under this folder")
     parser.add_argument("--reuse", action="store_true", help="reuse reports already under --keep (same overrides)")
     args = parser.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
 
     extra = {"model": args.model, **(parse_run_config(args.run_config) if args.run_config else {})}
     names = [n for n in args.settings.split(",") if n]
+    if args.constraint_config:
+        SETTINGS["constrained"] = {**SETTINGS["constrained"], **parse_run_config(args.constraint_config)}
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedmm-fairness-"))
     results = []
     for name in names:
@@ -81,7 +85,7 @@ def main() -> None:
         results.append(r)
     base = results[0]["rounds"][0]
     print(f"\nmodel {args.model}, {args.clients} clients, {max(results[0]['rounds'])} rounds, overrides "
-          f"{args.run_config or 'none'}; base (round 0): zs-acc {base['central/zs-acc']:.4f}, "
+          f"{args.run_config or 'none'}, constrained: {SETTINGS['constrained']}; base (round 0): zs-acc {base['central/zs-acc']:.4f}, "
           f"acc-gap {base['central/acc-gap']:.4f}, toxic-top1 {base['central/toxic-top1']:.4f}\n")
     print("| setting | " + " | ".join(c.replace("central/", "") for c in COLUMNS)
           + " | multipliers (final) | round time (s) |")
