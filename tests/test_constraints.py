@@ -129,6 +129,11 @@ def test_surrogates_have_gradients():
     gap = soft_group_gap(soft, groups)
     gap.backward()
     assert gap > 0 and feats.grad.abs().sum() > 0
+    means = [float(soft[groups == g].mean()) for g in (0, 1)]
+    assert float(gap) == pytest.approx(max(means) - min(means))
+    # only the trailing group gets a gradient (descending lifts it); the leading group is not pushed down
+    leading = int(np.argmax(means))
+    assert feats.grad[groups == leading].abs().sum() == 0 and feats.grad[groups != leading].abs().sum() > 0
     logits = torch.randn(6, 6, requires_grad=True)
     mass = toxic_mass(logits, torch.tensor([True, False, False, True, False, False]))
     mass.backward()

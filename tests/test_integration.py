@@ -42,10 +42,50 @@ def test_simulation_improves_accuracy_and_writes_report(base_settings, tmp_path)
     for name in ("metrics.csv", "clients.csv", "accuracy.png", "loss.png", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     assert "| zs-acc |" in (out / "summary.md").read_text()
+    # fairness and toxicity are measured in every run, constrained or not
+    final = rounds[3]
+    assert final["central/acc-gap"] == pytest.approx(abs(final["central/zs-acc-group-0"] - final["central/zs-acc-group-1"]))
+    assert 0 <= final["central/toxic-top1"] <= 1 and 0 <= final["evaluate/toxic-top1"] <= 1
+    assert final["evaluate/client-acc-min"] <= final["evaluate/zs-acc"]
+    assert not any(k.startswith("constraints/") for k in final)
     # The exported adapter loads with peft onto a fresh base.
     loaded = lora.load_peft(load_base_model(base_settings, progress=False), out / "adapter")
     assert all(k.split(".")[-2] in ("lora_A", "lora_B") for k in lora.adapter_state(loaded))
     assert metrics["extra"]["adapter-bytes"] < 0.05 * metrics["extra"]["base-model-bytes"]
+
+
+def test_constrained_federation_follows_dual_ascent_and_reports_it(base_settings, tmp_path):
+    from fedmm.constraints import dual_ascent
+
+    ensure_base_checkpoint(base_settings, progress=False)
+    out = tmp_path / "report"
+    steps = {"group-gap": 20.0, "toxicity": 50.0}
+    thresholds = {"group-gap": 0.05, "toxicity": 0.01}
+    run_config = {
+        **base_settings.to_run_config(),
+        "num-server-rounds": 3,
+        "local-steps": 6,
+        "group-sites": 0.5,
+        "constraints": "group-gap,toxicity",
+        "dual-step-group-gap": steps["group-gap"],
+        "dual-step-toxicity": steps["toxicity"],
+        "output-dir": str(out),
+    }
+    code = run_simulation(ROOT, run_config, num_supernodes=4, flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    assert code == 0
+    rounds = {int(k): v for k, v in json.loads((out / "metrics.json").read_text())["rounds"].items()}
+    assert rounds[1]["train/num-replies"] == 4  # no round skipped for inconsistent metric keys
+    for name in steps:
+        assert rounds[1][f"constraints/multiplier-{name}"] == 0.0
+        for r in (1, 2):  # each round's multiplier is one projected step from the previous round's measurement
+            measured = rounds[r][f"constraints/{name}"]
+            expected = dual_ascent(rounds[r][f"constraints/multiplier-{name}"], measured, thresholds[name], steps[name])
+            assert rounds[r + 1][f"constraints/multiplier-{name}"] == pytest.approx(expected)
+    # ~10% of the captions are toxic and ClipLoss pulls them to their images: the constraint starts violated
+    assert rounds[1]["constraints/toxicity"] > thresholds["toxicity"] and rounds[2]["constraints/multiplier-toxicity"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "## Fairness and toxicity" in summary and "constraints/multiplier-toxicity" in summary
+    assert "| group | server examples |" in summary and (out / "fairness.png").stat().st_size > 0
 
 
 def test_compressed_uplink_and_downlink_in_simulation(base_settings, tmp_path):

@@ -7,7 +7,8 @@ retrieval), so they descend on smooth surrogates computed on each batch:
 
 - ``group-gap``: largest minus smallest per-group mean *soft* accuracy, the
   zero-shot softmax probability of the true class (class prompts embedded
-  by the current adapter);
+  by the current adapter), with the leading group as a fixed reference so
+  the term lifts the trailing group instead of lowering the leading one;
 - ``toxicity``: mean in-batch softmax mass of each image on the captions
   flagged toxic on-device.
 
@@ -33,12 +34,17 @@ _STAT = re.compile(r"^cstat-(correct|count)-g(\d+)$")
 
 
 def soft_group_gap(soft_accuracy: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Largest minus smallest per-group mean of ``soft_accuracy`` (0 with fewer than two groups)."""
+    """Largest minus smallest per-group mean of ``soft_accuracy`` (0 with fewer than two groups).
+
+    The leading group's mean is a constant (detached): the gradient lifts the
+    trailing group and never pushes the leading one down. A plain max - min
+    penalty closes the gap from both sides, "levelling down" accuracy.
+    """
     means = [soft_accuracy[groups == g].mean() for g in torch.unique(groups)]
     if len(means) < 2:
         return soft_accuracy.sum() * 0.0  # keeps the graph: a zero with a gradient
     stacked = torch.stack(means)
-    return stacked.max() - stacked.min()
+    return stacked.max().detach() - stacked.min()
 
 
 def toxic_mass(logits: torch.Tensor, toxic: torch.Tensor) -> torch.Tensor:
