@@ -18,14 +18,14 @@ issue's goals: gap cut >= 50% at <= 2 points accuracy cost; toxic top-1 <= 1%. P
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from jobs import load_report, run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
 
 SETTINGS = {
     "unconstrained": {},
@@ -37,26 +37,16 @@ COLUMNS = ("central/zs-acc", "central/acc-gap", "central/worst-group-acc", "cent
 
 
 def run_one(name: str, overrides: dict, clients: int, work: Path, reuse: bool = False) -> dict:
-    from fedmm.cli import run_simulation
-
-    out = work / name
-    start = time.perf_counter()
-    done = out / "report" / "metrics.json"
+    done = work / name / "report" / "metrics.json"
     if reuse and done.is_file():  # a setting measured before into the same --keep folder
-        config = json.loads(done.read_text())["config"]
-        differ = {k: (config.get(k), v) for k, v in overrides.items() if config.get(k) != v}
+        data, wall = load_report(done), float("nan")
+        differ = {k: (data["config"].get(k), v) for k, v in overrides.items() if data["config"].get(k) != v}
         if differ:
             raise SystemExit(f"{name}: the kept report was run with other values: {differ}")
         print(f"{name}: reusing {done}", flush=True)
-        return {"name": name, "rounds": {int(k): v for k, v in json.loads(done.read_text())["rounds"].items()},
-                "wall": float("nan")}
-    code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
-                          flwr_home=out / "flwr", stream=False)
-    if code != 0:
-        raise SystemExit(f"{name}: job failed ({code}); logs under {out}")
-    data = json.loads((out / "report" / "metrics.json").read_text())
-    rounds = {int(k): v for k, v in data["rounds"].items()}
-    return {"name": name, "rounds": rounds, "wall": time.perf_counter() - start}
+    else:
+        data, wall = run_job(name, overrides, clients, work)
+    return {"name": name, "rounds": data["rounds"], "wall": wall}
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jobs import run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
 from fedmm.config import Settings  # noqa: E402
 
 
@@ -107,21 +107,13 @@ def calibrate(settings: Settings, level: str, epsilon: float, clients: int) -> d
 
 
 def run_one(name: str, overrides: dict, clients: int, work: Path) -> dict:
-    from fedmm.cli import run_simulation
-
-    out = work / name
-    start = time.perf_counter()
-    code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
-                          flwr_home=out / "flwr", stream=False)
-    if code != 0:
-        raise SystemExit(f"{name}: job failed ({code}); logs under {out}")
-    data = json.loads((out / "report" / "metrics.json").read_text())
-    rounds = {int(k): v for k, v in data["rounds"].items()}
+    data, wall = run_job(name, overrides, clients, work)
+    rounds = data["rounds"]
     last = rounds[max(rounds)]
     eps = last.get("privacy/epsilon", max((r.get("train/dp-epsilon-max", 0.0) for r in rounds.values()), default=0.0))
     declined = sum(1 for f in data["extra"].get("failed-replies", []) if "budget" in f["reason"])
     return {"name": name, "acc": last["central/zs-acc"], "base": rounds[0]["central/zs-acc"], "epsilon": eps,
-            "declined": declined, "wall": time.perf_counter() - start, "rounds": max(rounds)}
+            "declined": declined, "wall": wall, "rounds": max(rounds)}
 
 
 def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: list[str], extra: dict,
