@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
 import psutil
 
 from .config import ConfigError, Settings
+from .deploy.processes import federation_env, flower_bin, free_port, processes_under, start, stop_under, wait_for_port
 
 log = logging.getLogger("fedmm")
 CONNECTION = "fedmm-local"
@@ -53,37 +50,6 @@ def format_run_config(values: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name  # the venv fedmm runs from
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def federation_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry, no installs, loopback-only Ray."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        # Ray then uses 127.0.0.1 as its node address instead of a public interface.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        HF_DATASETS_OFFLINE="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 def write_flower_config(flwr_home: Path, port: int) -> None:
     """A Flower config with one connection, to the SuperLink ``fedmm run`` started."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -104,60 +70,32 @@ class SimulationSuperLink:
     def __init__(self, flwr_home: Path, log_file: Path):
         self.flwr_home, self.log_file = flwr_home, log_file
         # Flower 1.41 serves Control, Fleet and Runtime APIs on one HTTP listener.
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> SimulationSuperLink:
         cmd = [
-            _bin("flower-superlink"), "--insecure", "--simulation",
+            flower_bin("flower-superlink"), "--insecure", "--simulation",
             "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--database", ":flwr-in-memory:",
         ]
-        out = open(self.log_file, "w")
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(self.flwr_home))
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited early; see {self.log_file}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not start in 60 s; see {self.log_file}")
+        self.log_file.write_text("")
+        self.proc = start(cmd, self.flwr_home, self.log_file)
+        try:
+            wait_for_port(self.port, self.proc, "flower-superlink", self.log_file)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def processes(self) -> list[psutil.Process]:
-        """Every process this federation started: they all carry our unique FLWR_HOME.
-
-        The SuperLink detaches its SuperExec into a new session, and Ray's
-        workers hang below that, so a process group would miss them.
-        """
-        mine = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("FLWR_HOME") == str(self.flwr_home):
-                    mine.append(proc)
-            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                continue
-        return mine
+        """Every process this federation started (they all carry its FLWR_HOME)."""
+        return processes_under(self.flwr_home)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        for attempt in range(3):
-            procs = self.processes()
-            if not procs:
-                break
-            for p in procs:
-                try:
-                    (p.terminate if attempt == 0 else p.kill)()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(procs, timeout=10)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            stop_under(self.flwr_home, self.proc)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -185,7 +123,7 @@ def run_simulation(
         # --stream also makes flwr wait for the run to finish; without it, it
         # returns once the run is submitted and the SuperLink would be stopped.
         cmd = [
-            _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+            flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
             "--federation-config", federation,
             "--run-config", format_run_config(run_config),
         ]
@@ -211,8 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .pretrain import ensure_base_checkpoint
 
         log.info("fedmm: base checkpoint %s", ensure_base_checkpoint(settings, progress=True))
-    log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
-    code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
+    if args.deployment:
+        from .deploy.local import LocalFederation
+
+        home = Path(tempfile.mkdtemp(prefix="fedmm-deploy-"))
+        log.info("fedmm: deployment engine, SuperLink + %d SuperNodes on 127.0.0.1 (TLS, node auth; logs in %s); "
+                 "report -> %s", args.clients, home / "logs", settings.output_dir)
+        with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure) as federation:
+            code = federation.run(Path(args.app), format_run_config(overrides))
+    else:
+        log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
+        code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
     summary = Path(settings.output_dir) / "summary.md"
     if code != 0:
         return code
@@ -222,6 +169,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(f"\nfedmm: report folder {settings.output_dir}\n")
     print(summary.read_text())
+    return 0
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from .deploy.supernode import run_supernode
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    return run_supernode(flower_args, args.runtime_port, args.threads)
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from .deploy.credentials import make_credentials
+
+    out = Path(args.out)
+    make_credentials(out, args.nodes, args.hosts.split(","))
+    print(f"fedmm: CA, SuperLink certificate for {args.hosts} and {args.nodes} SuperNode key pairs in {out}")
     return 0
 
 
@@ -258,7 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (partitions)")
     run.add_argument("--cpus-per-client", type=int, default=1)
     run.add_argument("--app", default=".", help="the Flower app folder (this project)")
+    run.add_argument("--deployment", action="store_true",
+                     help="Flower's deployment engine: a real SuperLink and one SuperNode process per client on 127.0.0.1")
+    run.add_argument("--insecure", action="store_true", help="with --deployment: no TLS and no node authentication")
     run.set_defaults(fn=cmd_run)
+    node = sub.add_parser("supernode", help="a site's SuperNode with a long-lived ClientApp process",
+                          description="Everything after -- goes to flower-supernode, e.g. --superlink HOST:PORT "
+                                      "--root-certificates ca.crt --auth-supernode-private-key node-0 "
+                                      "--node-config 'partition-id=0 num-partitions=3'")
+    node.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's Runtime API port (loopback)")
+    node.add_argument("--threads", type=int, default=None, help="torch threads of the ClientApp (default: torch's)")
+    node.add_argument("flower_args", nargs=argparse.REMAINDER)
+    node.set_defaults(fn=cmd_supernode)
+    cred = sub.add_parser("credentials", help="TLS certificates and SuperNode keys for a deployment")
+    cred.add_argument("--out", default="credentials", help="folder (existing files are kept)")
+    cred.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs node-0 .. node-<N-1>")
+    cred.add_argument("--hosts", default="127.0.0.1,localhost",
+                      help="comma-separated names/addresses the SuperLink certificate is valid for")
+    cred.set_defaults(fn=cmd_credentials)
     pre = sub.add_parser("pretrain", help="build the cached public-pretrained base")
     pre.add_argument("--run-config", default="")
     pre.add_argument("--force", action="store_true", help="rebuild even if cached")

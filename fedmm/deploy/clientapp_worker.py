@@ -1,0 +1,195 @@
+"""A long-lived ClientApp process for one SuperNode.
+
+Flower 1.41's SuperNode starts a fresh ``flwr-clientapp`` process for every
+message (``--isolation subprocess``): each train or evaluate message pays
+~7 s of imports and rebuilds the model and the partition, so a deployment
+round took 6-10x a simulation round. With ``flower-supernode --isolation
+process`` the SuperNode only queues tasks on its Runtime API and leaves
+running them to an outside executor. This is that executor: one process per
+SuperNode that acquires each ClientApp task and runs it in-process, with
+Flower's own task protocol (pull input, run the app, push the reply and the
+context, heartbeats). Imports, and the model and data the ClientApp caches
+per run (``clients/app.py``), survive from one message to the next.
+
+What changes against ``flwr-clientapp``: nothing the server can see. Context
+state still lives on the SuperNode and is pushed back after every task; an
+exception in the ClientApp becomes an error reply, as there. A new app
+version (FAB hash) unloads the previous version's modules first. Runtime
+dependency installation is not supported: the worker runs the environment it
+was started in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedmm.worker")
+
+PULL_BACKOFF = (0.05, 0.5)  # first retry, longest wait (s) while the SuperNode still fetches a message
+
+# Heavy imports a ClientApp of this project needs; loaded once, before the first task.
+WARM_MODULES = ("torch", "open_clip", "peft", "opacus", "fedmm.model", "fedmm.train", "fedmm.evaluate")
+
+
+class ClientAppWorker:
+    """Acquire and run ClientApp tasks from one SuperNode's Runtime API, forever or until stopped."""
+
+    def __init__(self, runtime_api_address: str, *, poll_interval: float = 0.05, warm: bool = True):
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        self.address = runtime_api_address
+        self.poll_interval = poll_interval
+        self.stopped = threading.Event()
+        self.tasks_run = 0
+        self._app_dir: Path | None = None
+        # The Runtime API is the SuperNode's own loopback endpoint (same host
+        # or container); the SuperLink connection is the one that uses TLS.
+        # No retry invoker on the polling client: Flower's retries forever,
+        # and the loop below must notice stop() while the SuperNode is down.
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api_address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        )
+        if warm:
+            for name in WARM_MODULES:
+                importlib.import_module(name)
+
+    def serve(self, max_tasks: int | None = None) -> None:
+        from flwr.supercore.constant import TaskType
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+
+        log.info("fedmm worker: serving ClientApp tasks of the SuperNode at %s", self.address)
+        while not self.stopped.is_set() and (max_tasks is None or self.tasks_run < max_tasks):
+            try:
+                res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # the SuperNode restarting: keep polling
+                log.debug("fedmm worker: AcquireTask failed: %s", exc)
+                self.stopped.wait(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+                self.tasks_run += 1
+            else:
+                self.stopped.wait(self.poll_interval)
+        self._client.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def run_task(self, token: str) -> None:
+        """One ClientApp execution, as ``flwr.supernode.runtime.run_clientapp`` does it, minus the exit."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.client_app import LoadClientAppError
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        message = reply = context = None
+        status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        started = pulled = ran = time.perf_counter()
+        try:
+            heartbeat.start()
+            message, context, fab = pull_task_input(client)
+            app_dir = install_from_fab(fab.content, skip_prompt=True)
+            client_app = self._load(Path(app_dir))
+            pulled = time.perf_counter()
+            reply = client_app(message=message, context=context)
+            ran = time.perf_counter()
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # pylint: disable=broad-exception-caught
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reason = f"{type(ex)}:<'{ex}'>"
+            log.error("fedmm worker: the ClientApp raised", exc_info=ex)
+            details = reason
+            if message is not None:
+                reply = Message(Error(code=code, reason=reason), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception as ex:  # pylint: disable=broad-exception-caught
+                log.error("fedmm worker: failed to push the reply", exc_info=ex)
+            push_task_output(client, context, status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+        kind = message.metadata.message_type if message is not None else "?"
+        log.info("fedmm worker: %s task in %.2f s (pull %.2f, ClientApp %.2f, push %.2f; %s)", kind,
+                 time.perf_counter() - started, pulled - started, max(ran - pulled, 0), time.perf_counter() - max(ran, pulled), status)
+
+    def _load(self, app_dir: Path):
+        """The app's ClientApp; a different app version first drops the previous one's modules."""
+        from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+        from flwr.common.config import get_project_config
+        from flwr.supercore.object_ref import load_app
+
+        if self._app_dir is not None and self._app_dir != app_dir:
+            old = str(self._app_dir)
+            for name, module in list(sys.modules.items()):
+                if (getattr(module, "__file__", None) or "").startswith(old):
+                    del sys.modules[name]
+            if old in sys.path:
+                sys.path.remove(old)
+        self._app_dir = app_dir
+        ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+        app = load_app(ref, LoadClientAppError, app_dir)
+        if not isinstance(app, ClientApp):
+            raise LoadClientAppError(f"{ref} is not a ClientApp")
+        return app
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any]:
+    """Message, context and FAB of the acquired task (``run_clientapp.pull_task_input``, faster retries).
+
+    The SuperNode hands out a task before it has fetched the message's
+    objects from the SuperLink. Flower's own pull retries after 1, 2, 4, 8 s,
+    which a fresh process hides behind its imports; a warm worker would sit
+    out that backoff on every message, so it retries every 0.05-0.5 s.
+    """
+    from flwr.common.serde import context_from_proto, fab_from_proto
+    from flwr.app import Message
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context = context_from_proto(res.context)
+    messages = client.PullMessages(PullAppMessagesRequest())
+    if not messages.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), messages.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF[0],
+        backoff_cap=PULL_BACKOFF[1],
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, fab_from_proto(res.fab)

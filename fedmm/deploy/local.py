@@ -1,0 +1,165 @@
+"""A real deployment-engine federation on this machine's loopback interface.
+
+``LocalFederation(home, nodes=3)`` starts what a consortium runs, as plain
+processes: one ``flower-superlink`` (TLS on, SuperNode authentication on,
+state in ``<home>/superlink/state.db``) and one ``fedmm supernode`` per site
+(its own key, ``partition-id``/``num-partitions`` node config, its own
+FLWR_HOME). Node keys are registered with ``flwr supernode register`` before
+the nodes start. ``run(app, run_config)`` submits a job with ``flwr run`` and
+streams its logs; leaving the context stops every process it started, by PID.
+``--insecure`` happens only with ``tls=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .credentials import make_credentials
+from .processes import federation_env, flower_bin, free_port, start, stop_under, wait_for_port
+
+CONNECTION = "fedmm-deployment"
+
+
+def format_node_config(values: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+class LocalFederation:
+    """SuperLink + N SuperNodes on 127.0.0.1; a context manager that stops them all."""
+
+    def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
+                 node_config: dict | None = None, port: int | None = None):
+        if nodes < 1:
+            raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
+        self.home = home.resolve()
+        self.nodes, self.tls, self.auth = nodes, tls, auth
+        self.extra_node_config = node_config or {}
+        self.port = port or free_port()
+        self.credentials = self.home / "credentials"
+        self.link_home = self.home / "superlink"
+        self.database = self.link_home / "state.db"
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+
+    # --- paths a user of the federation needs -------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def node_key(self, i: int) -> Path:
+        return self.credentials / f"node-{i}"
+
+    def log_file(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            if self.tls or self.auth:
+                make_credentials(self.credentials, self.nodes, ["127.0.0.1", "localhost"])
+            self.write_flower_config()
+            self.start_superlink()
+            for i in range(self.nodes):
+                if self.auth:
+                    self.register(self.node_key(i).with_suffix(".pub"))
+                self.start_supernode(i)
+            self.wait_for_nodes(self.nodes)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        stop_under(self.home, self.superlink, *self.supernodes)
+        self.superlink, self.supernodes = None, []
+
+    def write_flower_config(self) -> None:
+        """``flwr`` CLI connection to this SuperLink (in the SuperLink's FLWR_HOME)."""
+        self.link_home.mkdir(parents=True, exist_ok=True)
+        tls = (f'root-certificates = "{self.credentials / "ca.crt"}"' if self.tls else "insecure = true")
+        (self.link_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\n{tls}\n'
+        )
+
+    def start_superlink(self) -> None:
+        cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--isolation", "subprocess", "--database", str(self.database),
+               "--disable-runtime-dependency-installation"]
+        if self.tls:
+            c = self.credentials
+            cmd += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
+                    "--ssl-keyfile", str(c / "server.key")]
+        else:
+            cmd.append("--insecure")
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
+        self.superlink = start(cmd, self.link_home, self.log_file("superlink"))
+        wait_for_port(self.port, self.superlink, "flower-superlink", self.log_file("superlink"))
+
+    def restart_superlink(self) -> None:
+        """Stop the SuperLink (and the ServerApps it runs) and start it again on the same state file."""
+        stop_under(self.link_home, self.superlink)
+        self.start_superlink()
+
+    def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        """A ``flwr`` CLI call against this SuperLink."""
+        proc = subprocess.run([flower_bin("flwr"), *args], env=federation_env(self.link_home),
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def register(self, public_key: Path) -> None:
+        self.flwr("supernode", "register", str(public_key), CONNECTION)
+
+    def node_args(self, i: int, key: Path | None = None) -> list[str]:
+        """The ``fedmm supernode`` options of site ``i`` (``key`` overrides its registered key)."""
+        config = {"partition-id": i, "num-partitions": self.nodes, **self.extra_node_config}
+        args = ["--superlink", self.address, "--node-config", format_node_config(config)]
+        args += ["--root-certificates", str(self.credentials / "ca.crt")] if self.tls else ["--insecure"]
+        if self.auth:
+            args += ["--auth-supernode-private-key", str(key or self.node_key(i))]
+        return args
+
+    def start_supernode(self, i: int, key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        name = name or f"supernode-{i}"
+        # the machine's cores shared out, as the simulation engine gives each client its CPUs
+        threads = max(1, (os.cpu_count() or 1) // self.nodes)
+        cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(threads),
+               "--", *self.node_args(i, key)]
+        proc = start(cmd, self.home / "nodes" / name, self.log_file(name))
+        self.supernodes.append(proc)
+        return proc
+
+    def online_nodes(self) -> list[dict]:
+        out = self.flwr("supernode", "list", CONNECTION, "--format", "json").stdout
+        nodes = json.loads(out[out.index("{"):]).get("nodes", [])
+        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for i, proc in enumerate(self.supernodes):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"supernode {i} exited (code {proc.returncode}); see {self.log_file(f'supernode-{i}')}")
+            if len(self.online_nodes()) >= count:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"{count} SuperNodes did not come online in {timeout:.0f} s; see {self.home / 'logs'}")
+
+    def run(self, app: Path, run_config: str, *, stream: bool = True, timeout: float | None = None) -> int:
+        """``flwr run <app>`` on this federation, waiting for the end; returns flwr's exit code."""
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
+        with open(self.log_file("run"), "w") as log_file:
+            out = None if stream else log_file
+            return subprocess.run(cmd, env=federation_env(self.link_home), timeout=timeout,
+                                  stdout=out, stderr=out).returncode

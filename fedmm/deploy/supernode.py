@@ -1,0 +1,71 @@
+"""``fedmm supernode``: what a site runs: a Flower SuperNode plus its long-lived ClientApp worker.
+
+The SuperNode is Flower's own ``flower-supernode`` with every connection
+option the user gives (``--superlink``, ``--root-certificates``,
+``--auth-supernode-private-key``, ``--node-config``, ``--insecure`` only if
+asked), run with ``--isolation process`` and its Runtime API on a loopback
+port; this process then runs ``ClientAppWorker`` against that port, so
+ClientApp tasks execute in one warm process instead of a fresh one per
+message. Either side ending ends the other; SIGTERM/SIGINT stop both.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+
+from .clientapp_worker import ClientAppWorker
+from .processes import flower_bin
+
+log = logging.getLogger("fedmm.supernode")
+
+# Options fedmm sets itself: the worker needs the Runtime API on loopback, in process isolation.
+_OWNED = ("--isolation", "--host", "--port")
+
+
+def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None = None) -> int:
+    """Run ``flower-supernode <flower_args>`` with a ClientAppWorker until either exits.
+
+    ``threads`` caps torch's intra-op threads, for several SuperNodes sharing one machine.
+    """
+    for arg in flower_args:
+        if arg.split("=")[0] in _OWNED:
+            raise ValueError(f"fedmm supernode: {arg.split('=')[0]} is set by fedmm (process isolation, "
+                             "Runtime API on 127.0.0.1); use --runtime-port to choose the port")
+    cmd = [flower_bin("flower-supernode"), *flower_args, "--isolation", "process",
+           "--host", "127.0.0.1", "--port", str(runtime_port)]
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    node = subprocess.Popen(cmd)
+    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def watch_node() -> None:
+        node.wait()
+        worker.stop()
+
+    threading.Thread(target=watch_node, daemon=True).start()
+    asked_to_stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        asked_to_stop.set()
+        worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        worker.serve()
+    finally:
+        if node.poll() is None:
+            node.terminate()
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+    log.info("fedmm supernode: %d ClientApp tasks run; flower-supernode exited with %s", worker.tasks_run, node.returncode)
+    return 0 if asked_to_stop.is_set() else (node.returncode or 0)

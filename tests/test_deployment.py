@@ -1,0 +1,130 @@
+"""Flower's deployment engine on 127.0.0.1: a real SuperLink and SuperNode processes.
+
+One federation (TLS and SuperNode authentication on, state in a file) runs a
+short job, then is probed for what a consortium relies on: the job's result
+matches the simulation of the same config, ClientApp tasks ran in one warm
+process per node, an unregistered node is refused, plain HTTP is refused,
+and a restarted SuperLink still knows the run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmm.cli import format_run_config, run_simulation
+from fedmm.deploy.credentials import certificate_hosts, make_node_key
+from fedmm.deploy.local import CONNECTION, LocalFederation
+from fedmm.deploy.processes import processes_under
+from fedmm.pretrain import ensure_base_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 3
+pytestmark = pytest.mark.integration
+
+
+def _job(base_settings, out: Path) -> dict:
+    return {**base_settings.to_run_config(), "num-server-rounds": 2, "local-steps": 6,
+            "partitioner": "iid", "min-nodes": NODES, "output-dir": str(out)}
+
+
+def _rounds(out: Path) -> dict[int, dict]:
+    return {int(k): v for k, v in json.loads((out / "metrics.json").read_text())["rounds"].items()}
+
+
+@pytest.fixture(scope="module")
+def federation(base_settings, tmp_path_factory):
+    ensure_base_checkpoint(base_settings, progress=False)
+    home = tmp_path_factory.mktemp("deployment")
+    with LocalFederation(home, NODES) as fed:
+        out = home / "report"
+        code = fed.run(ROOT, format_run_config(_job(base_settings, out)), stream=False, timeout=900)
+        assert code == 0, (home / "logs" / "run.log").read_text()[-3000:]
+        yield fed, out
+    assert processes_under(home) == []  # every process it started is gone
+
+
+def test_deployment_job_matches_simulation(federation, base_settings, tmp_path):
+    fed, out = federation
+    deployed = _rounds(out)
+    assert sorted(deployed) == [0, 1, 2]
+    assert deployed[2]["train/num-replies"] == NODES and deployed[2]["evaluate/num-replies"] == NODES
+    assert (out / "summary.md").is_file()
+
+    sim_out = tmp_path / "sim"
+    code = run_simulation(ROOT, _job(base_settings, sim_out), num_supernodes=NODES,
+                          flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    assert code == 0
+    simulated = _rounds(sim_out)
+    # same partitions, seed and global model: the same round-0 evaluation, and
+    # training results within float noise (thread counts differ between engines)
+    assert deployed[0]["central/zs-acc"] == simulated[0]["central/zs-acc"]
+    for r in (1, 2):
+        assert deployed[r]["central/zs-acc"] == pytest.approx(simulated[r]["central/zs-acc"], abs=0.03)
+        assert deployed[r]["train/train-loss"] == pytest.approx(simulated[r]["train/train-loss"], rel=0.05)
+
+
+def test_each_node_runs_its_tasks_in_one_warm_process(federation):
+    fed, _ = federation
+    for i in range(NODES):
+        log = fed.log_file(f"supernode-{i}").read_text()
+        assert log.count("serving ClientApp tasks") == 1  # one worker process, started once
+        done = re.findall(r"fedmm worker: (train|evaluate) task in [\d.]+ s .*completed", log)
+        assert sorted(done) == ["evaluate", "evaluate", "train", "train"], log[-2000:]
+
+
+def test_superlink_serves_tls_only(federation):
+    fed, _ = federation
+    ca = fed.credentials / "ca.crt"
+    assert set(certificate_hosts(fed.credentials / "server.crt")) >= {"127.0.0.1", "localhost"}
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    # plain HTTP gets no HTTP answer
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        raw.settimeout(10)
+        try:
+            answer = raw.recv(100)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+        assert not answer.startswith(b"HTTP/")
+    # and a client that does not trust our CA is refused
+    with socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_unregistered_node_is_refused(federation, tmp_path):
+    fed, _ = federation
+    before = len(fed.online_nodes())
+    rogue_key = make_node_key(tmp_path, "rogue")  # valid key pair, never registered
+    proc = fed.start_supernode(0, key=rogue_key, name="rogue")
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    log = fed.log_file("rogue").read_text()
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    assert len(fed.online_nodes()) == before
+
+
+def test_restarted_superlink_keeps_its_runs(federation):
+    fed, _ = federation
+
+    def runs() -> list[dict]:
+        out = fed.flwr("ls", CONNECTION, "--format", "json").stdout
+        return json.loads(out[out.index("{"):])["runs"]
+
+    before = runs()
+    assert len(before) == 1 and "finished" in before[0]["status"].lower()
+    fed.restart_superlink()
+    time.sleep(1)
+    after = runs()
+    assert [r["run-id"] for r in after] == [r["run-id"] for r in before]
+    assert after[0]["status"] == before[0]["status"]
