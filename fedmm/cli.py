@@ -133,8 +133,9 @@ def run_simulation(
         return proc.returncode
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    overrides = parse_run_config(args.run_config or "")
+def _validated(run_config: str) -> tuple[dict, Settings]:
+    """Run-config overrides and their settings, with ``output-dir`` filled in; fails before anything starts."""
+    overrides = parse_run_config(run_config or "")
     settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
     import strategies
 
@@ -145,21 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not settings.output_dir:
         overrides["output-dir"] = str(Path("runs").resolve() / datetime.now().strftime("%Y%m%d-%H%M%S"))
         settings = Settings.from_run_config(overrides)
-    if settings.pretrained == "public-pretrain":
-        from .pretrain import ensure_base_checkpoint
+    return overrides, settings
 
-        log.info("fedmm: base checkpoint %s", ensure_base_checkpoint(settings, progress=True))
-    if args.deployment:
-        from .deploy.local import LocalFederation
 
-        home = Path(tempfile.mkdtemp(prefix="fedmm-deploy-"))
-        log.info("fedmm: deployment engine, SuperLink + %d SuperNodes on 127.0.0.1 (TLS, node auth; logs in %s); "
-                 "report -> %s", args.clients, home / "logs", settings.output_dir)
-        with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure) as federation:
-            code = federation.run(Path(args.app), format_run_config(overrides))
-    else:
-        log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
-        code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
+def _report(settings: Settings, code: int) -> int:
     summary = Path(settings.output_dir) / "summary.md"
     if code != 0:
         return code
@@ -170,6 +160,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nfedmm: report folder {settings.output_dir}\n")
     print(summary.read_text())
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides, settings = _validated(args.run_config)
+    if settings.pretrained == "public-pretrain":
+        from .pretrain import ensure_base_checkpoint
+
+        log.info("fedmm: base checkpoint %s", ensure_base_checkpoint(settings, progress=True))
+    if args.deployment:
+        from .deploy.local import LocalFederation
+
+        home = Path(tempfile.mkdtemp(prefix="fedmm-deploy-"))
+        log.info("fedmm: deployment engine, SuperLink + %d SuperNodes on 127.0.0.1 (%s; logs in %s); report -> %s",
+                 args.clients, "insecure" if args.insecure else "TLS, node authentication",
+                 home / "logs", settings.output_dir)
+        with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure) as federation:
+            code = federation.run(Path(args.app), format_run_config(overrides))
+    else:
+        log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
+        code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
+    return _report(settings, code)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .deploy import submit
+
+    overrides, settings = _validated(args.run_config) if not args.no_run else ({}, None)
+    if args.insecure == bool(args.root_certificates):
+        raise ConfigError("fedmm submit: give --root-certificates (TLS), or --insecure to go without TLS")
+    home = Path(tempfile.mkdtemp(prefix="fedmm-submit-"))
+    submit.write_connection(home, submit.CONNECTION, args.superlink,
+                            None if args.insecure else Path(args.root_certificates))
+    env = federation_env(home)
+    submit.wait_for_superlink(env, submit.CONNECTION)
+    for key in args.register:
+        submit.register(env, submit.CONNECTION, Path(key))
+        log.info("fedmm: SuperNode key %s registered", key)
+    if args.no_run:
+        return 0
+    log.info("fedmm: waiting for %d SuperNodes at %s", args.wait_nodes, args.superlink)
+    submit.wait_for_nodes(env, submit.CONNECTION, args.wait_nodes)
+    cmd = [flower_bin("flwr"), "run", str(args.app), submit.CONNECTION, "--stream",
+           "--run-config", format_run_config(overrides)]
+    return _report(settings, subprocess.run(cmd, env=env).returncode)
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
@@ -243,6 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--run-config", default="")
     pre.add_argument("--force", action="store_true", help="rebuild even if cached")
     pre.set_defaults(fn=cmd_pretrain)
+    job = sub.add_parser("submit", help="register SuperNode keys and run a job on a deployed SuperLink")
+    job.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    job.add_argument("--root-certificates", default="", help="CA certificate that signed the SuperLink's")
+    job.add_argument("--insecure", action="store_true", help="no TLS (only where you really want that)")
+    job.add_argument("--register", action="append", default=[], metavar="PUBLIC_KEY",
+                     help="a SuperNode public key to register first (repeatable)")
+    job.add_argument("--wait-nodes", type=int, default=1, help="SuperNodes that must be online before the run")
+    job.add_argument("--run-config", default="")
+    job.add_argument("--app", default=".", help="the Flower app folder (this project)")
+    job.add_argument("--no-run", action="store_true", help="only register the keys")
+    job.set_defaults(fn=cmd_submit)
     sub.add_parser("strategies", help="list installed strategies and their arguments").set_defaults(fn=cmd_strategies)
     args = parser.parse_args(argv)
     try:

@@ -104,14 +104,14 @@ def test_superlink_serves_tls_only(federation):
 
 def test_unregistered_node_is_refused(federation, tmp_path):
     fed, _ = federation
-    before = len(fed.online_nodes())
+    before = fed.online_nodes()
     rogue_key = make_node_key(tmp_path, "rogue")  # valid key pair, never registered
     proc = fed.start_supernode(0, key=rogue_key, name="rogue")
     proc.wait(timeout=120)
     assert proc.returncode != 0
     log = fed.log_file("rogue").read_text()
     assert "Failed to activate SuperNode" in log, log[-2000:]
-    assert len(fed.online_nodes()) == before
+    assert fed.online_nodes() == before
 
 
 def test_restarted_superlink_keeps_its_runs(federation):

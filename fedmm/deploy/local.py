@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import submit
 from .credentials import make_credentials
 from .processes import federation_env, flower_bin, free_port, start, stop_under, wait_for_port
 
@@ -83,12 +84,8 @@ class LocalFederation:
 
     def write_flower_config(self) -> None:
         """``flwr`` CLI connection to this SuperLink (in the SuperLink's FLWR_HOME)."""
-        self.link_home.mkdir(parents=True, exist_ok=True)
-        tls = (f'root-certificates = "{self.credentials / "ca.crt"}"' if self.tls else "insecure = true")
-        (self.link_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\n{tls}\n'
-        )
+        submit.write_connection(self.link_home, CONNECTION, self.address,
+                                self.credentials / "ca.crt" if self.tls else None)
 
     def start_superlink(self) -> None:
         cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
@@ -110,16 +107,12 @@ class LocalFederation:
         stop_under(self.link_home, self.superlink)
         self.start_superlink()
 
-    def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """A ``flwr`` CLI call against this SuperLink."""
-        proc = subprocess.run([flower_bin("flwr"), *args], env=federation_env(self.link_home),
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return proc
+        return submit.flwr(federation_env(self.link_home), *args, check=check)
 
     def register(self, public_key: Path) -> None:
-        self.flwr("supernode", "register", str(public_key), CONNECTION)
+        submit.register(federation_env(self.link_home), CONNECTION, public_key)
 
     def node_args(self, i: int, key: Path | None = None) -> list[str]:
         """The ``fedmm supernode`` options of site ``i`` (``key`` overrides its registered key)."""
@@ -140,21 +133,18 @@ class LocalFederation:
         self.supernodes.append(proc)
         return proc
 
-    def online_nodes(self) -> list[dict]:
-        out = self.flwr("supernode", "list", CONNECTION, "--format", "json").stdout
-        nodes = json.loads(out[out.index("{"):]).get("nodes", [])
-        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+    def online_nodes(self) -> int:
+        return submit.online_nodes(federation_env(self.link_home), CONNECTION)
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
-        while time.time() < deadline:
+        while self.online_nodes() < count:
             for i, proc in enumerate(self.supernodes):
                 if proc.poll() is not None:
                     raise RuntimeError(f"supernode {i} exited (code {proc.returncode}); see {self.log_file(f'supernode-{i}')}")
-            if len(self.online_nodes()) >= count:
-                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{count} SuperNodes did not come online in {timeout:.0f} s; see {self.home / 'logs'}")
             time.sleep(1)
-        raise RuntimeError(f"{count} SuperNodes did not come online in {timeout:.0f} s; see {self.home / 'logs'}")
 
     def run(self, app: Path, run_config: str, *, stream: bool = True, timeout: float | None = None) -> int:
         """``flwr run <app>`` on this federation, waiting for the end; returns flwr's exit code."""

@@ -1,0 +1,80 @@
+"""The docker compose rehearsal, end to end: a real federated job through containers.
+
+Starts a local Docker engine with ../shared/tools/local-docker.sh (images are
+built locally; nothing is pulled), builds the project's image, runs the
+compose file's ``job`` (SuperLink with TLS and node authentication, three
+SuperNodes, 2 rounds of the tiny model) and checks the report it wrote. The
+federation is taken down afterwards, and the engine too if this test started
+it, also when the test fails. Deselect with ``-m "not docker"`` on a machine
+without root or Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_DOCKER = ROOT.parent / "shared" / "tools" / "local-docker.sh"
+PROJECT = "fedmm-compose-test"
+pytestmark = pytest.mark.docker
+
+
+def _engine_env() -> dict[str, str]:
+    out = subprocess.run(["bash", str(LOCAL_DOCKER), "env"], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    for line in out.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def docker_env():
+    assert LOCAL_DOCKER.is_file(), f"{LOCAL_DOCKER} is missing: the compose test needs the local Docker engine script"
+    env = _engine_env()
+    already_up = subprocess.run(["docker", "info"], env=env, capture_output=True).returncode == 0
+    try:
+        subprocess.run(["bash", str(LOCAL_DOCKER), "up"], check=True, capture_output=True, timeout=3600)
+        yield env
+    finally:
+        if not already_up:
+            subprocess.run(["bash", str(LOCAL_DOCKER), "down"], capture_output=True, timeout=300)
+
+
+def test_compose_runs_a_federated_job(docker_env, tmp_path):
+    env = {
+        **docker_env,
+        "FEDMM_CREDENTIALS": str(tmp_path / "credentials"),
+        "FEDMM_RUNS": str(tmp_path / "runs"),
+        "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6",
+    }
+    compose = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
+    try:
+        job = subprocess.run([*compose, "run", "--build", "--rm", "job"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=2400)
+        logs = subprocess.run([*compose, "logs", "--no-color"], env=env, cwd=ROOT, capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*compose, "down", "-v", "--remove-orphans"], env=env, cwd=ROOT, capture_output=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:] + logs[-3000:]
+
+    reports = list((tmp_path / "runs").glob("compose-*/metrics.json"))
+    assert len(reports) == 1, job.stdout[-2000:]
+    rounds = {int(k): v for k, v in json.loads(reports[0].read_text())["rounds"].items()}
+    assert sorted(rounds) == [0, 1, 2]
+    assert rounds[2]["train/num-replies"] == 3 and rounds[2]["evaluate/num-replies"] == 3
+    assert "fedmm: report folder /runs/compose-" in job.stdout
+    # node authentication was on: the three keys were registered before the nodes joined,
+    # over TLS to a certificate issued for the service name
+    assert sum("fedmm: SuperNode key /credentials/node-" in line for line in logs.splitlines()) == 3, logs[-3000:]
+    from fedmm.deploy.credentials import certificate_hosts
+
+    assert "superlink" in certificate_hosts(tmp_path / "credentials" / "server.crt")
+    # each SuperNode ran all its ClientApp tasks in its one warm worker
+    for i in range(3):
+        node_logs = [line for line in logs.splitlines() if line.startswith(f"supernode-{i}")]
+        assert sum("fedmm worker: " in l and "completed" in l for l in node_logs) == 4, "\n".join(node_logs[-20:])
