@@ -33,11 +33,13 @@ class LocalFederation:
     """SuperLink + N SuperNodes on 127.0.0.1; a context manager that stops them all."""
 
     def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
-                 node_config: dict | None = None, port: int | None = None):
+                 node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True):
         if nodes < 1:
             raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
         self.home = home.resolve()
         self.nodes, self.tls, self.auth = nodes, tls, auth
+        # False: Flower's stock SuperNode, a fresh ClientApp process per message (the benchmarks' baseline)
+        self.warm_clientapps = warm_clientapps
         self.extra_node_config = node_config or {}
         self.port = port or free_port()
         self.credentials = self.home / "credentials"
@@ -127,8 +129,12 @@ class LocalFederation:
         name = name or f"supernode-{i}"
         # the machine's cores shared out, as the simulation engine gives each client its CPUs
         threads = max(1, (os.cpu_count() or 1) // self.nodes)
-        cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(threads),
-               "--", *self.node_args(i, key)]
+        if self.warm_clientapps:
+            cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(threads),
+                   "--", *self.node_args(i, key)]
+        else:
+            cmd = [flower_bin("flower-supernode"), *self.node_args(i, key), "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(free_port())]
         proc = start(cmd, self.home / "nodes" / name, self.log_file(name))
         self.supernodes.append(proc)
         return proc
