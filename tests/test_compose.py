@@ -46,9 +46,13 @@ def docker_env():
             subprocess.run(["bash", str(LOCAL_DOCKER), "down"], capture_output=True, timeout=300)
 
 
-def test_compose_runs_a_federated_job(docker_env, tmp_path):
+def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
+    from fedmm.pretrain import ensure_base_checkpoint
+
+    ensure_base_checkpoint(base_settings, progress=False)  # the session's base: `prepare` finds it cached
     env = {
         **docker_env,
+        "FEDMM_CACHE": base_settings.cache_dir,
         "FEDMM_CREDENTIALS": str(tmp_path / "credentials"),
         "FEDMM_RUNS": str(tmp_path / "runs"),
         "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6",
