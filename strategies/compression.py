@@ -30,9 +30,10 @@ import numpy as np
 from fedmm.compression import CodecError, layout_arrays, layout_of, make_codec
 from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
+from strategies.wrapper import StrategyWrapper
 
 
-class CompressedUpdates(Strategy):
+class CompressedUpdates(StrategyWrapper):
     def __init__(
         self,
         strategy: Strategy,
@@ -41,7 +42,7 @@ class CompressedUpdates(Strategy):
         error_feedback: bool = True,
         seed: int = 0,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.uplink, self.downlink = make_codec(uplink), make_codec(downlink)
         if self.downlink.topk is not None:
             raise ValueError("downlink codec must be dense (no top-k)")
@@ -127,6 +128,3 @@ class CompressedUpdates(Strategy):
         for message in messages:
             message.content[self.key] = send
         return messages
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, constraint_values, dual_ascent
+from strategies.wrapper import StrategyWrapper
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,12 @@ class Constraint:
     initial: float = 0.0  # starting multiplier
 
 
-class DualAscentConstraints(Strategy):
+class DualAscentConstraints(StrategyWrapper):
     def __init__(self, strategy: Strategy, constraints: Mapping[str, Constraint]) -> None:
         unknown = set(constraints) - set(CONSTRAINTS)
         if unknown:
             raise ValueError(f"unknown constraint(s) {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.constraints = dict(constraints)
         self.multipliers = {name: c.initial for name, c in constraints.items()}
         self.history: dict[int, dict[str, float]] = {}  # round -> measured values and updated multipliers
@@ -84,11 +85,3 @@ class DualAscentConstraints(Strategy):
                 self.multipliers[name] = dual_ascent(self.multipliers[name], measured[name], c.threshold, c.step)
         self.history[server_round] = row
         return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)

@@ -48,6 +48,8 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from strategies.wrapper import StrategyWrapper
+
 # Train-config keys the client's privacy_mod acts on.
 CLIP_KEY = "dp-clip-norm"
 NOISE_STD_KEY = "dp-noise-std"  # absolute std of the noise each client adds to its update
@@ -140,7 +142,7 @@ class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):
         return arrays, metrics
 
 
-class LocalUpdatePrivacy(Strategy):
+class LocalUpdatePrivacy(StrategyWrapper):
     """Local DP: asks every client to clip its update to C and add N(0, sigma^2 C^2).
 
     Client obligation: fedmm's ``privacy_mod``, which also keeps the client's
@@ -151,7 +153,7 @@ class LocalUpdatePrivacy(Strategy):
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
                  delta: float, max_epsilon: float) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
         self.delta, self.max_epsilon = delta, max_epsilon
 
@@ -169,19 +171,6 @@ class LocalUpdatePrivacy(Strategy):
         config[DELTA_KEY] = self.delta
         config[MAX_EPSILON_KEY] = self.max_epsilon
         return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def make_private_strategy(

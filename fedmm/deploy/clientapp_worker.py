@@ -49,6 +49,8 @@ class ClientAppWorker:
         self.stopped = threading.Event()
         self.tasks_run = 0
         self._app_dir: Path | None = None
+        self._fab_hash: str | None = None  # the app version loaded now, and its ClientApp
+        self._app: Any = None
         # The Runtime API is the SuperNode's own loopback endpoint (same host
         # or container); the SuperLink connection is the one that uses TLS.
         # No retry invoker on the polling client: Flower's retries forever,
@@ -109,8 +111,10 @@ class ClientAppWorker:
         try:
             heartbeat.start()
             message, context, fab = pull_task_input(client)
-            app_dir = install_from_fab(fab.content, skip_prompt=True)
-            client_app = self._load(Path(app_dir))
+            if fab.hash_str != self._fab_hash:  # install and load once per app version, not per message
+                self._app = self._load(Path(install_from_fab(fab.content, skip_prompt=True)))
+                self._fab_hash = fab.hash_str
+            client_app = self._app
             pulled = time.perf_counter()
             reply = client_app(message=message, context=context)
             ran = time.perf_counter()

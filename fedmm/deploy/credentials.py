@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -45,7 +46,7 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _certificate(subject: str, public_key, issuer: x509.Name, signer, *, ca: bool,
-                 hosts: list[str] = ()) -> x509.Certificate:
+                 hosts: Sequence[str] = ()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateBuilder()

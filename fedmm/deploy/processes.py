@@ -54,9 +54,9 @@ def federation_env(flwr_home: Path) -> dict[str, str]:
 
 def start(cmd: list[str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
     flwr_home.mkdir(parents=True, exist_ok=True)
-    out = open(log_file, "a")
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(flwr_home),
-                            stdin=subprocess.DEVNULL)
+    with open(log_file, "a") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(flwr_home),
+                                stdin=subprocess.DEVNULL)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_file: Path, timeout: float = 60) -> None:

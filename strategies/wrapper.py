@@ -1,0 +1,42 @@
+"""StrategyWrapper: the pass-through base of fedmm's strategy wrappers.
+
+A wrapper holds the strategy it wraps in ``self.strategy`` (what
+``strategies.innermost`` and the server's ``find_wrapper`` walk) and hands
+every call on unchanged; subclasses override only the steps they change
+(compression decodes replies, constraints add multipliers, local DP adds its
+parameters to the train config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+class StrategyWrapper(Strategy):
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
