@@ -33,7 +33,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedmm.compression import encode_with_feedback, layout_from_arrays, make_codec, payload_bytes
+from fedmm.compression import decode_self_describing, encode_with_feedback, make_codec, payload_bytes
 from fedmm.lora_keys import is_downlink_only
 from fedmm.privacy import privatize_update, sample_epsilon, update_norm
 from strategies import privacy as dp_keys
@@ -115,14 +115,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return call_next(msg, context)
     config = msg.content["config"]
     down = make_codec(str(config["codec-down"]))
-    received = to_numpy(msg.content["arrays"])
-    if down.lossless:
-        global_arrays = received
-    else:
-        layout = layout_from_arrays(received)
-        payload = {k: v for k, v in received.items() if not k.startswith("layout-")}
-        global_arrays = down.decode(payload, layout)
-        msg.content["arrays"] = to_record(global_arrays)
+    global_arrays = decode_self_describing(down, to_numpy(msg.content["arrays"]))
+    msg.content["arrays"] = to_record(global_arrays)
     reply = call_next(msg, context)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or "codec-up" not in config:
         return reply

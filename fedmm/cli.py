@@ -206,11 +206,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _report(settings, subprocess.run(cmd, env=env).returncode)
 
 
+def _passed_through(args: argparse.Namespace) -> list[str]:
+    return args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from .deploy.superlink import run_superlink
+
+    return run_superlink(_passed_through(args))
+
+
 def cmd_supernode(args: argparse.Namespace) -> int:
     from .deploy.supernode import run_supernode
 
-    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    return run_supernode(flower_args, args.runtime_port, args.threads)
+    return run_supernode(_passed_through(args), args.runtime_port, args.threads)
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
@@ -259,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="Flower's deployment engine: a real SuperLink and one SuperNode process per client on 127.0.0.1")
     run.add_argument("--insecure", action="store_true", help="with --deployment: no TLS and no node authentication")
     run.set_defaults(fn=cmd_run)
+    link = sub.add_parser("superlink", help="Flower's SuperLink with message payloads in memory (state in --database)",
+                          description="Everything after -- goes to flower-superlink, e.g. --database state.db "
+                                      "--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key "
+                                      "--enable-supernode-auth")
+    link.add_argument("flower_args", nargs=argparse.REMAINDER)
+    link.set_defaults(fn=cmd_superlink)
     node = sub.add_parser("supernode", help="a site's SuperNode with a long-lived ClientApp process",
                           description="Everything after -- goes to flower-supernode, e.g. --superlink HOST:PORT "
                                       "--root-certificates ca.crt --auth-supernode-private-key node-0 "

@@ -1,7 +1,8 @@
 """CompressedUpdates: compressed uplink/downlink around any strategy.
 
 Client obligation: the ClientApp runs ``clients.mods.compression_mod``. It
-decodes the global adapter when the downlink is compressed, and replies with
+decodes the global adapter (on the wire always a self-describing codec
+payload, fp32 included: a few concatenated arrays), and replies with
 the encoded update delta = local - global (plus its error-feedback residual).
 
 This wrapper decodes each reply before the wrapped strategy sees it: local =
@@ -27,7 +28,7 @@ from flwr.supercore import log
 
 import numpy as np
 
-from fedmm.compression import CodecError, layout_arrays, layout_of, make_codec
+from fedmm.compression import CodecError, decode_self_describing, encode_self_describing, layout_of, make_codec
 from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
@@ -58,13 +59,14 @@ class CompressedUpdates(StrategyWrapper):
         self.strategy.summary()
 
     def _downlink(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, OrderedDict]:
+        # Always the codec's few concatenated arrays, fp32 too: Flower sends every array of a
+        # message as its own object, one SuperLink request per node each, and a per-tensor
+        # adapter (hundreds of arrays) made that the cost of a deployment round.
         plain = to_numpy(arrays)
-        if self.downlink.lossless:
-            return arrays, plain
         rng = np.random.default_rng([self.seed, server_round, 2**31 - 1])
-        payload = self.downlink.encode(plain, rng)
-        decoded = self.downlink.decode(payload, layout_of(plain))
-        return to_record({**payload, **layout_arrays(layout_of(plain))}), decoded
+        payload = encode_self_describing(self.downlink, plain, rng)
+        decoded = plain if self.downlink.lossless else decode_self_describing(self.downlink, payload)
+        return to_record(payload), decoded
 
     def _config(self, config: ConfigRecord, train: bool) -> ConfigRecord:
         extra = {"codec-down": self.downlink.spec}

@@ -8,6 +8,7 @@ from flwr.serverapp.strategy import FedAvg
 from clients.mods import RESIDUAL_KEY, compression_mod
 from fedmm.compression import (
     CodecError,
+    encode_self_describing,
     encode_with_feedback,
     layout_arrays,
     layout_from_arrays,
@@ -176,7 +177,8 @@ def test_mod_encodes_delta_with_feedback_and_wire_bytes_match():
         seen["arrays"] = to_numpy(msg.content["arrays"])
         return Message(RecordDict({"arrays": to_record(local), "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
 
-    reply = compression_mod(_train_message(to_record(glob), config), context, handler)
+    sent = to_record(encode_self_describing(make_codec("fp32"), glob, np.random.default_rng(0)))
+    reply = compression_mod(_train_message(sent, config), context, handler)
     payload = to_numpy(reply.content["arrays"])
     assert set(payload) == {"index", "codes", "scales"}
     # What Flower counts on the wire equals the codec's own count.
@@ -193,7 +195,7 @@ def test_mod_decodes_a_compressed_downlink():
     glob = _update(0)
     codec = make_codec("q8")
     payload = codec.encode(glob, np.random.default_rng(0))
-    sent = to_record({**payload, **layout_arrays(layout_of(glob))})
+    sent = to_record(encode_self_describing(codec, glob, np.random.default_rng(0)))
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     seen = {}
 
@@ -234,3 +236,26 @@ def test_wrapper_drops_a_malformed_update_and_aggregates_the_rest(task_identity)
     out = to_numpy(arrays)
     for k in glob:  # the mean of the two good updates, to quantization precision
         np.testing.assert_allclose(out[k], (locals_[0][k] + locals_[1][k]) / 2, atol=0.02)
+
+
+def test_fp32_downlink_is_a_few_concatenated_arrays_that_decode_exactly(task_identity):
+    # Flower moves each array of a message as its own object (one SuperLink request per node
+    # each), so the wire must not grow with the adapter's tensor count.
+    glob = OrderedDict((f"layer{i}.lora_A.weight", np.random.default_rng(i).normal(size=(4, 6)).astype(np.float32))
+                       for i in range(40))
+    wrapper = CompressedUpdates(FedAvg(min_available_nodes=3, min_train_nodes=3))
+    sent = [m.content["arrays"] for m in wrapper.configure_train(1, to_record(glob), ConfigRecord({}), _Grid())]
+    assert all(len(record) <= 3 for record in sent)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    seen = {}
+
+    def handler(msg, ctx):
+        seen.update(to_numpy(msg.content["arrays"]))
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    msg = _train_message(sent[0], {"codec-down": "fp32"})
+    msg.metadata.message_type = MessageType.EVALUATE
+    compression_mod(msg, context, handler)
+    assert list(seen) == list(glob)
+    for k in glob:
+        np.testing.assert_array_equal(seen[k], glob[k])

@@ -10,6 +10,12 @@ Order with privacy (the privacy work composes with this): clip -> noise ->
 encode. Encoding is post-processing of the privatised update, so it keeps any
 DP guarantee; the error-feedback residual is computed from the privatised
 update too, so no un-noised information leaks through it.
+
+On the wire every payload is the codec's few concatenated arrays, fp32
+included (``encode_self_describing`` / ``decode_self_describing`` for the
+downlink, which carries its own layout): Flower moves each array of a
+message as a separate object, so a per-tensor adapter would cost hundreds of
+requests per node and round in a deployment.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ __all__ = [
     "Codec",
     "CodecError",
     "Layout",
+    "decode_self_describing",
+    "encode_self_describing",
     "encode_with_feedback",
     "layout_arrays",
     "layout_from_arrays",
@@ -53,3 +61,16 @@ def encode_with_feedback(
     payload = codec.encode(corrected, rng)
     sent = codec.decode(payload, layout_of(corrected))
     return payload, OrderedDict((k, corrected[k] - sent[k]) for k in corrected)
+
+
+def encode_self_describing(
+    codec: Codec, arrays: Mapping[str, np.ndarray], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """The payload plus its layout, so the receiver needs nothing else to decode it."""
+    return {**codec.encode(arrays, rng), **layout_arrays(layout_of(arrays))}
+
+
+def decode_self_describing(codec: Codec, received: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """Inverse of ``encode_self_describing``; ``CodecError`` names what is wrong."""
+    payload = {k: v for k, v in received.items() if not k.startswith("layout-")}
+    return codec.decode(payload, layout_from_arrays(received))

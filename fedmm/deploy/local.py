@@ -1,10 +1,11 @@
 """A real deployment-engine federation on this machine's loopback interface.
 
 ``LocalFederation(home, nodes=3)`` starts what a consortium runs, as plain
-processes: one ``flower-superlink`` (TLS on, SuperNode authentication on,
+processes: one SuperLink (TLS on, SuperNode authentication on,
 state in ``<home>/superlink/state.db``) and one ``fedmm supernode`` per site
 (its own key, ``partition-id``/``num-partitions`` node config, its own
-FLWR_HOME). Node keys are registered with ``flwr supernode register`` before
+FLWR_HOME). The SuperLink is ``fedmm superlink`` (Flower's, with message
+payloads in memory; see fedmm/deploy/superlink.py). Node keys are registered with ``flwr supernode register`` before
 the nodes start. ``run(app, run_config)`` submits a job with ``flwr run`` and
 streams its logs; leaving the context stops every process it started, by PID.
 ``--insecure`` happens only with ``tls=False``.
@@ -90,7 +91,7 @@ class LocalFederation:
                                 self.credentials / "ca.crt" if self.tls else None)
 
     def start_superlink(self) -> None:
-        cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [flower_bin("fedmm"), "superlink", "--", "--host", "127.0.0.1", "--port", str(self.port),
                "--isolation", "subprocess", "--database", str(self.database),
                "--disable-runtime-dependency-installation"]
         if self.tls:

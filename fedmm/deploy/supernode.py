@@ -7,11 +7,17 @@ asked), run with ``--isolation process`` and its Runtime API on a loopback
 port; this process then runs ``ClientAppWorker`` against that port, so
 ClientApp tasks execute in one warm process instead of a fresh one per
 message. Either side ending ends the other; SIGTERM/SIGINT stop both.
+
+The worker runs at a lower CPU priority (``WORKER_NICENESS``) than the
+SuperNode: training may take every core, but the SuperNode's heartbeats and
+message transfers (and, when sites share a machine, the SuperLink's) must not
+wait behind it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -23,6 +29,7 @@ log = logging.getLogger("fedmm.supernode")
 
 # Options fedmm sets itself: the worker needs the Runtime API on loopback, in process isolation.
 _OWNED = ("--isolation", "--host", "--port")
+WORKER_NICENESS = 5
 
 
 def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None = None) -> int:
@@ -38,6 +45,7 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
            "--host", "127.0.0.1", "--port", str(runtime_port)]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     node = subprocess.Popen(cmd)
+    os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
     worker = ClientAppWorker(f"127.0.0.1:{runtime_port}")
     if threads:
         import torch

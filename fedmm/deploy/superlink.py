@@ -1,0 +1,71 @@
+"""``fedmm superlink``: Flower's ``flower-superlink`` with message payloads held in memory.
+
+Flower 1.41 keeps the SuperLink's LinkState (runs, nodes, message metadata)
+and its ObjectStore (message payloads: every array of every message) in the
+one SQLite file ``--database`` names. Each payload is written once and deleted
+as soon as its receiver has pulled it, so with N SuperNodes pulling at once
+every pull is a write on that file; on a loaded machine the writes queue past
+SQLite's 5 s busy timeout, the SuperLink answers ``database is locked`` and
+the SuperNodes back off for up to 10 s per try (measured in
+docs/benchmarks.md: 40–60 s per message with 10 nodes on 2 cores).
+
+This launcher runs Flower's own SuperLink with every option the user gives,
+changing two things:
+
+- a file ``--database`` holds the LinkState only, and the payloads live in
+  Flower's ``InMemoryObjectStore``. A restarted SuperLink still keeps its
+  runs, nodes and their statuses; what it loses is the payloads of messages
+  in flight, which belonged to the ServerApp that the restart stopped anyway;
+- SQLite's busy timeout is 60 s instead of 5 s. Every object pull still adds
+  to its run's traffic counters in the file; a write that waits its turn is
+  slower, one that fails is a message the SuperNode drops, and a round that
+  waits for its reply forever.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def _is_sqlite_file(database: str) -> bool:
+    value = database.strip()
+    if value.startswith(":") and value.endswith(":"):  # :memory:, :flwr-in-memory:
+        return False
+    return "://" not in value or value.startswith("sqlite:///") and not value.endswith(":memory:")
+
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+def payloads_in_memory() -> None:
+    """Make the SuperLink built in this process keep its ObjectStore in memory (LinkState as asked)."""
+    import flwr.supercore.sql_mixin as sql_mixin
+    import flwr.superlink.main as superlink_main
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    sql_mixin.SQLITE_PRAGMAS = tuple((name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
+                                     for name, value in sql_mixin.SQLITE_PRAGMAS)
+    flower_factories = superlink_main.get_objectstore_linkstate_factories
+
+    def factories(database: str, federation_manager: Any) -> tuple[ObjectStoreFactory, LinkStateFactory]:
+        if not _is_sqlite_file(database):
+            return flower_factories(database, federation_manager)
+        objects = ObjectStoreFactory()  # Flower's default: the in-memory store
+        return objects, LinkStateFactory(database, federation_manager, objects)
+
+    superlink_main.get_objectstore_linkstate_factories = factories
+
+
+def run_superlink(flower_args: list[str]) -> int:
+    """Run ``flower-superlink <flower_args>`` in this process, payloads in memory; returns its exit code."""
+    from flwr.superlink.cli import flower_superlink
+
+    payloads_in_memory()
+    sys.argv = ["flower-superlink", *flower_args]
+    try:
+        flower_superlink()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0
