@@ -23,7 +23,15 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.mods import budget_refusal, compression_mod, decline, load_ledger, privacy_mod, store_ledger
+from clients.mods import (
+    budget_refusal,
+    compression_mod,
+    decline,
+    fault_injection_mod,
+    load_ledger,
+    privacy_mod,
+    store_ledger,
+)
 from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
@@ -37,8 +45,9 @@ from fedmm.pretrain import load_base_model
 from fedmm.privacy import PublicNegativesLoss, sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.train import mean_clip_loss, proximal_term, train_steps
 
-# Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize).
-app = ClientApp(mods=[compression_mod, privacy_mod])
+# Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize);
+# injected faults (tests, benchmarks) act on the released update, as a client that skips clipping would.
+app = ClientApp(mods=[compression_mod, fault_injection_mod, privacy_mod])
 
 # open_clip logs through the root logger with logging.info(), which calls
 # basicConfig() on first use and would print every Flower record twice.

@@ -17,10 +17,17 @@ encoded with the codec the server named in the train config. It is a no-op
 for messages whose config names no codec, so it is safe to install always.
 Order: privacy mods (clip -> noise) must run inside this one, so encoding
 sees the privatised update.
+
+``fault_injection_mod`` (tests and benchmarks; ``fedmm.faults``): with
+``inject-faults`` in the run config, the clients it picks crash, time out or
+send a NaN, sign-flipped, scaled or noise update. It sits between
+compression and privacy: a Byzantine client sends what it likes, past any
+clipping, but still in the wire format. A no-op without ``inject-faults``.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 
@@ -33,6 +40,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedmm.config import Settings
+from fedmm.faults import corrupt_update, fault_of
 from fedmm.compression import decode_self_describing, encode_with_feedback, make_codec, payload_bytes
 from fedmm.lora_keys import is_downlink_only
 from fedmm.privacy import privatize_update, sample_epsilon, update_norm
@@ -143,4 +152,33 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     metrics = reply.content["metrics"]
     metrics["bytes-uplink"] = payload_bytes(payload)
     metrics["encode-seconds"] = time.perf_counter() - start
+    return reply
+
+
+@functools.lru_cache(maxsize=4)
+def _settings(run_config: tuple) -> Settings:
+    return Settings.from_run_config(dict(run_config))
+
+
+def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN or not context.run_config.get("inject-faults"):
+        return call_next(msg, context)
+    settings = _settings(tuple(sorted(context.run_config.items())))
+    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    kind = fault_of(settings.fault_fractions, int(context.node_config["partition-id"]),
+                    int(context.node_config["num-partitions"]), settings.seed, server_round)
+    if kind is None:
+        return call_next(msg, context)
+    if kind == "crash":
+        raise RuntimeError(f"injected fault: crash (partition {context.node_config['partition-id']}, "
+                           f"round {server_round})")
+    if kind == "timeout":
+        time.sleep(settings.round_timeout + 5.0)  # the server has stopped waiting for this reply
+        return call_next(msg, context)
+    reference = to_numpy(msg.content["arrays"])
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    rng = np.random.default_rng([settings.seed, server_round, int(context.node_id) % 2**32])
+    reply.content["arrays"] = to_record(corrupt_update(kind, to_numpy(reply.content["arrays"]), reference, rng))
     return reply

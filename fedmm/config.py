@@ -67,6 +67,16 @@ def _codec(v: Any) -> str | None:
     return None
 
 
+def _faults(v: Any) -> str | None:
+    from .faults import parse_faults
+
+    try:
+        parse_faults(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _constraint_list(v: Any) -> str | None:
     from .constraints import CONSTRAINTS
 
@@ -139,6 +149,13 @@ SPEC: dict[str, Key] = {
     "fraction-evaluate": Key(float, 1.0, "fraction of nodes sampled for federated evaluation", _fraction),
     "min-nodes": Key(int, 2, "minimum nodes per round (train and evaluate)", _positive),
     "round-timeout": Key(float, 600.0, "seconds to wait for replies in a round", _positive),
+    # update validation (strategies/validation.py)
+    "max-update-norm-ratio": Key(float, 10.0, "drop updates whose norm exceeds this x the round's median (0 = off)",
+                                 _non_negative),
+    "update-norm-bound": Key(float, 0.0, "clip every update to this L2 norm before aggregation (0 = off)",
+                             _non_negative),
+    "inject-faults": Key(str, "", "tests and benchmarks: misbehaving clients, e.g. \"crash=0.1,scale=0.2\" "
+                                  "(kinds: crash, timeout, nan, signflip, scale, noise)", _faults),
     # local training
     "local-steps": Key(int, 12, "optimizer steps per client per round", _positive),
     "batch-size": Key(int, 32, "client batch size", _positive),
@@ -228,6 +245,9 @@ class Settings:
     fraction_evaluate: float
     min_nodes: int
     round_timeout: float
+    max_update_norm_ratio: float
+    update_norm_bound: float
+    inject_faults: str
     local_steps: int
     batch_size: int
     lr: float
@@ -277,6 +297,12 @@ class Settings:
         settings = cls(**values)
         settings._check_cross_field()
         return settings
+
+    @property
+    def fault_fractions(self) -> dict[str, float]:
+        from .faults import parse_faults
+
+        return parse_faults(self.inject_faults)
 
     def _check_cross_field(self) -> None:
         from .model import available_models  # open_clip's registry, plus fedmm's bundled configs

@@ -223,14 +223,16 @@ def write_report(
     lines += _fairness_lines(rounds, config.get("constraints", ""))
     if privacy and privacy.get("dp") != "none":
         lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
-    failures = (extra or {}).get("failed-replies", [])
-    if failures:
-        lines += ["", "## Failed replies", "", "| round | node | reason |", "|---|---|---|"]
-        lines += [f"| {f['round']} | {f['node']} | {f['reason']} |" for f in failures]
+    for key, title in (("failed-replies", "Failed replies (crashes, declines, errors)"),
+                       ("dropped-updates", "Dropped updates (before aggregation)")):
+        rows = (extra or {}).get(key, [])
+        if rows:
+            lines += ["", f"## {title}", "", "| round | node | reason |", "|---|---|---|"]
+            lines += [f"| {f['round']} | {f['node']} | {f['reason']} |" for f in rows]
     lines += ["", "## Files", ""]
     lines += [f"- `{p.name}`" for p in paths.values() if p.name != "summary.md"]
     for k, v in (extra or {}).items():
-        if k not in ("privacy", "failed-replies"):
+        if k not in ("privacy", "failed-replies", "dropped-updates"):
             lines.append(f"- {k}: `{v}`")
     paths["summary"].write_text("\n".join(lines) + "\n")
     return paths

@@ -41,6 +41,7 @@ from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
+from strategies.validation import UpdateValidation
 
 app = ServerApp()
 
@@ -110,6 +111,8 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
             delta=settings.dp_delta, max_epsilon=settings.max_epsilon,
             num_nodes=num_nodes, num_sampled=num_sampled(settings, num_nodes),
         )
+    # Every reply is checked (names, shapes, finiteness, absurd norms) before any wrapper below aggregates it.
+    strategy = UpdateValidation(strategy, settings.max_update_norm_ratio, settings.update_norm_bound)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
     # gets the same decoding checks (shapes, finiteness), byte counts and a
     # node-id aggregation order.
@@ -169,8 +172,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(settings, history, num_nodes)
     check_population(strategies.innermost(strategy), num_sampled(settings, num_nodes))
     num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
-    ledger = getattr(strategy.strategy, "privacy_spent", None)  # Flower's accounted DP wrappers
+    ledger = None  # the privacy_spent() of Flower's accounted DP wrappers, wherever in the chain
+    link: Strategy | None = strategy
+    while link is not None and ledger is None:
+        ledger = getattr(link, "privacy_spent", None)
+        link = getattr(link, "strategy", None)
     duals = find_wrapper(strategy, DualAscentConstraints)
+    validation = find_wrapper(strategy, UpdateValidation)
 
     round_started = [time.perf_counter()]
 
@@ -184,6 +192,8 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "round-seconds", now - round_started[0])
             for key, value in strategy.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
+            for key, value in validation.stats.get(server_round, {}).items():
+                history.record(server_round, f"validation/{key}", value)
             if duals is not None:
                 for key, value in duals.history.get(server_round, {}).items():
                     history.record(server_round, key, value)
@@ -237,6 +247,7 @@ def main(grid: Grid, context: Context) -> None:
             "adapter-dir": str(adapter_dir),
             "privacy": privacy_summary(settings, num_nodes, privacy_notes),
             "failed-replies": strategy.failures,
+            "dropped-updates": strategy.drops + validation.drops,
         },
     )
     log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)

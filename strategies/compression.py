@@ -52,6 +52,7 @@ class CompressedUpdates(StrategyWrapper):
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
         self.failures: list[dict[str, object]] = []  # error replies (crashes, declines), with their reasons
+        self.drops: list[dict[str, object]] = []  # updates that did not decode, with their reasons
 
     def summary(self) -> None:
         log(INFO, "\t├──> CompressedUpdates: uplink %s (error feedback %s), downlink %s",
@@ -87,6 +88,7 @@ class CompressedUpdates(StrategyWrapper):
             "bytes-downlink-total": float(send.count_bytes() * len(messages)),
             "dropped-updates": 0.0,
             "failed-replies": 0.0,
+            "missing-replies": float(len(messages)),  # less each reply that arrives in time
         }
         return messages
 
@@ -94,6 +96,8 @@ class CompressedUpdates(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
+        stats = self.stats.setdefault(server_round, {})
+        stats["missing-replies"] = max(stats.get("missing-replies", 0.0) - len(replies), 0.0)  # timed out, lost
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
         # replies carry the trainable arrays only, never the downlink-only ones (fedmm.lora_keys)
@@ -113,6 +117,8 @@ class CompressedUpdates(StrategyWrapper):
             except (CodecError, KeyError, ValueError) as exc:
                 log(WARNING, "round %d: dropped the update of node %s: %s",
                     server_round, msg.metadata.src_node_id, exc)
+                self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
+                                   "reason": f"payload does not decode: {exc}"})
                 self.stats.setdefault(server_round, {}).setdefault("dropped-updates", 0.0)
                 self.stats[server_round]["dropped-updates"] += 1
                 continue

@@ -19,7 +19,7 @@ BUILTINS = {
 
 
 def _build(**run_config):
-    return make_strategy(Settings.from_run_config(run_config), MetricsHistory()).strategy
+    return strategies.innermost(make_strategy(Settings.from_run_config(run_config), MetricsHistory()))
 
 
 @pytest.mark.parametrize("name, cls", BUILTINS.items())

@@ -1,0 +1,117 @@
+"""UpdateValidation: every training reply checked before the wrapped strategy aggregates it.
+
+Client obligation: none beyond the wrapped strategy's: reply with the
+trainable adapter arrays under the strategy's ``arrayrecord_key``.
+
+A reply is dropped, with its reason logged and kept in ``drops``, when its
+arrays are not exactly the global's trainable arrays (names, shapes,
+dtypes), when any value is NaN or infinite, or when its update norm
+||local - global|| is absurd: more than ``max_norm_ratio`` times the median
+norm of the round's replies (with three or more replies; a median of fewer
+is the attacker's to move). With ``norm_bound`` > 0 every kept update is
+clipped to that norm first (norm bounding, Sun et al. 2019: it caps what one
+scaled or boosted update can do to the mean without dropping anybody).
+Error replies pass through untouched: the wrapped strategy counts them as
+failures. The round goes on with what is left; if that is fewer than the
+strategy's minimum, the strategy decides, as for any missing reply.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedmm.lora_keys import is_downlink_only
+from strategies.records import to_numpy, to_record
+from strategies.wrapper import StrategyWrapper
+
+
+def update_problem(
+    local: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> str | None:
+    """Why ``local`` is not a valid update of ``reference`` (names, shapes, dtypes, finiteness), or None."""
+    missing, extra = set(reference) - set(local), set(local) - set(reference)
+    if missing or extra:
+        return f"array names differ from the global's (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
+    for name, ref in reference.items():
+        arr = local[name]
+        if arr.shape != ref.shape:
+            return f"'{name}' has shape {arr.shape}, expected {ref.shape}"
+        if arr.dtype != ref.dtype:
+            return f"'{name}' is {arr.dtype}, expected {ref.dtype}"
+        if not np.all(np.isfinite(arr)):
+            return f"'{name}' has NaN or infinite values"
+    return None
+
+
+class UpdateValidation(StrategyWrapper):
+    def __init__(self, strategy: Strategy, max_norm_ratio: float = 10.0, norm_bound: float = 0.0) -> None:
+        super().__init__(strategy)
+        if max_norm_ratio < 0 or norm_bound < 0:
+            raise ValueError("UpdateValidation: max_norm_ratio and norm_bound must be >= 0 (0 = off)")
+        self.max_norm_ratio, self.norm_bound = max_norm_ratio, norm_bound
+        self.key = getattr(strategy, "arrayrecord_key", "arrays")
+        self._reference: OrderedDict[str, np.ndarray] | None = None
+        self.stats: dict[int, dict[str, float]] = {}
+        self.drops: list[dict[str, object]] = []  # round, node, reason of every dropped update
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> UpdateValidation: drop malformed or non-finite updates, and norms > %s x the median; "
+            "norm bound %s", self.max_norm_ratio or "off", self.norm_bound or "off")
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.lora_keys)
+        self._reference = OrderedDict((k, v) for k, v in to_numpy(arrays).items() if not is_downlink_only(k))
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def _drop(self, server_round: int, msg: Message, reason: str) -> None:
+        node = msg.metadata.src_node_id
+        log(WARNING, "round %d: dropped the update of node %s: %s", server_round, node, reason)
+        self.drops.append({"round": server_round, "node": node, "reason": reason})
+        self.stats[server_round]["dropped-updates"] += 1
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._reference is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        ref = self._reference
+        self.stats[server_round] = {"dropped-updates": 0.0, "clipped-updates": 0.0}
+        passed, candidates = [], []
+        for msg in replies:
+            if msg.has_error():
+                passed.append(msg)
+                continue
+            try:
+                local = to_numpy(msg.content[self.key])
+            except (KeyError, TypeError, ValueError) as exc:
+                self._drop(server_round, msg, f"no readable '{self.key}' record: {exc}")
+                continue
+            problem = update_problem(local, ref)
+            if problem is not None:
+                self._drop(server_round, msg, problem)
+                continue
+            delta = OrderedDict((k, local[k] - ref[k]) for k in ref)
+            candidates.append((msg, delta, float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))))
+        median = float(np.median([n for _, _, n in candidates])) if len(candidates) >= 3 else None
+        for msg, delta, norm in candidates:
+            if self.max_norm_ratio and median is not None and norm > self.max_norm_ratio * max(median, 1e-12):
+                self._drop(server_round, msg, f"update norm {norm:.4g} is more than {self.max_norm_ratio:g}x "
+                                              f"the round's median {median:.4g}")
+                continue
+            if self.norm_bound and norm > self.norm_bound:
+                scale = self.norm_bound / norm
+                msg.content[self.key] = to_record(OrderedDict((k, ref[k] + scale * delta[k]) for k in ref))
+                self.stats[server_round]["clipped-updates"] += 1
+            passed.append(msg)
+        return self.strategy.aggregate_train(server_round, passed)
