@@ -57,24 +57,29 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _parses(parse: Callable[[Any], Any]) -> Callable[[Any], str | None]:
+    """A check that passes when ``parse(value)`` does; its ValueError's message is the problem."""
+
+    def check(v: Any) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
 def _codec(v: Any) -> str | None:
     from .compression import make_codec
 
-    try:
-        make_codec(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return _parses(make_codec)(v)
 
 
 def _faults(v: Any) -> str | None:
     from .faults import parse_faults
 
-    try:
-        parse_faults(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return _parses(parse_faults)(v)
 
 
 def _constraint_list(v: Any) -> str | None:
