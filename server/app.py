@@ -115,7 +115,7 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     strategy = UpdateValidation(strategy, settings.max_update_norm_ratio, settings.update_norm_bound)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
     # gets the same decoding checks (shapes, finiteness), byte counts and a
-    # node-id aggregation order.
+    # partition-order aggregation (deterministic).
     return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
 
 

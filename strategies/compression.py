@@ -11,8 +11,9 @@ decoded (the downlink payload is encoded once per round and sent to all). The
 wrapped strategy then aggregates plain adapter arrays, so any Message-API
 strategy, built-in or plugin, gets compression without change. A reply that
 does not decode is dropped with its reason in the log, and the round goes on.
-Replies are aggregated in node-id order, so float sums do not depend on
-arrival order.
+Train and evaluate replies are aggregated in partition order
+(``in_partition_order``), so float sums depend on neither arrival order nor
+node ids: same seed, same config, same metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ from fedmm.compression import CodecError, decode_self_describing, encode_self_de
 from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
+
+
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by the ``partition-id`` in their metrics (then node id; errors first).
+
+    Float sums depend on their order. Arrival order changes from run to run,
+    and so do node ids in simulation; partition ids do not, so with this order
+    one seed and one config give the same model and metrics, bit for bit.
+    """
+    def key(msg: Message) -> tuple[int, int]:
+        if msg.has_error() or "metrics" not in msg.content:
+            return -1, msg.metadata.src_node_id
+        return int(msg.content["metrics"].get("partition-id", -1)), msg.metadata.src_node_id
+
+    return sorted(replies, key=key)
 
 
 class CompressedUpdates(StrategyWrapper):
@@ -95,7 +111,7 @@ class CompressedUpdates(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
+        replies = in_partition_order(replies)
         stats = self.stats.setdefault(server_round, {})
         stats["missing-replies"] = max(stats.get("missing-replies", 0.0) - len(replies), 0.0)  # timed out, lost
         if self._reference is None:
@@ -127,6 +143,9 @@ class CompressedUpdates(StrategyWrapper):
             )
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, in_partition_order(replies))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
