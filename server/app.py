@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from logging import INFO
 from pathlib import Path
@@ -119,13 +120,16 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
 
 
+def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
+    """The strategy, then each one it wraps (``.strategy``), innermost last."""
+    while strategy is not None:
+        yield strategy
+        strategy = getattr(strategy, "strategy", None)
+
+
 def find_wrapper(strategy: Strategy, kind: type) -> Strategy | None:
     """The wrapper of type ``kind`` in the chain of ``.strategy`` wrappers, if any."""
-    while strategy is not None:
-        if isinstance(strategy, kind):
-            return strategy
-        strategy = getattr(strategy, "strategy", None)
-    return None
+    return next((s for s in wrapper_chain(strategy) if isinstance(s, kind)), None)
 
 
 def num_sampled(settings: Settings, num_nodes: int) -> int:
@@ -172,11 +176,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(settings, history, num_nodes)
     check_population(strategies.innermost(strategy), num_sampled(settings, num_nodes))
     num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
-    ledger = None  # the privacy_spent() of Flower's accounted DP wrappers, wherever in the chain
-    link: Strategy | None = strategy
-    while link is not None and ledger is None:
-        ledger = getattr(link, "privacy_spent", None)
-        link = getattr(link, "strategy", None)
+    # the privacy_spent() of Flower's accounted DP wrappers, wherever in the chain
+    ledger = next((s.privacy_spent for s in wrapper_chain(strategy) if hasattr(s, "privacy_spent")), None)
     duals = find_wrapper(strategy, DualAscentConstraints)
     validation = find_wrapper(strategy, UpdateValidation)
 

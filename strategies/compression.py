@@ -123,8 +123,7 @@ class CompressedUpdates(StrategyWrapper):
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)  # the wrapped strategy logs and skips it
-                self.stats.setdefault(server_round, {}).setdefault("failed-replies", 0.0)
-                self.stats[server_round]["failed-replies"] += 1
+                stats["failed-replies"] = stats.get("failed-replies", 0.0) + 1
                 self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
                                       "reason": msg.error.reason or f"error code {msg.error.code}"})
                 continue
@@ -135,8 +134,7 @@ class CompressedUpdates(StrategyWrapper):
                     server_round, msg.metadata.src_node_id, exc)
                 self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
                                    "reason": f"payload does not decode: {exc}"})
-                self.stats.setdefault(server_round, {}).setdefault("dropped-updates", 0.0)
-                self.stats[server_round]["dropped-updates"] += 1
+                stats["dropped-updates"] = stats.get("dropped-updates", 0.0) + 1
                 continue
             msg.content[self.key] = to_record(
                 OrderedDict((k, trainable[k] + delta[k]) for k in trainable)
