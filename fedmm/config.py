@@ -216,6 +216,8 @@ SPEC: dict[str, Key] = {
     # run
     "seed": Key(int, 0, "seed of everything random in the run", _non_negative),
     "output-dir": Key(str, "", "report folder; empty = ~/fedmm-runs/<timestamp>"),
+    "resume": Key(bool, False, "continue the run in output-dir after its last completed round (its checkpoint); "
+                               "the run config must be the checkpoint's, num-server-rounds and round-timeout aside"),
     "cache-dir": Key(str, "", "base-checkpoint cache; empty = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm"),
 }
 
@@ -276,6 +278,7 @@ class Settings:
     error_feedback: bool
     seed: int
     output_dir: str
+    resume: bool
     cache_dir: str
 
     @classmethod
@@ -349,6 +352,13 @@ class Settings:
             )
         if self.max_epsilon > 0 and self.dp == "none":
             raise ConfigError("run-config 'max-epsilon' is set but 'dp' = 'none': there is no epsilon to budget")
+        if self.resume and not self.output_dir:
+            raise ConfigError("run-config 'resume' = true needs 'output-dir': the folder of the run to continue")
+        if self.resume and self.dp in ("dp-sgd", "local"):
+            raise ConfigError(
+                f"run-config 'resume' with 'dp' = '{self.dp}': each client's privacy ledger lives in its ClientApp's "
+                "state, which a new run starts empty, so clients could spend their budget twice; start a new run"
+            )
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
             raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
 

@@ -10,10 +10,10 @@ global adapter on its own held-out split (``central/*`` metrics).
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
+from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
 from server.history import MetricsHistory
 from server.privacy import privacy_plan, privacy_summary
 from strategies.builtin import RANGES, check_population
@@ -120,16 +121,9 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
 
 
-def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
-    """The strategy, then each one it wraps (``.strategy``), innermost last."""
-    while strategy is not None:
-        yield strategy
-        strategy = getattr(strategy, "strategy", None)
-
-
 def find_wrapper(strategy: Strategy, kind: type) -> Strategy | None:
     """The wrapper of type ``kind`` in the chain of ``.strategy`` wrappers, if any."""
-    return next((s for s in wrapper_chain(strategy) if isinstance(s, kind)), None)
+    return next((s for s in strategies.wrapper_chain(strategy) if isinstance(s, kind)), None)
 
 
 def num_sampled(settings: Settings, num_nodes: int) -> int:
@@ -144,7 +138,13 @@ def main(grid: Grid, context: Context) -> None:
     history = MetricsHistory()
     make_strategy(settings, history)  # the strategy's own arguments, checked before anything else
     out = output_dir(settings)
+    checkpoint = load_checkpoint(out) if settings.resume else None
+    if checkpoint is not None:
+        checkpoint.check_config(settings)  # before any client is contacted
+    elif settings.resume:
+        log(WARNING, "fedmm: resume: no checkpoint in %s, starting at round 1", out)
     out.mkdir(parents=True, exist_ok=True)
+    random.seed(settings.seed)  # Flower samples nodes with Python's RNG
 
     splits = load_splits(settings.dataset)
     log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
@@ -177,13 +177,24 @@ def main(grid: Grid, context: Context) -> None:
     check_population(strategies.innermost(strategy), num_sampled(settings, num_nodes))
     num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
     # the privacy_spent() of Flower's accounted DP wrappers, wherever in the chain
-    ledger = next((s.privacy_spent for s in wrapper_chain(strategy) if hasattr(s, "privacy_spent")), None)
+    ledger = next((s.privacy_spent for s in strategies.wrapper_chain(strategy) if hasattr(s, "privacy_spent")), None)
     duals = find_wrapper(strategy, DualAscentConstraints)
     validation = find_wrapper(strategy, UpdateValidation)
 
+    done = 0
+    if checkpoint is not None:
+        done = checkpoint.server_round
+        initial = checkpoint.arrays
+        load_strategy_state(strategy, checkpoint.strategy, checkpoint.state_arrays)
+        history.load_state_dict(checkpoint.history)
+        load_rng_state(checkpoint.rng, checkpoint.state_arrays)
+        log(INFO, "fedmm: resuming %s after round %d of %d", out, done, num_rounds)
     round_started = [time.perf_counter()]
 
-    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += done
+        if server_round == done and done:  # evaluated and recorded before the interruption
+            return None
         lora.load_global(net, dict(to_numpy(arrays)))  # adapter, and a strategy's frozen update if any
         # the adapter changes the text tower too: embed the prompts with it
         metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
@@ -205,6 +216,8 @@ def main(grid: Grid, context: Context) -> None:
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)
         log(INFO, "fedmm round %d/%d: %s", server_round, num_rounds, shown)
+        if server_round > 0:  # the round is complete: everything needed to continue after it
+            save_checkpoint(out, server_round, arrays, strategy, history.state_dict(), settings)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     train_config = ConfigRecord(
@@ -218,17 +231,19 @@ def main(grid: Grid, context: Context) -> None:
             "report-train-loss": hasattr(strategies.innermost(strategy), "train_loss_key"),
         }
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=num_rounds,
-        timeout=settings.round_timeout,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({"base-fingerprint": base_id}),
-        evaluate_fn=central_eval,
-    )
-
-    final = dict(to_numpy(result.arrays))
+    final_arrays = initial
+    if done < num_rounds:
+        result = (ResumedRounds(strategy, done) if done else strategy).start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=num_rounds - done,
+            timeout=settings.round_timeout,
+            train_config=train_config,
+            evaluate_config=ConfigRecord({"base-fingerprint": base_id}),
+            evaluate_fn=central_eval,
+        )
+        final_arrays = result.arrays if len(result.arrays) else initial
+    final = dict(to_numpy(final_arrays))
     lora.load_global(net, final)
     adapter_dir = lora.export_peft(net, out / "adapter")
     frozen = {k: v for k, v in final.items() if is_downlink_only(k)}

@@ -88,3 +88,14 @@ class MetricsHistory:
 
     def record(self, rnd: int, key: str, value: float) -> None:
         self.rounds[rnd][key] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready history, for the round checkpoint (server/checkpoint.py)."""
+        return {"rounds": [[r, row] for r, row in self.rounds.items()], "clients": self.clients,
+                "round": dict(self._round)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds.clear()
+        self.rounds.update({int(r): dict(row) for r, row in state["rounds"]})
+        self.clients = list(state["clients"])
+        self._round = dict(state["round"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -31,11 +31,17 @@ MANAGED = frozenset({
 })
 
 
+def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
+    """The strategy, then each one it wraps (``.strategy``), innermost last."""
+    while isinstance(strategy, Strategy):
+        yield strategy
+        strategy = getattr(strategy, "strategy", None)
+
+
 def innermost(strategy: Strategy) -> Strategy:
     """The strategy inside fedmm's wrappers (compression, privacy): what the user selected."""
-    while isinstance(getattr(strategy, "strategy", None), Strategy):
-        strategy = strategy.strategy
-    return strategy
+    *_, inner = wrapper_chain(strategy)
+    return inner
 
 
 def available() -> dict[str, Any]:
