@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +37,8 @@ from clients.mods import (
 from strategies.records import to_numpy, to_record
 from fedmm import lora
 from fedmm import model as models
-from fedmm.lora_keys import RANK_METRIC, rank_of
-from fedmm.config import Settings
+from fedmm.lora_keys import RANK_METRIC, is_downlink_only, rank_of
+from fedmm.config import Profile, Settings
 from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, ConstraintTerm, flag_toxic
 from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings
@@ -66,22 +68,27 @@ class RunState:
     num_groups: int
     base_fingerprint: str
     public: Batch | None = None  # public pairs, negatives of the 'public-negatives' loss
-    nets: dict[int, Any] = field(default_factory=dict)  # rank -> peft model, overwritten by every message
+    # (rank, targets) -> peft model, overwritten by every message
+    nets: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
-    def net(self, rank: int) -> Any:
-        if rank not in self.nets:
+    def net(self, profile: Profile) -> Any:
+        key = (profile.lora_rank, profile.lora_targets)
+        if key not in self.nets:
             s = self.settings
             torch.manual_seed(s.seed)  # LoRA init as on the server (it is overwritten by the global anyway)
-            # attach_lora modifies its model in place: copy the base unless it is the only rank
-            base = self.base if len(set(s.client_ranks)) == 1 else copy.deepcopy(self.base)
-            self.nets[rank] = lora.attach_lora(base, rank, s.lora_alpha_for(rank), s.lora_target_list)
-        return self.nets[rank]
+            # attach_lora modifies its model in place: copy the base unless every client has one adapter shape
+            shared = len(set(s.client_ranks)) == 1 and not s.client_profiles.strip()
+            base = self.base if shared else copy.deepcopy(self.base)
+            self.nets[key] = lora.attach_lora(base, profile.lora_rank, s.lora_alpha_for(profile.lora_rank),
+                                              list(profile.lora_targets))
+        return self.nets[key]
 
 
 @dataclass
 class Node:
     run: RunState
     partition_id: int
+    profile: Profile  # this client's tier: rank, layers, batch, steps, time budget, precision, dropout
     train: Batch
     test: Batch
 
@@ -91,11 +98,11 @@ class Node:
 
     @property
     def rank(self) -> int:
-        return self.settings.rank_of(self.partition_id)
+        return self.profile.lora_rank
 
     @property
     def net(self) -> Any:
-        return self.run.net(self.rank)
+        return self.run.net(self.profile)
 
 
 # One simulation actor serves many nodes in turn: the model is built once per
@@ -136,12 +143,13 @@ def _node(context: Context) -> Node:
     run = _run_state(context)
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
-    key = (id(run), pid, num)
+    node_profile = context.node_config.get("profile")
+    key = (id(run), pid, num, node_profile)
     if key not in _NODES:
         train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
         # captions are flagged on-device by the classifier, not taken from the data's own labels
         _NODES[key] = Node(
-            run, pid,
+            run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
             to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])),
             to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])),
         )
@@ -164,20 +172,25 @@ def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
-    global_params = _load_global(node, msg)
-    global_rank = rank_of(msg.content["arrays"])
-    mu = float(config.get("proximal-mu", node.settings.proximal_mu))
+    profile = node.profile
     server_round = int(config.get("server-round", 0))
     # Distinct, reproducible minibatch order per (run seed, round, client).
     seed = zlib.crc32(f"{node.settings.seed}:{server_round}:{node.partition_id}".encode())
-    batch_size = int(config.get("batch-size", node.settings.batch_size))
+    if profile.dropout > 0 and random.Random(seed).random() < profile.dropout:
+        return decline(msg, f"partition {node.partition_id}: profile '{profile.name}' dropped out of round "
+                            f"{server_round} (dropout {profile.dropout})")
+    global_arrays = to_numpy(msg.content["arrays"])
+    global_params = _load_global(node, msg)
+    global_rank = rank_of(msg.content["arrays"])
+    mu = float(config.get("proximal-mu", node.settings.proximal_mu))
+    batch_size = profile.batch_size
     # F_k(w_global) before local training: QFedAvg's obligation, only when the
     # server's strategy asks (it costs ~15% of the local training time).
     extra = {}
     if bool(config.get("report-train-loss", False)):
         extra["train_loss"] = mean_clip_loss(node.net, node.train, batch_size)
     s = node.settings
-    steps = int(config.get("local-steps", s.local_steps))
+    steps = profile.local_steps
     lr = float(config.get("lr", s.lr))
     terms = [proximal_term(global_params, mu)] if mu > 0 else []
     # constraint multipliers, sent by strategies/constraints.py when a constraint is on
@@ -212,10 +225,13 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_steps(
             node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
-            loss_fn=objective,
+            loss_fn=objective, time_budget=profile.time_budget, precision=profile.precision,
         )
-    # replies have the global shapes: a lower-rank adapter is zero-padded
-    arrays = to_record(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
+    # replies have the global names and shapes: a lower-rank adapter is zero-padded, and
+    # layers this profile does not adapt are returned as received (no update)
+    reply = OrderedDict((k, v) for k, v in global_arrays.items() if not is_downlink_only(k))
+    reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
+    arrays = to_record(reply)
     metrics = MetricRecord(
         {
             "num-examples": len(node.train),
@@ -226,6 +242,8 @@ def train(msg: Message, context: Context) -> Message:
             "contrastive-loss": stats.clip_loss,
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),
+            "steps-done": stats.steps,
+            "work-fraction": stats.steps / steps,  # < 1: the profile's time budget cut local training short
             "bytes-uplink": arrays.count_bytes(),
             **extra,
             **(constraint.statistics() if constraint is not None else {}),

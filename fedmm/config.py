@@ -132,6 +132,21 @@ SPEC: dict[str, Key] = {
         "'auto' = the model's attention and MLP layers (and 1x1 convs of a conv image tower)",
         lambda v: None if v.strip() else "must name at least one module",
     ),
+    # heterogeneous clients (fedmm.config.Profile)
+    "client-profiles": Key(
+        str, "",
+        "named client tiers, ';'-separated, each 'name: key=value ...' with keys lora-rank, lora-targets "
+        "(a subset of the run's, comma-separated), batch-size, local-steps, time-budget (seconds of local "
+        "training per round; 0 = none), precision (fp32 | bf16), dropout (probability of missing a round); "
+        "unset keys take the run's values. E.g. \"phone: lora-rank=2 batch-size=8 time-budget=2 dropout=0.2; "
+        "server: lora-rank=8\"",
+        lambda v: _parses(parse_profiles)(v),
+    ),
+    "partition-profiles": Key(
+        str, "",
+        "simulation: profile names cycled over partitions (partition p gets the (p mod n)-th), e.g. "
+        "\"phone,phone,server\"; a SuperNode's node config 'profile' takes precedence",
+    ),
     # data
     "dataset": Key(str, "digits", "'digits' (bundled) or a path to a CSV/JSONL manifest"),
     "partitioner": Key(str, "dirichlet", "how client data is split", _one_of(*PARTITIONERS)),
@@ -239,6 +254,8 @@ class Settings:
     lora_alpha: float
     lora_ranks: str
     lora_targets: str
+    client_profiles: str
+    partition_profiles: str
     dataset: str
     partitioner: str
     dirichlet_alpha: float
@@ -352,6 +369,7 @@ class Settings:
             )
         if self.max_epsilon > 0 and self.dp == "none":
             raise ConfigError("run-config 'max-epsilon' is set but 'dp' = 'none': there is no epsilon to budget")
+        self._check_profiles()
         if self.resume and not self.output_dir:
             raise ConfigError("run-config 'resume' = true needs 'output-dir': the folder of the run to continue")
         if self.resume and self.dp in ("dp-sgd", "local"):
@@ -361,6 +379,53 @@ class Settings:
             )
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
             raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
+
+    def _check_profiles(self) -> None:
+        profiles = parse_profiles(self.client_profiles)
+        cycle = self.partition_profile_list
+        unknown = sorted({name for name in cycle if name not in profiles})
+        if unknown:
+            raise ConfigError(f"run-config 'partition-profiles': unknown profile(s) {', '.join(unknown)}; "
+                              f"'client-profiles' defines {', '.join(profiles) or 'none'}")
+        if profiles and self.lora_ranks.strip():
+            raise ConfigError("run-config 'lora-ranks' and 'client-profiles' both set client ranks; "
+                              "give each profile its 'lora-rank' instead")
+        for name, fields in profiles.items():
+            extra = [t for t in fields.get("lora-targets", "").split(",") if t and t not in self.lora_target_list]
+            if extra:
+                raise ConfigError(f"run-config 'client-profiles': profile '{name}' targets {', '.join(extra)}, "
+                                  f"not among the run's lora-targets ({', '.join(self.lora_target_list)})")
+            if float(fields.get("time-budget", 0)) > 0 and self.dp == "dp-sgd":
+                raise ConfigError(f"run-config 'client-profiles': profile '{name}' has a time-budget, which "
+                                  "dp = 'dp-sgd' cannot honour (its ledger is charged for the planned steps)")
+            if fields.get("precision") == "bf16" and self.dp == "dp-sgd":
+                raise ConfigError(f"run-config 'client-profiles': profile '{name}' trains in bf16, which "
+                                  "dp = 'dp-sgd' (Opacus per-sample gradients in fp32) does not support")
+
+    @property
+    def partition_profile_list(self) -> list[str]:
+        return [p.strip() for p in self.partition_profiles.split(",") if p.strip()]
+
+    def profile_for(self, partition_id: int, node_profile: str | None = None) -> Profile:
+        """The client's tier: the SuperNode's ``profile`` node config, else ``partition-profiles``, else the run's."""
+        profiles = parse_profiles(self.client_profiles)
+        cycle = self.partition_profile_list
+        name = node_profile or (cycle[partition_id % len(cycle)] if cycle else "")
+        if name and name not in profiles:
+            raise ConfigError(f"node config 'profile' = '{name}': no such profile in 'client-profiles' "
+                              f"({', '.join(profiles) or 'none defined'})")
+        fields = profiles.get(name, {})
+        targets = fields.get("lora-targets")
+        return Profile(
+            name=name or "default",
+            lora_rank=int(fields.get("lora-rank", self.rank_of(partition_id))),
+            lora_targets=tuple(targets.split(",")) if targets else tuple(self.lora_target_list),
+            batch_size=int(fields.get("batch-size", self.batch_size)),
+            local_steps=int(fields.get("local-steps", self.local_steps)),
+            time_budget=float(fields.get("time-budget", 0.0)),
+            precision=str(fields.get("precision", "fp32")),
+            dropout=float(fields.get("dropout", 0.0)),
+        )
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config form (round-trips through ``from_run_config``)."""
@@ -388,7 +453,9 @@ class Settings:
 
     @property
     def global_rank(self) -> int:
-        return max(self.client_ranks)
+        """The global adapter's rank: the largest any client trains."""
+        ranks = [int(f["lora-rank"]) for f in parse_profiles(self.client_profiles).values() if "lora-rank" in f]
+        return max(self.client_ranks + ranks)
 
     def lora_alpha_for(self, rank: int) -> float:
         """peft alpha giving rank ``rank`` the run's one scale, lora-alpha / lora-rank."""
@@ -408,6 +475,61 @@ class Settings:
             return Path(self.cache_dir).expanduser()
         xdg = os.environ.get("XDG_CACHE_HOME")
         return (Path(xdg) if xdg else Path.home() / ".cache") / "fedmm"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One client tier (``client-profiles``): what this client trains, how much, and how reliably."""
+
+    name: str
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    batch_size: int
+    local_steps: int
+    time_budget: float  # seconds of local training per round; 0 = no budget
+    precision: str  # fp32 | bf16 (autocast)
+    dropout: float  # probability of missing a round
+
+
+PROFILE_KEYS: dict[str, Callable[[str], str | None]] = {
+    "lora-rank": lambda v: None if v.isdigit() and int(v) > 0 else "must be a positive integer",
+    "lora-targets": lambda v: None if v.strip(",") else "must name at least one module",
+    "batch-size": lambda v: None if v.isdigit() and int(v) > 0 else "must be a positive integer",
+    "local-steps": lambda v: None if v.isdigit() and int(v) > 0 else "must be a positive integer",
+    "time-budget": lambda v: _number(v, lambda x: x >= 0, "must be a number >= 0"),
+    "precision": lambda v: None if v in ("fp32", "bf16") else "must be fp32 or bf16",
+    "dropout": lambda v: _number(v, lambda x: 0 <= x < 1, "must be a number in [0, 1)"),
+}
+
+
+def _number(v: str, ok: Callable[[float], bool], problem: str) -> str | None:
+    try:
+        return None if ok(float(v)) else problem
+    except ValueError:
+        return problem
+
+
+def parse_profiles(text: str) -> dict[str, dict[str, str]]:
+    """``"phone: lora-rank=2 dropout=0.2; server: lora-rank=8"`` -> {name: {key: value}}, checked."""
+    profiles: dict[str, dict[str, str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, body = part.partition(":")
+        name = name.strip()
+        if not sep or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"profile {part!r}: expected 'name: key=value ...'")
+        if name in profiles:
+            raise ValueError(f"profile '{name}' is defined twice")
+        fields = {}
+        for pair in body.split():
+            key, eq, value = pair.partition("=")
+            if not eq or key not in PROFILE_KEYS:
+                raise ValueError(f"profile '{name}': unknown setting {pair!r}; known: {', '.join(PROFILE_KEYS)}")
+            problem = PROFILE_KEYS[key](value)
+            if problem:
+                raise ValueError(f"profile '{name}': {key} = {value!r} {problem}")
+            fields[key] = value
+        profiles[name] = fields
+    return profiles
 
 
 def _looks_like_path(value: str) -> bool:

@@ -225,13 +225,17 @@ def _resized(value: np.ndarray, axis: int, rank: int) -> np.ndarray:
 def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
     """Load a global adapter of any rank into ``model``, and its frozen update if any.
 
-    LoRA factors are fitted to the model's own rank (``fit_rank``); downlink-only
+    LoRA factors are fitted to the model's own rank (``fit_rank``); a model
+    adapting a subset of the global's layers loads those; downlink-only
     frozen updates (``fedmm.lora_keys``) are added, times the layer's LoRA
     scale, to the base weights as they were when first touched, so loading
     the next global replaces rather than accumulates.
     """
     frozen = {k: v for k, v in arrays.items() if keys.is_downlink_only(k)}
     adapter = {k: v for k, v in arrays.items() if not keys.is_downlink_only(k)}
+    own = adapter_state(model).keys()
+    if set(own) < set(adapter):  # a client whose profile adapts fewer layers takes its share of the global
+        adapter = {k: adapter[k] for k in own}
     set_adapter_arrays(model, fit_rank(adapter, adapter_rank(model)))
     layers = {keys.layer_of(k) for k in frozen}
     touched = getattr(model, "_fedmm_frozen_layers", set())

@@ -58,8 +58,15 @@ def train_steps(
     loss_fn: Callable[[dict[str, torch.Tensor], Batch], torch.Tensor] | None = None,
     warmup_cosine: bool = False,
     progress: Callable[[int, float], None] | None = None,
+    time_budget: float = 0.0,
+    precision: str = "fp32",
 ) -> TrainStats:
     """``steps`` AdamW steps on the model's trainable parameters.
+
+    ``time_budget`` > 0: stop after the step that used it up (at least one
+    step), so a slow client reports the partial work that fit (FedProx's
+    partial work); ``TrainStats.steps`` is the number done. ``precision`` =
+    "bf16" runs forward and loss under CPU/GPU autocast; the adapter stays fp32.
 
     ``loss_fn`` maps (model output, batch) to the loss; None = open_clip's ClipLoss.
 
@@ -89,15 +96,20 @@ def train_steps(
     bs = min(batch_size, len(data))
     order = torch.randperm(len(data), generator=gen)
     cursor, total, clip_total, seen = 0, 0.0, 0.0, 0
+    device = next(iter(params)).device.type
     start = time.perf_counter()
+    done = 0
     for step in range(steps):
+        if time_budget > 0 and step > 0 and time.perf_counter() - start >= time_budget:
+            break
         if cursor + bs > len(data):  # reshuffle each epoch; batches never wrap
             order, cursor = torch.randperm(len(data), generator=gen), 0
         batch = data.subset(order[cursor : cursor + bs])
         cursor += bs
-        out = forward(model, batch)
-        clip = loss_fn(out, batch)
-        loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = forward(model, batch)
+            clip = loss_fn(out, batch)
+            loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,9 +118,10 @@ def train_steps(
         total += float(loss.detach())
         clip_total += float(clip.detach())
         seen += bs
+        done += 1
         if progress is not None:
             progress(step + 1, float(loss.detach()))
-    return TrainStats(steps, seen, total / steps, clip_total / steps, time.perf_counter() - start)
+    return TrainStats(done, seen, total / done, clip_total / done, time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -133,7 +133,7 @@ def test_default_model_batch_norm_is_unchanged_by_client_rounds(cache_dir):
     for server_round in (1, 2):
         reply = _call(run_config, MessageType.TRAIN, arrays, {"server-round": server_round, "lr": 0.05})
         arrays = reply.content["arrays"]
-    trained = next(iter(client_module._RUNS.values())).net(settings.rank_of(0))
+    trained = next(iter(client_module._RUNS.values())).net(settings.profile_for(0))
     bn = {k: v for k, v in fresh.state_dict().items() if "running_" in k}
     assert len(bn) > 40
     after = trained.get_base_model().state_dict()
@@ -141,3 +141,39 @@ def test_default_model_batch_norm_is_unchanged_by_client_rounds(cache_dir):
         assert torch.equal(after[key], value), key
     moved = [n for n, p in trained.named_parameters() if "lora_B" in n and ".trunk." in n and p.abs().sum() > 0]
     assert moved  # the image trunk's adapters did train
+
+
+def test_a_profile_sets_rank_layers_budget_and_precision(run_config, global_arrays):
+    """A 'phone' tier: rank 2 on two layer kinds, bf16, a time budget that allows one step of three."""
+    arrays, _ = global_arrays
+    profiled = {**run_config, "client-profiles": "phone: lora-rank=2 lora-targets=q_proj,v_proj time-budget=0.001 "
+                                                 "precision=bf16 batch-size=8; server: lora-rank=8",
+                "partition-profiles": "phone,server"}
+    reply = _call(profiled, MessageType.TRAIN, arrays, pid=0)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["lora-rank"] == 2 and metrics["steps-done"] == 1
+    assert metrics["work-fraction"] == pytest.approx(1 / 3)
+    out = reply.content["arrays"]
+    assert list(out.keys()) == list(arrays.keys())  # the global's names and shapes, whatever the tier
+    for key, value in out.items():
+        new, old = value.numpy(), arrays[key].numpy()
+        assert new.shape == old.shape
+        if ".q_proj." in key or ".v_proj." in key:  # trained at rank 2, zero-padded to the global's 8
+            tail = new[2:] if ".lora_A." in key else new[:, 2:]
+            assert not tail.any(), key
+        else:  # layers the tier does not adapt come back as received
+            np.testing.assert_array_equal(new, old, err_msg=key)
+    # the global's B is zero, so one step moves B (A's gradient is B-weighted): the tier's layers did train
+    assert any(not np.array_equal(out[k].numpy()[:, :2], arrays[k].numpy()[:, :2])
+               for k in out.keys() if ".lora_B." in k and (".q_proj." in k or ".v_proj." in k))
+    # partition 1 is a 'server': the run's targets, full rank, every planned step
+    metrics = _call(profiled, MessageType.TRAIN, arrays, pid=1).content["metrics"]
+    assert metrics["lora-rank"] == 8 and metrics["steps-done"] == 3 and metrics["work-fraction"] == 1
+
+
+def test_a_profile_that_drops_out_declines_with_a_reason(run_config, global_arrays):
+    arrays, _ = global_arrays
+    flaky = {**run_config, "client-profiles": "flaky: dropout=0.999", "partition-profiles": "flaky"}
+    reply = _call(flaky, MessageType.TRAIN, arrays, pid=3)
+    assert reply.has_error() and "profile 'flaky' dropped out of round 1" in reply.error.reason

@@ -28,6 +28,14 @@ def test_pyproject_defaults_equal_the_spec():
         ({"pretrained": "/no/such/base.safetensors"}, "'pretrained': checkpoint file not found: /no/such"),
         ({"dataset": "/no/such/manifest.csv"}, "'dataset': manifest file not found"),
         ({"model": "ViT-B-33"}, "'model': unknown open_clip model 'ViT-B-33' (did you mean ViT-B-32"),
+        ({"client-profiles": "phone: rank=2"}, "profile 'phone': unknown setting 'rank=2'"),
+        ({"client-profiles": "phone: dropout=1"}, "profile 'phone': dropout = '1' must be a number in [0, 1)"),
+        ({"client-profiles": "phone lora-rank=2"}, "expected 'name: key=value ...'"),
+        ({"client-profiles": "a: lora-targets=nope"}, "profile 'a' targets nope, not among the run's lora-targets"),
+        ({"partition-profiles": "phone"}, "'partition-profiles': unknown profile(s) phone"),
+        ({"client-profiles": "a: lora-rank=2", "lora-ranks": "2,4"}, "'lora-ranks' and 'client-profiles'"),
+        ({"client-profiles": "a: time-budget=3", "dp": "dp-sgd"}, "profile 'a' has a time-budget"),
+        ({"resume": True}, "'resume' = true needs 'output-dir'"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):
@@ -59,3 +67,15 @@ def test_unknown_strategy_lists_installed():
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'; installed: .*fedavg"):
         strategies.load("fedsgd")
     assert strategies.load("fedprox").__name__ == "FedProx"
+
+
+def test_profiles_fill_unset_keys_from_the_run_and_rank_the_global_adapter():
+    s = Settings.from_run_config({"client-profiles": "phone: lora-rank=2 time-budget=1.5; big: lora-rank=16",
+                                  "partition-profiles": "phone,phone,big", "local-steps": 7})
+    phone, big = s.profile_for(1), s.profile_for(2)
+    assert (phone.name, phone.lora_rank, phone.time_budget, phone.local_steps) == ("phone", 2, 1.5, 7)
+    assert tuple(phone.lora_targets) == tuple(s.lora_target_list) and big.lora_rank == 16
+    assert s.global_rank == 16
+    assert s.profile_for(0, node_profile="big").name == "big"  # a SuperNode's node config wins
+    with pytest.raises(ConfigError, match="node config 'profile' = 'tablet'"):
+        s.profile_for(0, node_profile="tablet")
