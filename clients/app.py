@@ -179,6 +179,9 @@ def train(msg: Message, context: Context) -> Message:
     if profile.dropout > 0 and random.Random(seed).random() < profile.dropout:
         return decline(msg, f"partition {node.partition_id}: profile '{profile.name}' dropped out of round "
                             f"{server_round} (dropout {profile.dropout})")
+    if len(node.train) < 2:  # e.g. every image missing or corrupt: decline, do not fail the round
+        return decline(msg, f"partition {node.partition_id}: {len(node.train)} usable training pair(s) (image with "
+                            "caption or class prompt); contrastive training needs at least 2")
     global_arrays = to_numpy(msg.content["arrays"])
     global_params = _load_global(node, msg)
     global_rank = rank_of(msg.content["arrays"])
@@ -261,7 +264,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
         class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
         full = evaluate_metrics(node.net, node.test, class_emb, with_counts=True, num_groups=node.run.num_groups)
-    for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr"):
+    for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding"):
         metrics[key] = float(full.get(key, 0.0))
     # Counts, never predictions: the server sums them into exact federated
     # per-group accuracy, fairness gaps and toxic-retrieval rates.

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy, retrieval Recall@K / MRR, group fairness, toxic retrieval.
+"""Zero-shot accuracy, retrieval Recall@K / MRR, group fairness, toxic retrieval, grounding.
 
 Retrieval follows open_clip's own ``get_clip_metrics`` (rank of the paired
 item under ``logit_scale * img @ txt.T``); a test checks equality.
@@ -58,13 +58,30 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, logit_scale: float) 
     return out
 
 
+@torch.no_grad()
+def grounding(model: nn.Module, data: Batch, img: torch.Tensor, txt: torch.Tensor, logit_scale: float) -> float:
+    """How much the model's output depends on the image: D(f(text, img), f(text, blank)).
+
+    f(text, img) is the distribution over the split's captions that the image
+    retrieves (softmax of ``logit_scale * img @ txt.T``); the blank image is
+    the all-zero normalised image (the data's mean colour). D is the total
+    variation distance, averaged over images: 0 = the image is ignored (text
+    priors alone), near 1 = the output is grounded in the image.
+    """
+    blank = torch.zeros_like(data.images[:1])
+    blank_feat = model(blank, data.tokens[:1])["image_features"]
+    with_image = torch.softmax(logit_scale * img @ txt.t(), dim=1)
+    without = torch.softmax(logit_scale * blank_feat @ txt.t(), dim=1)
+    return float(0.5 * (with_image - without).abs().sum(dim=1).mean())
+
+
 def zero_shot_predictions(img: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     return (img @ class_emb.t()).argmax(dim=1)
 
 
 def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_counts: bool = False,
              num_groups: int | None = None) -> dict[str, float]:
-    """Zero-shot accuracy (overall, per group, fairness gaps), retrieval metrics, toxic retrieval.
+    """Zero-shot accuracy (overall, per group, fairness gaps), retrieval metrics, toxic retrieval, grounding.
 
     Toxic retrieval uses ``data``'s own captions as the candidate pool and its
     ``toxic`` flags. ``with_counts`` adds the counts a client sends instead of
@@ -94,4 +111,5 @@ def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_cou
         out.update(retrieval_metrics(img, txt, scale))
         target = torch.arange(len(data))
         out["loss"] = float((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
+        out["grounding"] = grounding(model, data, img, txt, scale)
     return out

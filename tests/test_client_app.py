@@ -177,3 +177,35 @@ def test_a_profile_that_drops_out_declines_with_a_reason(run_config, global_arra
     flaky = {**run_config, "client-profiles": "flaky: dropout=0.999", "partition-profiles": "flaky"}
     reply = _call(flaky, MessageType.TRAIN, arrays, pid=3)
     assert reply.has_error() and "profile 'flaky' dropped out of round 1" in reply.error.reason
+
+
+def test_a_client_with_nothing_usable_declines_with_a_reason(run_config, base_settings, global_arrays, tmp_path):
+    """Site 1's images are all missing but one: it declines the round, naming why, instead of failing it."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "label": i % 2, "client": "site0"})  # no captions: class prompts
+    rows += [{"image": "img0.png", "caption": "the only one", "label": 0, "client": "site1"}]
+    rows += [{"image": f"gone{i}.png", "caption": "lost", "label": 1, "client": "site1"} for i in range(3)]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    arrays, _ = global_arrays
+    from fedmm.pretrain import ensure_base_checkpoint
+
+    config = {**run_config, "dataset": str(manifest), "partitioner": "natural", "test-fraction": 0.25,
+              "pretrained": str(ensure_base_checkpoint(base_settings, progress=False))}  # the bundled data's base
+
+    def call(pid):
+        context = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 2},
+                          state=RecordDict(), run_config=config)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+        return client_app(Message(content=content, dst_node_id=pid + 1, message_type=MessageType.TRAIN), context)
+
+    assert not call(0).has_error()  # site 0 trains on class-prompt captions
+    reply = call(1)
+    assert reply.has_error() and "partition 1:" in reply.error.reason and "usable training pair" in reply.error.reason

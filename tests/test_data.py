@@ -108,3 +108,18 @@ def test_manifest_csv_and_errors(tmp_path):
     bad.write_text("path,caption\nimg0.png,x\n")
     with pytest.raises(ManifestError, match=r"missing required column\(s\) \['image'\]"):
         load_manifest(bad)
+
+
+def test_manifest_rows_without_captions_train_on_class_prompts(tmp_path):
+    """Missing modality: a labelled image with no caption gets its class prompt; no caption and no label is skipped."""
+    _write_images(tmp_path, 4)
+    csv = tmp_path / "m.csv"
+    csv.write_text("image,caption,label\nimg0.png,a red cat,cat\nimg1.png,,dog\nimg2.png,,\nimg3.png,a dog,dog\n")
+    splits, report = load_manifest(csv)
+    assert report.kept == 3 and report.prompted == 1
+    assert report.skipped == {str(tmp_path / "img2.png"): "no caption and no label"}
+    assert splits["clients"]["caption"] == ["a red cat", "a photo of dog.", "a dog"]
+    labels_only = tmp_path / "labels.jsonl"
+    labels_only.write_text("\n".join(json.dumps({"image": f"img{i}.png", "label": i % 2}) for i in range(4)))
+    splits, report = load_manifest(labels_only)
+    assert report.prompted == 4 and splits["clients"]["caption"][1] == "a photo of 1."

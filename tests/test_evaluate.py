@@ -62,3 +62,20 @@ def test_zero_shot_accuracy_overall_and_per_group():
     assert np.isclose(m["zs-acc"], 4 / 6)
     assert np.isclose(m["zs-acc-group-0"], 1.0) and np.isclose(m["zs-acc-group-1"], 1 / 3)
     assert m["num-examples-group-0"] == 3
+
+
+def test_grounding_is_zero_when_the_image_is_ignored_and_large_when_it_decides():
+    """D(f(text, img), f(text, blank)): total variation between what an image and a blank image retrieve."""
+    n, d = 6, 8
+    txt = torch.eye(d)[:n]  # caption i lies along axis i
+    images = torch.arange(1, n + 1).float().view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()  # the blank is all 0
+    data = Batch(images, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                 torch.zeros(n, dtype=torch.long))
+    blind = torch.ones(n + 1, d) / d**0.5  # every image, blank included, embeds the same
+    assert evaluate(_FixedModel(blind, torch.cat([txt[:1], txt])), data, torch.eye(d))["grounding"] == 0.0
+    # image i points at caption i; the blank at an axis no caption uses (uniform retrieval)
+    seeing = torch.cat([torch.eye(d)[-1:], txt])
+    m = evaluate(_FixedModel(seeing, torch.cat([txt[:1], txt])), data, torch.eye(d))
+    with_image = torch.softmax(10.0 * torch.eye(n), dim=1)  # logit scale 10, cosine 1 on the pair, 0 elsewhere
+    expected = 0.5 * (with_image - 1.0 / n).abs().sum(dim=1).mean()
+    assert np.isclose(m["grounding"], float(expected)) and m["grounding"] > 0.8

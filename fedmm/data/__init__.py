@@ -74,6 +74,10 @@ class Batch:
 
 def to_batch(ds: Dataset, tokenizer, mean, std, size: int, toxic: np.ndarray | None = None) -> Batch:
     """Model-ready tensors of ``ds``; ``toxic`` overrides the dataset's own flags (e.g. a classifier's)."""
+    if len(ds) == 0:  # e.g. a client whose images were all missing: it declines, it does not crash
+        empty = torch.zeros(0, dtype=torch.long)
+        return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, 1, dtype=torch.long), empty, empty,
+                     torch.zeros(0, dtype=torch.bool))
     cols = ds.with_format("numpy")[:]
     images = torch.as_tensor(np.asarray(cols["image"]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
     if images.shape[-1] != size:

@@ -1,11 +1,13 @@
 """User data: a CSV or JSONL manifest over an image folder, via HF ``datasets``.
 
 Columns: ``image`` (path, relative to the manifest's folder unless absolute)
-and ``caption`` are required; ``label`` (int or class name), ``group`` (int),
-``client`` (natural-partition id), ``split`` (public / clients / server) and
-``toxic`` (bool) are optional. Rows whose image is missing or unreadable are
-skipped and counted, never fatal; the report of what was skipped names the
-files.
+is required, and ``caption`` or ``label``; ``label`` (int or class name),
+``group`` (int), ``client`` (natural-partition id), ``split`` (public /
+clients / server) and ``toxic`` (bool) are optional. Missing modalities are
+never fatal: a row with a label but no caption trains on a class-prompt
+caption ("a photo of {class}."), counted in ``ManifestReport.prompted``;
+rows whose image is missing or unreadable, or that have neither caption nor
+label, are skipped and counted, and the report names them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .digits import SPLITS
 from .schema import features
 
 log = logging.getLogger(__name__)
-REQUIRED = ("image", "caption")
+REQUIRED = ("image",)
+CAPTION_FROM_LABEL = "a photo of {name}."  # the caption of a labelled image that came without one
 
 
 class ManifestError(ValueError):
@@ -33,6 +36,7 @@ class ManifestReport:
     rows: int = 0
     kept: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # image path -> reason
+    prompted: int = 0  # kept rows whose caption is their class prompt (no caption given)
 
 
 def _read_rows(path: Path) -> Dataset:
@@ -58,9 +62,12 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         raise ManifestError(f"manifest file not found: {path}")
     table = _read_rows(path)
     missing_cols = [c for c in REQUIRED if c not in table.column_names]
+    if "caption" not in table.column_names and "label" not in table.column_names:
+        missing_cols.append("caption or label")
     if missing_cols:
         raise ManifestError(f"manifest {path}: missing required column(s) {missing_cols}")
-    rows = table.to_list()
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()}  # CSV blanks read as NaN
+            for r in table.to_list()]
     labels = [r.get("label") for r in rows]
     names = sorted({str(v) for v in labels if v is not None and not isinstance(v, int)})
     if names:
@@ -78,6 +85,11 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         split = str(r.get("split") or "clients")
         if split not in SPLITS:
             raise ManifestError(f"manifest {path} row {i + 1}: split '{split}' not in {SPLITS}")
+        caption = r["caption"].strip() if isinstance(r.get("caption"), str) else ""
+        label = r.get("label")
+        if not caption and label is None:
+            report.skipped[str(file)] = "no caption and no label"
+            continue
         if not file.is_file():
             report.skipped[str(file)] = "missing"
             continue
@@ -86,16 +98,20 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         except Exception as exc:  # PIL raises many types for corrupt files
             report.skipped[str(file)] = f"unreadable: {type(exc).__name__}"
             continue
-        label = r.get("label")
         label = -1 if label is None else (to_id[str(label)] if to_id else int(label))
+        if not caption:
+            caption = CAPTION_FROM_LABEL.format(name=names[label])
+            report.prompted += 1
         o = out[split]
         o["image"].append(image)
-        o["caption"].append(str(r["caption"]))
+        o["caption"].append(caption)
         o["label"].append(label)
         o["group"].append(int(r["group"]) if r.get("group") is not None else 0)
         o["toxic"].append(bool(r.get("toxic") or False))
         o["client"].append(str(r["client"]) if r.get("client") is not None else "")
         report.kept += 1
+    if report.prompted:
+        log.info("manifest %s: %d rows without a caption train on their class prompt", path, report.prompted)
     if report.skipped:
         shown = ", ".join(f"{f} ({why})" for f, why in list(report.skipped.items())[:5])
         log.warning("manifest %s: skipped %d of %d rows: %s", path, len(report.skipped), report.rows, shown)
