@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+
+import psutil
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
@@ -43,6 +45,7 @@ from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
+from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation
 
 app = ServerApp()
@@ -101,6 +104,11 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
     strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
     check_uniform_mean(strategy, settings.dp)
+    # Timed alone, its seconds against the whole chain's price fedmm's wrappers (wrapper-seconds). Flower's
+    # central DP wrappers need FedAvg itself beneath them: there the timer goes above them, DP counting as strategy.
+    central_dp = needs_uniform_mean(settings.dp) and num_nodes is not None
+    if not central_dp:
+        strategy = TimedStrategy(strategy)
     if settings.constraint_list:
         limits = {"group-gap": (settings.max_group_gap, settings.dual_step_group_gap),
                   "toxicity": (settings.max_toxic_rate, settings.dual_step_toxicity)}
@@ -113,6 +121,8 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
             delta=settings.dp_delta, max_epsilon=settings.max_epsilon,
             num_nodes=num_nodes, num_sampled=num_sampled(settings, num_nodes),
         )
+    if central_dp:
+        strategy = TimedStrategy(strategy)
     # Every reply is checked (names, shapes, finiteness, absurd norms) before any wrapper below aggregates it.
     strategy = UpdateValidation(strategy, settings.max_update_norm_ratio, settings.update_norm_bound)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
@@ -181,6 +191,8 @@ def main(grid: Grid, context: Context) -> None:
     duals = find_wrapper(strategy, DualAscentConstraints)
     validation = find_wrapper(strategy, UpdateValidation)
 
+    inner = find_wrapper(strategy, TimedStrategy)  # the user's strategy alone
+    chain = TimedStrategy(strategy)  # the user's strategy and every fedmm wrapper
     done = 0
     if checkpoint is not None:
         done = checkpoint.server_round
@@ -202,6 +214,9 @@ def main(grid: Grid, context: Context) -> None:
         now = time.perf_counter()
         if server_round > 0:
             history.record(server_round, "round-seconds", now - round_started[0])
+            history.record(server_round, "wrapper-seconds",
+                           chain.seconds.get(server_round, 0.0) - inner.seconds.get(server_round, 0.0))
+            history.record(server_round, "server-rss-mib", psutil.Process().memory_info().rss / 2**20)
             for key, value in strategy.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
             for key, value in validation.stats.get(server_round, {}).items():
@@ -212,12 +227,13 @@ def main(grid: Grid, context: Context) -> None:
             spent = ledger() if ledger is not None else None
             if spent is not None:
                 history.record(server_round, "privacy/epsilon", spent.epsilon)
-        round_started[0] = now
         row = history.rounds[server_round]
         shown = " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row)
         log(INFO, "fedmm round %d/%d: %s", server_round, num_rounds, shown)
         if server_round > 0:  # the round is complete: everything needed to continue after it
             save_checkpoint(out, server_round, arrays, strategy, history.state_dict(), settings)
+            history.record(server_round, "checkpoint-seconds", time.perf_counter() - now)
+        round_started[0] = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     train_config = ConfigRecord(
@@ -233,7 +249,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     final_arrays = initial
     if done < num_rounds:
-        result = (ResumedRounds(strategy, done) if done else strategy).start(
+        result = (ResumedRounds(chain, done) if done else chain).start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=num_rounds - done,
