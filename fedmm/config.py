@@ -390,15 +390,15 @@ class Settings:
         if profiles and self.lora_ranks.strip():
             raise ConfigError("run-config 'lora-ranks' and 'client-profiles' both set client ranks; "
                               "give each profile its 'lora-rank' instead")
-        for name, fields in profiles.items():
-            extra = [t for t in fields.get("lora-targets", "").split(",") if t and t not in self.lora_target_list]
+        for name, spec in profiles.items():
+            extra = [t for t in spec.get("lora-targets", "").split(",") if t and t not in self.lora_target_list]
             if extra:
                 raise ConfigError(f"run-config 'client-profiles': profile '{name}' targets {', '.join(extra)}, "
                                   f"not among the run's lora-targets ({', '.join(self.lora_target_list)})")
-            if float(fields.get("time-budget", 0)) > 0 and self.dp == "dp-sgd":
+            if float(spec.get("time-budget", 0)) > 0 and self.dp == "dp-sgd":
                 raise ConfigError(f"run-config 'client-profiles': profile '{name}' has a time-budget, which "
                                   "dp = 'dp-sgd' cannot honour (its ledger is charged for the planned steps)")
-            if fields.get("precision") == "bf16" and self.dp == "dp-sgd":
+            if spec.get("precision") == "bf16" and self.dp == "dp-sgd":
                 raise ConfigError(f"run-config 'client-profiles': profile '{name}' trains in bf16, which "
                                   "dp = 'dp-sgd' (Opacus per-sample gradients in fp32) does not support")
 

@@ -125,6 +125,8 @@ def test_error_feedback_residual_stays_bounded():
         ("topk0.1", lambda p: {**p, "index": p["index"][::-1].copy()}, "not increasing"),
         ("topk0.1", lambda p: {**p, "index": np.full_like(p["index"], 65000)}, "out of range"),
         ("fp32", lambda p: {"values": p["values"].reshape(2, -1)}, "'values' is float32"),
+        # oversized: a payload longer than the layout it claims is refused, not truncated
+        ("fp32", lambda p: {"values": np.concatenate([p["values"], np.zeros(10**6, np.float32)])}, "'values' is float32"),
     ],
 )
 def test_malformed_payloads_are_rejected(spec, corrupt, message):

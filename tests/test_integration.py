@@ -169,8 +169,8 @@ def test_default_model_federates_with_frozen_published_towers(cache_dir, tmp_pat
 @pytest.mark.parametrize(
     "strategy, extra",
     [
-        # the FedAvg family (FedProx, with its client obligation) runs in tests/test_faults.py, under faults
-        ("fedadam", {"strategy-args": "eta=0.01 tau=0.001"}),  # adaptive server optimisers
+        # the FedAvg family (FedProx, with its client obligation) runs in tests/test_faults.py, under faults;
+        # the adaptive server optimisers (FedAdam) in tests/test_resume.py, killed and resumed
         # robust family (median, trimmed mean, Krum, Bulyan): Bulyan runs Krum selection, then a trimmed mean
         ("bulyan", {"strategy-args": "num_malicious_nodes=0"}),
     ],
