@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare(run_config: str, rounds: int, name: str) -> tuple[dict, object, Path]:
+    """The benchmark's base run config (``--run-config`` plus its rounds), its settings, and a fresh work folder.
+
+    The cached base model is built here, so no timed job pays for it.
+    """
+    from fedmm.cli import parse_run_config
+    from fedmm.config import Settings
+    from fedmm.pretrain import ensure_base_checkpoint
+
+    base = {**parse_run_config(run_config), "num-server-rounds": rounds, "min-nodes": 2}
+    settings = Settings.from_run_config(base)
+    if settings.pretrained == "public-pretrain":
+        ensure_base_checkpoint(settings)
+    return base, settings, Path(tempfile.mkdtemp(prefix=f"fedmm-bench-{name}-"))
 
 
 def run_job(name: str, overrides: dict, clients: int, work: Path) -> tuple[dict, float]:

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jobs import run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
+from jobs import prepare, run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
 
 
 def tier_rows(settings, clients: int, strategies: list[str], time_budget: float) -> list[tuple[str, dict]]:
@@ -54,15 +53,9 @@ def main() -> int:
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
 
-    from fedmm.cli import parse_run_config
     from fedmm.config import Settings
-    from fedmm.pretrain import ensure_base_checkpoint
 
-    base = {**parse_run_config(args.run_config), "num-server-rounds": args.rounds, "min-nodes": 2}
-    settings = Settings.from_run_config(base)
-    if settings.pretrained == "public-pretrain":
-        ensure_base_checkpoint(settings)  # not part of any timed job
-    work = Path(tempfile.mkdtemp(prefix="fedmm-bench-tiers-"))
+    base, settings, work = prepare(args.run_config, args.rounds, "tiers")
     rows = []
     for name, overrides in tier_rows(settings, args.clients, args.strategies.split(","), args.time_budget):
         Settings.from_run_config({**base, **overrides})  # a bad row fails before any job runs
