@@ -194,9 +194,12 @@ def test_each_builtin_family_runs_in_simulation(strategy, extra, base_settings, 
 @pytest.mark.parametrize(
     "strategy, extra",
     [
-        ("hetlora", {}),
+        # ranks from client tiers: the low tier also adapts only the attention projections, in bf16
+        ("hetlora", {"lora-ranks": "", "partition-profiles": "low,mid,high",
+                     "client-profiles": "low: lora-rank=2 lora-targets=q_proj,k_proj,v_proj precision=bf16; "
+                                        "mid: lora-rank=4; high: lora-rank=8"}),
         ("flora", {"codec": "q8", "codec-downlink": "fp16"}),  # its downlink-only merge composes with the codecs
-        ("svdlora", {}),
+        # SVDLoRA's aggregation is tested without a federation (tests/test_lora_strategies.py)
     ],
 )
 def test_heterogeneous_ranks_run_in_simulation(strategy, extra, base_settings, tmp_path):
