@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -156,7 +157,8 @@ def _node(context: Context) -> Node:
     return _NODES[key]
 
 
-def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
+def _load_global(node: Node, msg: Message) -> tuple[OrderedDict[str, np.ndarray], list[torch.Tensor]]:
+    """Load the message's global adapter into the node's model: the global arrays, and the model's trainable copies."""
     expected = msg.content["config"].get("base-fingerprint") if "config" in msg.content else None
     if expected is not None and expected != node.run.base_fingerprint:
         raise ValueError(
@@ -164,8 +166,9 @@ def _load_global(node: Node, msg: Message) -> list[torch.Tensor]:
             f"differs from the server's ({expected}); adapters trained on different bases "
             "cannot be averaged — check 'model', 'pretrained' and the base cache"
         )
-    lora.load_global(node.net, dict(to_numpy(msg.content["arrays"])))
-    return [p.detach().clone() for p in lora.trainable_parameters(node.net)]
+    global_arrays = to_numpy(msg.content["arrays"])
+    lora.load_global(node.net, dict(global_arrays))
+    return global_arrays, [p.detach().clone() for p in lora.trainable_parameters(node.net)]
 
 
 @app.train()
@@ -182,9 +185,8 @@ def train(msg: Message, context: Context) -> Message:
     if len(node.train) < 2:  # e.g. every image missing or corrupt: decline, do not fail the round
         return decline(msg, f"partition {node.partition_id}: {len(node.train)} usable training pair(s) (image with "
                             "caption or class prompt); contrastive training needs at least 2")
-    global_arrays = to_numpy(msg.content["arrays"])
-    global_params = _load_global(node, msg)
-    global_rank = rank_of(msg.content["arrays"])
+    global_arrays, global_params = _load_global(node, msg)
+    global_rank = rank_of(global_arrays)
     mu = float(config.get("proximal-mu", node.settings.proximal_mu))
     batch_size = profile.batch_size
     # F_k(w_global) before local training: QFedAvg's obligation, only when the

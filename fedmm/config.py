@@ -414,17 +414,17 @@ class Settings:
         if name and name not in profiles:
             raise ConfigError(f"node config 'profile' = '{name}': no such profile in 'client-profiles' "
                               f"({', '.join(profiles) or 'none defined'})")
-        fields = profiles.get(name, {})
-        targets = fields.get("lora-targets")
+        spec = profiles.get(name, {})
+        targets = spec.get("lora-targets")
         return Profile(
             name=name or "default",
-            lora_rank=int(fields.get("lora-rank", self.rank_of(partition_id))),
+            lora_rank=int(spec.get("lora-rank", self.rank_of(partition_id))),
             lora_targets=tuple(targets.split(",")) if targets else tuple(self.lora_target_list),
-            batch_size=int(fields.get("batch-size", self.batch_size)),
-            local_steps=int(fields.get("local-steps", self.local_steps)),
-            time_budget=float(fields.get("time-budget", 0.0)),
-            precision=str(fields.get("precision", "fp32")),
-            dropout=float(fields.get("dropout", 0.0)),
+            batch_size=int(spec.get("batch-size", self.batch_size)),
+            local_steps=int(spec.get("local-steps", self.local_steps)),
+            time_budget=float(spec.get("time-budget", 0.0)),
+            precision=str(spec.get("precision", "fp32")),
+            dropout=float(spec.get("dropout", 0.0)),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -519,7 +519,7 @@ def parse_profiles(text: str) -> dict[str, dict[str, str]]:
             raise ValueError(f"profile {part!r}: expected 'name: key=value ...'")
         if name in profiles:
             raise ValueError(f"profile '{name}' is defined twice")
-        fields = {}
+        spec = {}
         for pair in body.split():
             key, eq, value = pair.partition("=")
             if not eq or key not in PROFILE_KEYS:
@@ -527,8 +527,8 @@ def parse_profiles(text: str) -> dict[str, dict[str, str]]:
             problem = PROFILE_KEYS[key](value)
             if problem:
                 raise ValueError(f"profile '{name}': {key} = {value!r} {problem}")
-            fields[key] = value
-        profiles[name] = fields
+            spec[key] = value
+        profiles[name] = spec
     return profiles
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-
-import psutil
 from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import save_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
