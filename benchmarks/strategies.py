@@ -1,0 +1,155 @@
+"""Strategies on the default task: final accuracy and rounds-to-target, IID and Dirichlet α=0.1.
+
+For each partitioning, two reference rows come first, trained here with the
+client's code path (``train_steps`` on the adapter, AdamW, the run's rank, lr
+and batch size) and evaluated once per round's worth of steps:
+
+- centralized: one adapter on all clients' training data pooled, for as many
+  steps as the whole federation takes (rounds × local-steps × clients: the
+  same examples seen, the same compute);
+- local-only: each client alone on its own training data for the steps it
+  takes in the federation (rounds × local-steps); the mean over clients.
+
+Then one federation per strategy (Flower simulation, the path of `fedmm run`):
+FedAvg, FedProx, FedAdam and FedYogi at the run's rank, and, with client ranks
+4/8/16 by partition, naive FedAvg of the zero-padded A and B factors vs the
+three heterogeneous-rank aggregators (HetLoRA, FLoRA, SVD-LoRA).
+
+Every accuracy is the central zero-shot accuracy on the server's held-out split.
+The target is 95% of the centralized accuracy; rounds-to-target is the first
+round whose accuracy reaches it ("—" if none within the rounds run).
+Usage:
+
+    .venv/bin/python benchmarks/strategies.py [--rounds 30] [--clients 10] \
+        [--partitionings iid,0.1] [--rows fedavg,...] [--run-config "k=v ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+from jobs import ROOT, prepare, run_job
+
+sys.path.insert(0, str(ROOT))
+
+HETERO_RANKS = "4,8,16"
+FEDERATED = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox", "proximal-mu": 0.01},
+    "fedadam": {"strategy": "fedadam", "strategy-args": "eta=0.01 tau=0.001"},
+    "fedyogi": {"strategy": "fedyogi", "strategy-args": "eta=0.01 tau=0.001"},
+    "naive-4/8/16": {"strategy": "fedavg", "lora-ranks": HETERO_RANKS},
+    "hetlora-4/8/16": {"strategy": "hetlora", "lora-ranks": HETERO_RANKS},
+    "flora-4/8/16": {"strategy": "flora", "lora-ranks": HETERO_RANKS},
+    "svdlora-4/8/16": {"strategy": "svdlora", "lora-ranks": HETERO_RANKS},
+}
+REFERENCES = ("centralized", "local-only")
+PARTITIONINGS = {"iid": {"partitioner": "iid"}, "0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}}
+
+
+def references(settings, clients: int, rounds: int, rows: list[str]) -> dict[str, tuple[dict[int, float], float]]:
+    """Accuracy per round (its worth of steps) and wall seconds of the reference rows in ``rows``.
+
+    Local-only's curve is the mean over clients, round by round.
+    """
+    from datasets import concatenate_datasets
+
+    from fedmm import lora
+    from fedmm import model as models
+    from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
+    from fedmm.data.partition import client_split
+    from fedmm.evaluate import class_embeddings, evaluate
+    from fedmm.pretrain import load_base_model
+    from fedmm.train import train_steps
+
+    splits = load_splits(settings.dataset)
+    base = load_base_model(settings, progress=False)
+    tokenizer = models.create_tokenizer(settings.model)
+    preprocess = models.image_mean_std(base)
+    prompts = zero_shot_prompts(class_names(splits["server"]))
+    held_out = to_batch(splits["server"], tokenizer, *preprocess)
+    parts = [client_split(settings, splits["clients"], pid, clients)[0] for pid in range(clients)]
+
+    def fit(ds, seed: int, per_round: int) -> dict[int, float]:
+        torch.manual_seed(settings.seed)  # the federation's LoRA init
+        net = lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
+                               settings.lora_target_list)
+        curve: dict[int, float] = {}
+
+        def every_round(step: int, _loss: float) -> None:
+            if step % per_round == 0:
+                with torch.no_grad():
+                    metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
+                curve[step // per_round] = metrics["zs-acc"]
+
+        train_steps(net, to_batch(ds, tokenizer, *preprocess), steps=rounds * per_round,
+                    batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay, seed=seed,
+                    progress=every_round)
+        return curve
+
+    out = {}
+    start = time.perf_counter()
+    if "centralized" in rows:
+        curve = fit(concatenate_datasets(parts), settings.seed, settings.local_steps * clients)
+        out["centralized"] = (curve, time.perf_counter() - start)
+    start = time.perf_counter()
+    if "local-only" in rows:
+        alone = [fit(ds, settings.seed + pid, settings.local_steps) for pid, ds in enumerate(parts) if len(ds) >= 2]
+        curve = {r: statistics.mean(c[r] for c in alone) for r in alone[0]}
+        out["local-only"] = (curve, time.perf_counter() - start)
+    return out
+
+
+def row(label: str, name: str, accuracy: dict[int, float], central: float, wall: float) -> str:
+    """One table row: final and best accuracy, first round reaching 95% of ``central``, share of it, minutes."""
+    rounds = {r: acc for r, acc in accuracy.items() if r > 0}
+    final = rounds[max(rounds)]
+    hit = [r for r, acc in sorted(rounds.items()) if acc >= 0.95 * central]
+    return (f"| {label} | {name} | {final:.2%} | {max(rounds.values()):.2%} | {hit[0] if hit else '—'} "
+            f"| {final / central:.0%} | {wall / 60:.1f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--partitionings", default="iid,0.1", help="'iid' and/or Dirichlet alphas, comma-separated")
+    parser.add_argument("--rows", default=",".join([*REFERENCES, *FEDERATED]))
+    parser.add_argument("--run-config", default="")
+    args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(REFERENCES) - set(FEDERATED))
+    if unknown or "centralized" not in rows:
+        known = ", ".join([*REFERENCES, *FEDERATED])
+        parser.error(f"rows must include 'centralized' (the target) and be among {known}")
+    common, _, work = prepare(args.run_config, args.rounds, "strategies")
+    from fedmm.config import Settings
+
+    print("| partitioning | run | final zs-acc | best zs-acc | rounds to 95% of centralized | final / centralized "
+          "| wall (min) |")
+    print("|---|---|---|---|---|---|---|")
+    for part in args.partitionings.split(","):
+        part_config = PARTITIONINGS.get(part) or {"partitioner": "dirichlet", "dirichlet-alpha": float(part)}
+        label = "IID" if part == "iid" else f"Dirichlet α={part}"
+        config = {**common, **part_config}
+        refs = references(Settings.from_run_config(config), args.clients, args.rounds, rows)
+        curve, _ = refs["centralized"]
+        central = curve[max(curve)]
+        for name, (accuracy, wall) in refs.items():
+            print(row(label, name, accuracy, central, wall), flush=True)
+        for name in (r for r in rows if r in FEDERATED):
+            job = f"{part}-{name.replace('/', '-')}"
+            report, wall = run_job(job, {**config, **FEDERATED[name]}, args.clients, work)
+            accuracy = {r: v["central/zs-acc"] for r, v in report["rounds"].items()}
+            print(row(label, name, accuracy, central, wall), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
