@@ -4,11 +4,13 @@ For each partitioning, two reference rows come first, trained here with the
 client's code path (``train_steps`` on the adapter, AdamW, the run's rank, lr
 and batch size) and evaluated once per round's worth of steps:
 
-- centralized: one adapter on all clients' training data pooled, for as many
-  steps as the whole federation takes (rounds × local-steps × clients: the
-  same examples seen, the same compute);
-- local-only: each client alone on its own training data for the steps it
-  takes in the federation (rounds × local-steps); the mean over clients.
+- centralized: one adapter on all clients' training data pooled, for the
+  steps one client takes in the federation (rounds × local-steps; many epochs
+  of the pooled data, a tenth of the federation's compute at 10 clients);
+- local-only: each client alone on its own training data, for the same steps
+  per round (``--local-rounds`` of them, default all); the mean over clients,
+  round by round, final and best (the best is generous: a small client
+  overfits, and no client could pick that round without the server's data).
 
 Then one federation per strategy (Flower simulation, the path of `fedmm run`):
 FedAvg, FedProx, FedAdam and FedYogi at the run's rank, and, with client ranks
@@ -21,7 +23,7 @@ round whose accuracy reaches it ("—" if none within the rounds run).
 Usage:
 
     .venv/bin/python benchmarks/strategies.py [--rounds 30] [--clients 10] \
-        [--partitionings iid,0.1] [--rows fedavg,...] [--run-config "k=v ..."]
+        [--partitionings iid,0.1] [--local-rounds N] [--rows centralized,fedavg,...] [--run-config "k=v ..."]
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ REFERENCES = ("centralized", "local-only")
 PARTITIONINGS = {"iid": {"partitioner": "iid"}, "0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}}
 
 
-def references(settings, clients: int, rounds: int, rows: list[str]) -> dict[str, tuple[dict[int, float], float]]:
+def references(settings, clients: int, rounds: int, local_rounds: int,
+               rows: list[str]) -> dict[str, tuple[dict[int, float], float]]:
     """Accuracy per round (its worth of steps) and wall seconds of the reference rows in ``rows``.
 
     Local-only's curve is the mean over clients, round by round.
@@ -76,7 +79,8 @@ def references(settings, clients: int, rounds: int, rows: list[str]) -> dict[str
     held_out = to_batch(splits["server"], tokenizer, *preprocess)
     parts = [client_split(settings, splits["clients"], pid, clients)[0] for pid in range(clients)]
 
-    def fit(ds, seed: int, per_round: int) -> dict[int, float]:
+    def fit(ds, seed: int, rounds: int) -> dict[int, float]:
+        per_round = settings.local_steps
         torch.manual_seed(settings.seed)  # the federation's LoRA init
         net = lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
                                settings.lora_target_list)
@@ -96,11 +100,11 @@ def references(settings, clients: int, rounds: int, rows: list[str]) -> dict[str
     out = {}
     start = time.perf_counter()
     if "centralized" in rows:
-        curve = fit(concatenate_datasets(parts), settings.seed, settings.local_steps * clients)
+        curve = fit(concatenate_datasets(parts), settings.seed, rounds)
         out["centralized"] = (curve, time.perf_counter() - start)
     start = time.perf_counter()
     if "local-only" in rows:
-        alone = [fit(ds, settings.seed + pid, settings.local_steps) for pid, ds in enumerate(parts) if len(ds) >= 2]
+        alone = [fit(ds, settings.seed + pid, local_rounds) for pid, ds in enumerate(parts) if len(ds) >= 2]
         curve = {r: statistics.mean(c[r] for c in alone) for r in alone[0]}
         out["local-only"] = (curve, time.perf_counter() - start)
     return out
@@ -120,6 +124,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--partitionings", default="iid,0.1", help="'iid' and/or Dirichlet alphas, comma-separated")
+    parser.add_argument("--local-rounds", type=int, default=0, help="rounds of local-only training (0 = --rounds)")
     parser.add_argument("--rows", default=",".join([*REFERENCES, *FEDERATED]))
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
@@ -138,7 +143,8 @@ def main() -> int:
         part_config = PARTITIONINGS.get(part) or {"partitioner": "dirichlet", "dirichlet-alpha": float(part)}
         label = "IID" if part == "iid" else f"Dirichlet α={part}"
         config = {**common, **part_config}
-        refs = references(Settings.from_run_config(config), args.clients, args.rounds, rows)
+        refs = references(Settings.from_run_config(config), args.clients, args.rounds,
+                          args.local_rounds or args.rounds, rows)
         curve, _ = refs["centralized"]
         central = curve[max(curve)]
         for name, (accuracy, wall) in refs.items():
