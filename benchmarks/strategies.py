@@ -10,12 +10,20 @@ and batch size) and evaluated once per round's worth of steps:
 - local-only: each client alone on its own training data, for the same steps
   per round (``--local-rounds`` of them, default all); the mean over clients,
   round by round, final and best (the best is generous: a small client
-  overfits, and no client could pick that round without the server's data).
+  overfits, and no client could pick that round without the server's data);
+- client-batches (a diagnostic, only with ``--rows``): centralized's single
+  adapter and optimizer and its steps, but every batch drawn from one
+  client's data (round-robin) — the batch composition a federation trains
+  on, with no aggregation and no client drift. Under label skew in-batch
+  contrastive negatives are mostly the same class; this row measures what
+  that alone costs.
 
 Then one federation per strategy (Flower simulation, the path of `fedmm run`):
 FedAvg, FedProx, FedAdam and FedYogi at the run's rank, and, with client ranks
 4/8/16 by partition, naive FedAvg of the zero-padded A and B factors vs the
-three heterogeneous-rank aggregators (HetLoRA, FLoRA, SVD-LoRA).
+three heterogeneous-rank aggregators (HetLoRA, FLoRA, SVD-LoRA). ``--rows``
+also takes the variants in ``VARIANTS`` (server momentum, a strong proximal
+term, fewer local steps), not run by default.
 
 Every accuracy is the central zero-shot accuracy on the server's held-out split.
 The target is 95% of the centralized accuracy; rounds-to-target is the first
@@ -51,7 +59,13 @@ FEDERATED = {
     "flora-4/8/16": {"strategy": "flora", "lora-ranks": HETERO_RANKS},
     "svdlora-4/8/16": {"strategy": "svdlora", "lora-ranks": HETERO_RANKS},
 }
-REFERENCES = ("centralized", "local-only")
+# Selectable with --rows, not run by default: attempts to close the gap at α=0.1 (docs/benchmarks.md).
+VARIANTS = {
+    "fedavgm-0.9": {"strategy": "fedavgm", "strategy-args": "server_momentum=0.9"},
+    "fedprox-1": {"strategy": "fedprox", "proximal-mu": 1.0},
+    "fedavg-4steps": {"strategy": "fedavg", "local-steps": 4},
+}
+REFERENCES = ("centralized", "local-only", "client-batches")
 PARTITIONINGS = {"iid": {"partitioner": "iid"}, "0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}}
 
 
@@ -97,6 +111,32 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
                     progress=every_round)
         return curve
 
+    def fit_client_batches(rounds: int) -> dict[int, float]:
+        """One adapter and one AdamW on all the data, but each step's batch from one client (round-robin)."""
+        import open_clip
+
+        from fedmm.train import forward
+
+        torch.manual_seed(settings.seed)
+        net = lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
+                               settings.lora_target_list)
+        data = [to_batch(ds, tokenizer, *preprocess) for ds in parts if len(ds) >= 2]
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        loss_fn, gen, curve = open_clip.ClipLoss(), torch.Generator().manual_seed(settings.seed), {}
+        for step in range(1, rounds * settings.local_steps + 1):
+            own = data[step % len(data)]
+            batch = own.subset(torch.randperm(len(own), generator=gen)[: settings.batch_size])
+            out = forward(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+            optimizer.step()
+            if step % settings.local_steps == 0:
+                with torch.no_grad():
+                    metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
+                curve[step // settings.local_steps] = metrics["zs-acc"]
+        return curve
+
     out = {}
     start = time.perf_counter()
     if "centralized" in rows:
@@ -107,6 +147,9 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
         alone = [fit(ds, settings.seed + pid, local_rounds) for pid, ds in enumerate(parts) if len(ds) >= 2]
         curve = {r: statistics.mean(c[r] for c in alone) for r in alone[0]}
         out["local-only"] = (curve, time.perf_counter() - start)
+    start = time.perf_counter()
+    if "client-batches" in rows:
+        out["client-batches"] = (fit_client_batches(rounds), time.perf_counter() - start)
     return out
 
 
@@ -125,13 +168,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--partitionings", default="iid,0.1", help="'iid' and/or Dirichlet alphas, comma-separated")
     parser.add_argument("--local-rounds", type=int, default=0, help="rounds of local-only training (0 = --rounds)")
-    parser.add_argument("--rows", default=",".join([*REFERENCES, *FEDERATED]))
+    parser.add_argument("--rows", default=",".join(["centralized", "local-only", *FEDERATED]))
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = sorted(set(rows) - set(REFERENCES) - set(FEDERATED))
+    federated = {**FEDERATED, **VARIANTS}
+    unknown = sorted(set(rows) - set(REFERENCES) - set(federated))
     if unknown or "centralized" not in rows:
-        known = ", ".join([*REFERENCES, *FEDERATED])
+        known = ", ".join([*REFERENCES, *federated])
         parser.error(f"rows must include 'centralized' (the target) and be among {known}")
     common, _, work = prepare(args.run_config, args.rounds, "strategies")
     from fedmm.config import Settings
@@ -149,9 +193,9 @@ def main() -> int:
         central = curve[max(curve)]
         for name, (accuracy, wall) in refs.items():
             print(row(label, name, accuracy, central, wall), flush=True)
-        for name in (r for r in rows if r in FEDERATED):
+        for name in (r for r in rows if r in federated):
             job = f"{part}-{name.replace('/', '-')}"
-            report, wall = run_job(job, {**config, **FEDERATED[name]}, args.clients, work)
+            report, wall = run_job(job, {**config, **federated[name]}, args.clients, work)
             accuracy = {r: v["central/zs-acc"] for r, v in report["rounds"].items()}
             print(row(label, name, accuracy, central, wall), flush=True)
     return 0
