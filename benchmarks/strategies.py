@@ -25,7 +25,10 @@ three heterogeneous-rank aggregators (HetLoRA, FLoRA, SVD-LoRA). ``--rows``
 also takes the variants in ``VARIANTS`` (server momentum, a strong proximal
 term, fewer local steps), not run by default.
 
-Every accuracy is the central zero-shot accuracy on the server's held-out split.
+The references train on the clients' loss (``loss`` in the run config:
+ClipLoss, or the public-negatives loss with ``--run-config
+"loss='public-negatives'"``). Every accuracy is the central zero-shot
+accuracy on the server's held-out split.
 The target is 95% of the centralized accuracy; rounds-to-target is the first
 round whose accuracy reaches it ("—" if none within the rounds run).
 Usage:
@@ -83,6 +86,7 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     from fedmm.data.partition import client_split
     from fedmm.evaluate import class_embeddings, evaluate
     from fedmm.pretrain import load_base_model
+    from fedmm.privacy import PublicNegativesLoss, public_pool
     from fedmm.train import train_steps
 
     splits = load_splits(settings.dataset)
@@ -92,6 +96,13 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     prompts = zero_shot_prompts(class_names(splits["server"]))
     held_out = to_batch(splits["server"], tokenizer, *preprocess)
     parts = [client_split(settings, splits["clients"], pid, clients)[0] for pid in range(clients)]
+    public = None
+    if settings.objective == "public-negatives":  # the clients' loss; the references train on it too
+        public = to_batch(public_pool(splits["public"], settings.dp_negatives, settings.seed), tokenizer, *preprocess)
+
+    def objective(net, seed: int):
+        """The clients' loss for ``net``: None (ClipLoss) or the public-negatives loss."""
+        return None if public is None else PublicNegativesLoss(net, public, settings.dp_negatives, seed=seed)
 
     def fit(ds, seed: int, rounds: int) -> dict[int, float]:
         per_round = settings.local_steps
@@ -108,7 +119,7 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
 
         train_steps(net, to_batch(ds, tokenizer, *preprocess), steps=rounds * per_round,
                     batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay, seed=seed,
-                    progress=every_round)
+                    loss_fn=objective(net, seed), progress=every_round)
         return curve
 
     def fit_client_batches(rounds: int) -> dict[int, float]:
@@ -123,13 +134,15 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
         data = [to_batch(ds, tokenizer, *preprocess) for ds in parts if len(ds) >= 2]
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        loss_fn, gen, curve = open_clip.ClipLoss(), torch.Generator().manual_seed(settings.seed), {}
+        clip_loss, gen, curve = open_clip.ClipLoss(), torch.Generator().manual_seed(settings.seed), {}
+        loss_fn = objective(net, settings.seed) or (
+            lambda out, _batch: clip_loss(out["image_features"], out["text_features"], out["logit_scale"]))
         for step in range(1, rounds * settings.local_steps + 1):
             own = data[step % len(data)]
             batch = own.subset(torch.randperm(len(own), generator=gen)[: settings.batch_size])
             out = forward(net, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+            loss_fn(out, batch).backward()
             optimizer.step()
             if step % settings.local_steps == 0:
                 with torch.no_grad():

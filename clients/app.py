@@ -45,7 +45,7 @@ from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, 
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
-from fedmm.privacy import PublicNegativesLoss, sample_epsilon, sample_rate, train_dp_sgd
+from fedmm.privacy import PublicNegativesLoss, public_pool, sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.train import mean_clip_loss, proximal_term, train_steps
 
 # Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize);
@@ -126,9 +126,7 @@ def _run_state(context: Context) -> RunState:
         groups = splits["clients"]["group"]
         public = None
         if settings.objective == "public-negatives" and len(splits["public"]):
-            # a seeded pool, 16x the negatives drawn each step, keeps memory bounded
-            pool = splits["public"].shuffle(seed=settings.seed).select(
-                range(min(len(splits["public"]), 16 * settings.dp_negatives)))
+            pool = public_pool(splits["public"], settings.dp_negatives, settings.seed)
             public = to_batch(pool, tokenizer, *models.image_mean_std(base))
         _RUNS[key] = RunState(
             settings, base, prompts, tokenizer, models.image_mean_std(base),

@@ -13,7 +13,7 @@
 
 from .accounting import gaussian_epsilon
 from .dp_sgd import GRAD_SAMPLE_MODES, sample_epsilon, sample_rate, train_dp_sgd
-from .objective import PublicNegativesLoss
+from .objective import PublicNegativesLoss, public_pool
 from .update import clip_update, privatize_update, update_norm
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "clip_update",
     "gaussian_epsilon",
     "privatize_update",
+    "public_pool",
     "sample_epsilon",
     "sample_rate",
     "train_dp_sgd",

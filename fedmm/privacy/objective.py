@@ -39,9 +39,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch import nn
 
 from ..data import Batch
+
+
+def public_pool(public: Dataset, count: int, seed: int) -> Dataset:
+    """The seeded public pairs negatives are drawn from: 16x the ``count`` drawn per step keeps memory bounded."""
+    return public.shuffle(seed=seed).select(range(min(len(public), 16 * count)))
 
 
 class PublicNegativesLoss(nn.Module):
