@@ -66,6 +66,21 @@ def test_fedprox_obligation_pulls_towards_global(run_config, global_arrays):
     assert drift(1000.0) < 0.5 * drift(0.0)
 
 
+def test_non_private_client_can_train_on_public_negatives(run_config, global_arrays):
+    """loss='public-negatives' without DP (label-skewed clients, docs/benchmarks.md): another objective, same reply."""
+    arrays, _ = global_arrays
+    clip = _call(run_config, MessageType.TRAIN, arrays, pid=1)
+    public = _call({**run_config, "loss": "public-negatives"}, MessageType.TRAIN, arrays, pid=1)
+    assert not public.has_error(), public.error
+    assert list(public.content["arrays"].keys()) == list(arrays.keys())
+    before = arrays.to_torch_state_dict()
+    after = {"clip": clip.content["arrays"].to_torch_state_dict(), "public": public.content["arrays"].to_torch_state_dict()}
+    assert all(torch.isfinite(v).all() for v in after["public"].values())
+    assert any(not torch.equal(after["public"][k], before[k]) for k in before)  # it trained
+    assert any(not torch.equal(after["public"][k], after["clip"][k]) for k in before)  # on another loss
+    assert public.content["metrics"]["contrastive-loss"] != clip.content["metrics"]["contrastive-loss"]
+
+
 def test_a_node_with_a_different_base_refuses_to_train(run_config, global_arrays):
     arrays, _ = global_arrays
     # Flower's runtime turns the exception into an error reply with this reason.
