@@ -67,7 +67,7 @@ def test_fedprox_obligation_pulls_towards_global(run_config, global_arrays):
 
 
 def test_non_private_client_can_train_on_public_negatives(run_config, global_arrays):
-    """loss='public-negatives' without DP (label-skewed clients, docs/benchmarks.md): another objective, same reply."""
+    """loss='public-negatives' without DP: the client trains on that objective, and replies as with ClipLoss."""
     arrays, _ = global_arrays
     clip = _call(run_config, MessageType.TRAIN, arrays, pid=1)
     public = _call({**run_config, "loss": "public-negatives"}, MessageType.TRAIN, arrays, pid=1)
