@@ -33,6 +33,15 @@ Two variants that looked natural failed on the default model (non-private,
   client images differ from public ones (a domain shift, as in real
   federations), so texts learn to match "client-looking" images, not the
   class; accuracy fell to chance again (9.7%).
+
+Known limit (measured, non-private, α=0.1, 30 rounds; docs/benchmarks.md,
+"the public-negatives client loss"): this loss itself is not stable. One
+optimizer trained on it for long (centralized, local-only) collapses; a
+federation reached 97.8% by round 17 and then collapsed at round 22 (seed 0),
+or never learned (seed 1). The negatives carry no gradient, so nothing keeps
+captions of different classes apart. Under DP-SGD the noise dominates first;
+the fix to try is gradient through the negatives, which Opacus's per-sample
+hooks do not take as is.
 """
 
 from __future__ import annotations
