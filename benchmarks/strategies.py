@@ -87,7 +87,7 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     from fedmm.evaluate import class_embeddings, evaluate
     from fedmm.pretrain import load_base_model
     from fedmm.privacy import PublicNegativesLoss, public_pool
-    from fedmm.train import train_steps
+    from fedmm.train import clip_objective, forward, train_steps
 
     splits = load_splits(settings.dataset)
     base = load_base_model(settings, progress=False)
@@ -101,21 +101,26 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
         public = to_batch(public_pool(splits["public"], settings.dp_negatives, settings.seed), tokenizer, *preprocess)
 
     def objective(net, seed: int):
-        """The clients' loss for ``net``: None (ClipLoss) or the public-negatives loss."""
-        return None if public is None else PublicNegativesLoss(net, public, settings.dp_negatives, seed=seed)
+        """The clients' loss for ``net``: ClipLoss or the public-negatives loss."""
+        return clip_objective() if public is None else PublicNegativesLoss(net, public, settings.dp_negatives, seed=seed)
+
+    def new_adapter():
+        torch.manual_seed(settings.seed)  # the federation's LoRA init
+        return lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
+                                settings.lora_target_list)
+
+    @torch.no_grad()
+    def accuracy(net) -> float:
+        return evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))["zs-acc"]
 
     def fit(ds, seed: int, rounds: int) -> dict[int, float]:
         per_round = settings.local_steps
-        torch.manual_seed(settings.seed)  # the federation's LoRA init
-        net = lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
-                               settings.lora_target_list)
+        net = new_adapter()
         curve: dict[int, float] = {}
 
         def every_round(step: int, _loss: float) -> None:
             if step % per_round == 0:
-                with torch.no_grad():
-                    metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
-                curve[step // per_round] = metrics["zs-acc"]
+                curve[step // per_round] = accuracy(net)
 
         train_steps(net, to_batch(ds, tokenizer, *preprocess), steps=rounds * per_round,
                     batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay, seed=seed,
@@ -124,19 +129,11 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
 
     def fit_client_batches(rounds: int) -> dict[int, float]:
         """One adapter and one AdamW on all the data, but each step's batch from one client (round-robin)."""
-        import open_clip
-
-        from fedmm.train import forward
-
-        torch.manual_seed(settings.seed)
-        net = lora.attach_lora(copy.deepcopy(base), settings.lora_rank, settings.lora_alpha,
-                               settings.lora_target_list)
+        net = new_adapter()
         data = [to_batch(ds, tokenizer, *preprocess) for ds in parts if len(ds) >= 2]
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        clip_loss, gen, curve = open_clip.ClipLoss(), torch.Generator().manual_seed(settings.seed), {}
-        loss_fn = objective(net, settings.seed) or (
-            lambda out, _batch: clip_loss(out["image_features"], out["text_features"], out["logit_scale"]))
+        loss_fn, gen, curve = objective(net, settings.seed), torch.Generator().manual_seed(settings.seed), {}
         for step in range(1, rounds * settings.local_steps + 1):
             own = data[step % len(data)]
             batch = own.subset(torch.randperm(len(own), generator=gen)[: settings.batch_size])
@@ -145,9 +142,7 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
             loss_fn(out, batch).backward()
             optimizer.step()
             if step % settings.local_steps == 0:
-                with torch.no_grad():
-                    metrics = evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))
-                curve[step // settings.local_steps] = metrics["zs-acc"]
+                curve[step // settings.local_steps] = accuracy(net)
         return curve
 
     out = {}

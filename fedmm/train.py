@@ -41,6 +41,19 @@ def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> LossTerm:
     return term
 
 
+LossFn = Callable[[dict[str, torch.Tensor], Batch], torch.Tensor]
+
+
+def clip_objective() -> LossFn:
+    """open_clip's ClipLoss (in-batch negatives) as a (model output, batch) -> loss function."""
+    clip_loss = open_clip.ClipLoss()
+
+    def loss_fn(out: dict[str, torch.Tensor], _batch: Batch) -> torch.Tensor:
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    return loss_fn
+
+
 def forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     return model(batch.images, batch.tokens)
 
@@ -55,7 +68,7 @@ def train_steps(
     weight_decay: float = 0.0,
     seed: int = 0,
     extra_terms: Sequence[LossTerm] = (),
-    loss_fn: Callable[[dict[str, torch.Tensor], Batch], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     warmup_cosine: bool = False,
     progress: Callable[[int, float], None] | None = None,
     time_budget: float = 0.0,
@@ -87,11 +100,7 @@ def train_steps(
             lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
         )
     if loss_fn is None:
-        clip_loss = open_clip.ClipLoss()
-
-        def loss_fn(out: dict[str, torch.Tensor], _batch: Batch) -> torch.Tensor:
-            return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-
+        loss_fn = clip_objective()
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(data))
     order = torch.randperm(len(data), generator=gen)
@@ -127,9 +136,9 @@ def train_steps(
 @torch.no_grad()
 def mean_clip_loss(model: nn.Module, data: Batch, batch_size: int) -> float:
     """Mean ClipLoss of the model over ``data`` in its natural order (no update)."""
-    loss_fn, total, batches = open_clip.ClipLoss(), 0.0, 0
+    loss_fn, total, batches = clip_objective(), 0.0, 0
     for i in range(0, len(data) - 1, batch_size):  # a batch needs >= 2 pairs
-        out = forward(model, data.subset(torch.arange(i, min(i + batch_size, len(data)))))
-        total += float(loss_fn(out["image_features"], out["text_features"], out["logit_scale"]))
+        batch = data.subset(torch.arange(i, min(i + batch_size, len(data))))
+        total += float(loss_fn(forward(model, batch), batch))
         batches += 1
     return total / max(1, batches)
