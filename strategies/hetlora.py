@@ -1,15 +1,23 @@
-"""HetLoRA-style zero-padding aggregation for clients of different LoRA ranks.
+"""HetLoRA: zero-padding with sparsity-weighted aggregation, for clients of different LoRA ranks.
 
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
-Foundation Models" (2024): clients of rank r_i hold the first r_i rank
-components of the global adapter (truncation); the server zero-pads their
-factors to the global rank and averages. Here component j of A and B is the
-``num-examples``-weighted mean over the clients that have it (r_i > j): a
-low-rank client's padding is not a vote for zero.
+Foundation Models" (EMNLP 2024). Clients of rank r_i hold the first r_i rank
+components of the global adapter (truncation). The server zero-pads their
+factors to the global rank; the zeros count, so a component only high-rank
+clients train is shrunk by the clients that lack it. Each layer's A and B are
+then the weighted sums of the padded factors with the paper's
+sparsity-weighted aggregation: client i's weight is ||B_i A_i||_F over the
+sum of them, so clients whose adapter moved further count more, and a
+low-rank client's near-empty module does not drag the aggregate to zero. (The
+paper's optional rank self-pruning, a client-side regulariser, is not done.)
+
+Without the sparsity weights this is plain FedAvg of the padded factors: the
+benchmarks' ``naive`` row.
 
 Clients: see ``strategies.lora_base`` (adapter zero-padded to the global
 rank, ``num-examples``, ``lora-rank``); they truncate the received adapter to
-their rank.
+their rank. Arrays that are not LoRA factors are ``num-examples``-weighted
+means, as in FedAvg.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from strategies.lora_base import LoRAFactorStrategy
 
 
 class HetLoRA(LoRAFactorStrategy):
-    """Heterogeneous ranks by zero-padding: each rank component averaged over the clients that hold it."""
+    """Zero-padded factors, each layer's summed with weights ||B_i A_i||_F (sparsity-weighted aggregation)."""
 
     def combine(
         self, arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], ranks: Sequence[int],
@@ -32,6 +40,7 @@ class HetLoRA(LoRAFactorStrategy):
     ) -> Mapping[str, np.ndarray]:
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for layer in layers:
-            b, a = lf.zero_pad_average(arrays, weights, ranks, self.current, layer)
-            out[layer + lf.A_SUFFIX], out[layer + lf.B_SUFFIX] = a, b
+            layer_weights = lf.sparsity_weights(arrays, layer)
+            for suffix in (lf.A_SUFFIX, lf.B_SUFFIX):
+                out[layer + suffix] = lf.weighted_mean(arrays, layer_weights, layer + suffix)
         return out

@@ -102,26 +102,11 @@ def weighted_mean_product(
     return b @ a
 
 
-def zero_pad_average(
-    replies: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], ranks: Sequence[int],
-    current: Mapping[str, np.ndarray], layer: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """HetLoRA-style: rank component j is the weighted mean over the clients that have it.
-
-    A client of rank r contributes rows/columns 0..r-1 only (its padding is not
-    a vote for zero); a component no client trained keeps its current value.
-    """
-    a_ref, b_ref = current[layer + A_SUFFIX], current[layer + B_SUFFIX]
-    a = as_matrix(a_ref).astype(np.float64).copy()
-    b = as_matrix(b_ref).astype(np.float64).copy()
-    for j in range(a.shape[0]):
-        owners = [(w, r) for w, r, rank in zip(weights, replies, ranks) if rank > j]
-        if not owners:
-            continue
-        total = sum(w for w, _ in owners)
-        a[j] = sum(w * as_matrix(r[layer + A_SUFFIX])[j] for w, r in owners) / total
-        b[:, j] = sum(w * as_matrix(r[layer + B_SUFFIX])[:, j] for w, r in owners) / total
-    return like(b, b_ref), like(a, a_ref)
+def sparsity_weights(replies: Sequence[Mapping[str, np.ndarray]], layer: str) -> list[float]:
+    """HetLoRA's aggregation weights for one layer: ||B_i A_i||_F normalised to sum 1 (uniform if all are zero)."""
+    norms = [float(np.linalg.norm(product(r[layer + B_SUFFIX], r[layer + A_SUFFIX]))) for r in replies]
+    total = sum(norms)
+    return [n / total for n in norms] if total > 0 else [1.0 / len(replies)] * len(replies)
 
 
 def weighted_mean(replies: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], key: str) -> np.ndarray:

@@ -97,16 +97,21 @@ def test_svdlora_aggregate_is_the_truncated_mean_product():
     np.testing.assert_allclose(np.linalg.norm(mean - got), np.sqrt((singular[R:] ** 2).sum()), rtol=1e-6, atol=1e-9)
 
 
-def test_hetlora_averages_each_component_over_its_holders_only():
+def test_hetlora_weights_padded_factors_by_the_norm_of_their_product():
+    """Cho et al.'s sparsity-weighted aggregation: weight ||B_i A_i||_F, the padding zeros count, per layer."""
     strategy = HetLoRA()
     strategy.current = _global()
     low, high = _client(2), _client(4)
-    out = strategy.combine([low, high], [1.0, 3.0], [2, 4], [LAYER])
-    a = out[LAYER + lf.A_SUFFIX]
-    np.testing.assert_allclose(a[:2], (low[LAYER + lf.A_SUFFIX][:2] + 3 * high[LAYER + lf.A_SUFFIX][:2]) / 4)
-    np.testing.assert_allclose(a[2:4], high[LAYER + lf.A_SUFFIX][2:4])  # the rank-2 client's zeros do not count
-    np.testing.assert_array_equal(a[4:], strategy.current[LAYER + lf.A_SUFFIX][4:])  # nobody trained these
-    np.testing.assert_allclose(out[LAYER + lf.B_SUFFIX][:, 2:4], high[LAYER + lf.B_SUFFIX][:, 2:4])
+    high[LAYER + lf.B_SUFFIX] = 3 * high[LAYER + lf.B_SUFFIX]  # a module that moved further weighs more
+    norms = [np.linalg.norm(lf.product(c[LAYER + lf.B_SUFFIX], c[LAYER + lf.A_SUFFIX])) for c in (low, high)]
+    w_low, w_high = norms[0] / sum(norms), norms[1] / sum(norms)
+    assert w_high > 0.5
+    out = strategy.combine([low, high], [100.0, 1.0], [2, 4], [LAYER])  # num-examples play no part here
+    a, b = out[LAYER + lf.A_SUFFIX], out[LAYER + lf.B_SUFFIX]
+    np.testing.assert_allclose(a[:2], w_low * low[LAYER + lf.A_SUFFIX][:2] + w_high * high[LAYER + lf.A_SUFFIX][:2])
+    np.testing.assert_allclose(a[2:4], w_high * high[LAYER + lf.A_SUFFIX][2:4])  # shrunk by the low client's zeros
+    np.testing.assert_allclose(b[:, 2:4], w_high * high[LAYER + lf.B_SUFFIX][:, 2:4])
+    assert not a[4:].any() and not b[:, 4:].any()  # nobody trained these
 
 
 def test_naive_factor_averaging_is_not_the_average_update():
@@ -159,10 +164,15 @@ def test_codec_noise_in_a_clients_padding_is_ignored():
         np.testing.assert_array_equal(cleaned[key], reply[key])
 
 
-def test_hetlora_with_equal_ranks_is_fedavg():
+def test_hetlora_with_equal_product_norms_is_fedavg_of_the_factors():
+    """Equal ||B_i A_i||: sparsity weights are uniform, so HetLoRA is the naive (padded) factor mean."""
     strategy = HetLoRA()
     strategy.current = _global()
-    replies, weights = [_client(R) for _ in range(3)], [1.0, 2.0, 5.0]
-    out = strategy.combine(replies, weights, [R] * 3, [LAYER])
+    one = _client(R)
+    replies = [one, OrderedDict((k, -v if k.endswith(lf.B_SUFFIX) else v) for k, v in one.items()), _client(R)]
+    scale = np.linalg.norm(lf.product(one[LAYER + lf.B_SUFFIX], one[LAYER + lf.A_SUFFIX]))
+    third = replies[2]
+    third[LAYER + lf.B_SUFFIX] *= scale / np.linalg.norm(lf.product(third[LAYER + lf.B_SUFFIX], third[LAYER + lf.A_SUFFIX]))
+    out = strategy.combine(replies, [1.0, 2.0, 5.0], [R] * 3, [LAYER])
     for key in (LAYER + lf.A_SUFFIX, LAYER + lf.B_SUFFIX):
-        np.testing.assert_allclose(out[key], lf.weighted_mean(replies, weights, key))
+        np.testing.assert_allclose(out[key], lf.weighted_mean(replies, [1.0, 1.0, 1.0], key))
