@@ -26,8 +26,8 @@ also takes the variants in ``VARIANTS`` (server momentum, a strong proximal
 term, fewer local steps), not run by default.
 
 The references train on the clients' loss (``loss`` in the run config:
-ClipLoss, or the public-negatives loss with ``--run-config
-"loss='public-negatives'"``). Every accuracy is the central zero-shot
+ClipLoss by default, ``--run-config "loss='unicl'"`` or
+``"loss='public-negatives'"`` for the others). Every accuracy is the central zero-shot
 accuracy on the server's held-out split.
 The target is 95% of the centralized accuracy; rounds-to-target is the first
 round whose accuracy reaches it ("—" if none within the rounds run).
@@ -86,8 +86,8 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     from fedmm.data.partition import client_split
     from fedmm.evaluate import class_embeddings, evaluate
     from fedmm.pretrain import load_base_model
-    from fedmm.privacy import PublicNegativesLoss, public_pool
-    from fedmm.train import clip_objective, forward, train_steps
+    from fedmm.privacy import public_pool
+    from fedmm.train import client_objective, forward, train_steps
 
     splits = load_splits(settings.dataset)
     base = load_base_model(settings, progress=False)
@@ -97,12 +97,12 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     held_out = to_batch(splits["server"], tokenizer, *preprocess)
     parts = [client_split(settings, splits["clients"], pid, clients)[0] for pid in range(clients)]
     public = None
-    if settings.objective == "public-negatives":  # the clients' loss; the references train on it too
-        public = to_batch(public_pool(splits["public"], settings.dp_negatives, settings.seed), tokenizer, *preprocess)
+    if settings.public_draw:  # the clients' loss uses public pairs; the references train on it too
+        public = to_batch(public_pool(splits["public"], settings.public_draw, settings.seed), tokenizer, *preprocess)
 
     def objective(net, seed: int):
-        """The clients' loss for ``net``: ClipLoss or the public-negatives loss."""
-        return clip_objective() if public is None else PublicNegativesLoss(net, public, settings.dp_negatives, seed=seed)
+        """The clients' loss for ``net``."""
+        return client_objective(settings, net, public, seed=seed)
 
     def new_adapter():
         torch.manual_seed(settings.seed)  # the federation's LoRA init

@@ -45,8 +45,8 @@ from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, 
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
-from fedmm.privacy import PublicNegativesLoss, public_pool, sample_epsilon, sample_rate, train_dp_sgd
-from fedmm.train import mean_clip_loss, proximal_term, train_steps
+from fedmm.privacy import public_pool, sample_epsilon, sample_rate, train_dp_sgd
+from fedmm.train import client_objective, mean_loss, proximal_term, train_steps
 
 # Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize);
 # injected faults (tests, benchmarks) act on the released update, as a client that skips clipping would.
@@ -68,7 +68,7 @@ class RunState:
     preprocess: tuple  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
-    public: Batch | None = None  # public pairs, negatives of the 'public-negatives' loss
+    public: Batch | None = None  # public pairs the objective draws from ('unicl', 'public-negatives')
     # (rank, targets) -> peft model, overwritten by every message
     nets: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
@@ -125,8 +125,8 @@ def _run_state(context: Context) -> RunState:
         prompts = zero_shot_prompts(class_names(splits["clients"]))
         groups = splits["clients"]["group"]
         public = None
-        if settings.objective == "public-negatives" and len(splits["public"]):
-            pool = public_pool(splits["public"], settings.dp_negatives, settings.seed)
+        if settings.public_draw and len(splits["public"]):
+            pool = public_pool(splits["public"], settings.public_draw, settings.seed)
             public = to_batch(pool, tokenizer, *models.image_mean_std(base))
         _RUNS[key] = RunState(
             settings, base, prompts, tokenizer, models.image_mean_std(base),
@@ -187,12 +187,16 @@ def train(msg: Message, context: Context) -> Message:
     global_rank = rank_of(global_arrays)
     mu = float(config.get("proximal-mu", node.settings.proximal_mu))
     batch_size = profile.batch_size
-    # F_k(w_global) before local training: QFedAvg's obligation, only when the
-    # server's strategy asks (it costs ~15% of the local training time).
+    s = node.settings
+
+    def objective():  # the run's client loss, with this round's draw of public negatives if it uses them
+        return client_objective(s, node.net, node.run.public, seed=seed)
+
+    # F_k(w_global) on the training objective before local training: QFedAvg's
+    # obligation, only when the server's strategy asks (~15% of the local training time).
     extra = {}
     if bool(config.get("report-train-loss", False)):
-        extra["train_loss"] = mean_clip_loss(node.net, node.train, batch_size)
-    s = node.settings
+        extra["train_loss"] = mean_loss(node.net, node.train, batch_size, objective())
     steps = profile.local_steps
     lr = float(config.get("lr", s.lr))
     terms = [proximal_term(global_params, mu)] if mu > 0 else []
@@ -204,11 +208,7 @@ def train(msg: Message, context: Context) -> Message:
         constraint = ConstraintTerm(multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
                                     num_groups=run.num_groups)
         terms.append(constraint)
-    objective = None
-    if s.objective == "public-negatives":
-        if node.run.public is None:
-            raise ValueError("loss 'public-negatives' needs a public split; the dataset has no public rows")
-        objective = PublicNegativesLoss(node.net, node.run.public, s.dp_negatives, seed=seed)
+    loss_fn = objective()
     if s.dp == "dp-sgd":
         if constraint is not None:  # Settings refuses this pairing; a foreign server's config might not
             raise ValueError("constraint terms couple the examples of a batch: DP-SGD's guarantee would not hold")
@@ -218,7 +218,7 @@ def train(msg: Message, context: Context) -> Message:
         if refusal:
             return decline(msg, f"partition {node.partition_id}: {refusal}")
         stats, ledger = train_dp_sgd(
-            node.net, node.train, objective, steps=steps, batch_size=batch_size, lr=lr,
+            node.net, node.train, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
             noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
             weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
         )
@@ -228,7 +228,7 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_steps(
             node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
-            loss_fn=objective, time_budget=profile.time_budget, precision=profile.precision,
+            loss_fn=loss_fn, time_budget=profile.time_budget, precision=profile.precision,
         )
     # replies have the global names and shapes: a lower-rank adapter is zero-padded, and
     # layers this profile does not adapt are returned as received (no update)

@@ -19,7 +19,7 @@ from typing import Any
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 DP_MODES = ("none", "dp-sgd", "central-server", "central-client", "local", "distributed")
-LOSSES = ("auto", "clip", "public-negatives")
+LOSSES = ("auto", "clip", "unicl", "public-negatives")
 
 
 class ConfigError(ValueError):
@@ -184,10 +184,17 @@ SPEC: dict[str, Key] = {
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
     "loss": Key(
         str, "auto",
-        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'public-negatives' (per-sample "
+        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'unicl' (ClipLoss with every "
+        "in-batch pair of the same class as a positive; for label-skewed clients), 'public-negatives' (per-sample "
         "InfoNCE against public pairs embedded each step; what DP-SGD needs), 'auto' = public-negatives under "
         "dp-sgd, else clip",
         _one_of(*LOSSES),
+    ),
+    "public-captions": Key(
+        int, 64,
+        "captions of public pairs added, with gradient, to every step of the 'unicl' loss, so a client of few "
+        "classes still contrasts all of them (0 = in-batch only)",
+        _non_negative,
     ),
     # differential privacy (fedmm.privacy, strategies/privacy.py, clients/mods.py)
     "dp": Key(
@@ -278,6 +285,7 @@ class Settings:
     weight_decay: float
     proximal_mu: float
     loss: str
+    public_captions: int
     dp: str
     dp_noise_multiplier: float
     dp_clip_norm: float
@@ -350,10 +358,10 @@ class Settings:
                 "run-config 'codec-downlink': top-k would drop most of the global adapter; "
                 "use a dense codec (fp16, bf16, q8, ...)"
             )
-        if self.dp == "dp-sgd" and self.loss == "clip":
+        if self.dp == "dp-sgd" and self.loss in ("clip", "unicl"):
             raise ConfigError(
-                "run-config 'loss' = 'clip' with 'dp' = 'dp-sgd': ClipLoss uses the other pairs of a batch as "
-                "negatives, so one example's gradient depends on the others and DP-SGD's per-sample guarantee "
+                f"run-config 'loss' = '{self.loss}' with 'dp' = 'dp-sgd': this loss uses the other pairs of a batch "
+                "as negatives, so one example's gradient depends on the others and DP-SGD's per-sample guarantee "
                 "does not hold; use loss = 'public-negatives' (or 'auto')"
             )
         if self.dp != "none" and self.dp_noise_multiplier <= 0:
@@ -433,10 +441,15 @@ class Settings:
 
     @property
     def objective(self) -> str:
-        """The client loss actually used: 'clip' or 'public-negatives'."""
+        """The client loss actually used: 'clip', 'unicl' or 'public-negatives'."""
         if self.loss == "auto":
             return "public-negatives" if self.dp == "dp-sgd" else "clip"
         return self.loss
+
+    @property
+    def public_draw(self) -> int:
+        """Public pairs the client objective draws at each step (0: it uses no public data)."""
+        return {"unicl": self.public_captions, "public-negatives": self.dp_negatives}.get(self.objective, 0)
 
     @property
     def constraint_list(self) -> list[str]:

@@ -30,7 +30,7 @@ import strategies
 from fedmm import lora
 from fedmm import model as models
 from fedmm import report
-from fedmm.config import Settings
+from fedmm.config import ConfigError, Settings
 from fedmm.constraints import flag_toxic
 from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
@@ -156,6 +156,13 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(settings.seed)  # Flower samples nodes with Python's RNG
 
     splits = load_splits(settings.dataset)
+    if settings.public_draw and len(splits["public"]) == 0:
+        key = "public-captions" if settings.objective == "unicl" else "dp-negatives"
+        raise ConfigError(
+            f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws public pairs at every step "
+            f"('{key}' = {settings.public_draw}), and the dataset has no public split (manifest column "
+            f"'split' = public)" + (f"; set '{key}' = 0 to train in-batch only" if key == "public-captions" else "")
+        )
     log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
     base = load_base_model(settings)
     base_id = models.fingerprint(base)  # clients refuse to train on a different base

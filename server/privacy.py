@@ -62,11 +62,6 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
     """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
     notes: list[str] = []
     rounds = settings.num_server_rounds
-    if settings.objective == "public-negatives" and len(splits["public"]) == 0:
-        raise ConfigError(
-            f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws its negatives from the "
-            "public split, and the dataset has none (manifest column 'split' = public)"
-        )
     if settings.dp in CENTRAL_MODES:
         if settings.dp_delta >= 1 / num_nodes:
             notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "

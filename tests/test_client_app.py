@@ -117,21 +117,28 @@ def test_constrained_train_reports_constraint_statistics(run_config, global_arra
 
 
 def test_train_reports_the_global_models_loss_before_training(run_config, global_arrays):
-    """QFedAvg's obligation: train_loss = F_k(w_global), not the post-training loss."""
+    """QFedAvg's obligation: train_loss = F_k(w_global) on the run's objective, not the post-training loss."""
     from clients.app import _node
-    from fedmm.train import mean_clip_loss
+    from fedmm.train import UniCLLoss, mean_loss
 
     arrays, net = global_arrays
     reply = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32, "report-train-loss": True}, pid=2)
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 2, "num-partitions": 10},
                       state=RecordDict(), run_config=run_config)
-    expected = mean_clip_loss(net, _node(context).train, 32)
+    data = _node(context).train
+    expected = mean_loss(net, data, 32)  # ClipLoss, the default objective
     metrics = reply.content["metrics"]
     assert np.isclose(metrics["train_loss"], expected, rtol=1e-5)
     assert not np.isclose(metrics["train_loss"], metrics["train-loss"])
     # Only computed when the server's strategy asks for it.
     plain = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32}, pid=2)
     assert "train_loss" not in plain.content["metrics"]
+    # With another client loss, F_k is that loss (UniCL differs from ClipLoss on this label-skewed client).
+    unicl = _call({**run_config, "loss": "unicl", "public-captions": 0}, MessageType.TRAIN, arrays,
+                  {"batch-size": 32, "report-train-loss": True}, pid=2).content["metrics"]
+    expected_unicl = mean_loss(net, data, 32, UniCLLoss())
+    assert np.isclose(unicl["train_loss"], expected_unicl, rtol=1e-5)
+    assert not np.isclose(expected_unicl, expected, rtol=1e-3)
 
 
 def test_default_model_batch_norm_is_unchanged_by_client_rounds(cache_dir):

@@ -71,6 +71,19 @@ class Batch:
         toxic = None if self.toxic is None else self.toxic[idx]
         return Batch(self.images[idx], self.tokens[idx], self.labels[idx], self.groups[idx], toxic)
 
+    def same_class(self, other: "Batch") -> torch.Tensor:
+        """(len(self), len(other)) bool: pair i of self and pair j of other show the same class.
+
+        Same label when both are labelled, else the same caption tokens (compared on
+        the shorter width: a caption that is a padded prefix of another counts as the
+        same). Contrastive losses use it to keep same-class pairs out of the negatives.
+        """
+        labelled = (self.labels[:, None] >= 0) & (other.labels[None, :] >= 0)
+        same_label = self.labels[:, None] == other.labels[None, :]
+        width = min(self.tokens.shape[1], other.tokens.shape[1])
+        same_text = (self.tokens[:, None, :width] == other.tokens[None, :, :width]).all(-1)
+        return torch.where(labelled, same_label, same_text)
+
 
 def to_batch(ds: Dataset, tokenizer, mean, std, size: int, toxic: np.ndarray | None = None) -> Batch:
     """Model-ready tensors of ``ds``; ``toxic`` overrides the dataset's own flags (e.g. a classifier's)."""

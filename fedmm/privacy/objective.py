@@ -90,7 +90,7 @@ class PublicNegativesLoss(nn.Module):
         v = F.normalize(out["text_features"], dim=-1)
         # a shared trainable scale would be an unclipped, data-dependent parameter: constant here
         scale = out["logit_scale"].detach()
-        same = _same_class(batch, chosen)  # (B, K): public pairs that are not negatives for this sample
+        same = batch.same_class(chosen)  # (B, K): public pairs that are not negatives for this sample
         positive = scale * (u * v).sum(-1, keepdim=True)
         logits = torch.cat([positive, (scale * (u @ neg_texts.T)).masked_fill(same, float("-inf"))], dim=1)
         target = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
@@ -99,12 +99,3 @@ class PublicNegativesLoss(nn.Module):
             return per_sample
         return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
 
-
-def _same_class(batch: Batch, public: Batch) -> torch.Tensor:
-    """(B, K) mask: same label when both are labelled, else the same caption tokens (compared on the
-    shorter width: a caption that is a padded prefix of another is masked too, which only removes a negative)."""
-    labelled = (batch.labels[:, None] >= 0) & (public.labels[None, :] >= 0)
-    same_label = batch.labels[:, None] == public.labels[None, :]
-    width = min(batch.tokens.shape[1], public.tokens.shape[1])
-    same_text = (batch.tokens[:, None, :width] == public.tokens[None, :, :width]).all(-1)
-    return torch.where(labelled, same_label, same_text)
