@@ -191,9 +191,9 @@ SPEC: dict[str, Key] = {
         _one_of(*LOSSES),
     ),
     "public-captions": Key(
-        int, 64,
-        "captions of public pairs added, with gradient, to every step of the 'unicl' loss, so a client of few "
-        "classes still contrasts all of them (0 = in-batch only)",
+        int, 0,
+        "captions of public pairs added, with gradient, to every step of the 'unicl' loss, so a client that "
+        "holds one class still contrasts it with the others (0 = in-batch only)",
         _non_negative,
     ),
     # differential privacy (fedmm.privacy, strategies/privacy.py, clients/mods.py)

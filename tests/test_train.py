@@ -194,3 +194,4 @@ def test_dp_sgd_refuses_in_batch_losses_naming_the_key():
     assert unicl.objective == "unicl" and unicl.public_draw == 16
     assert Settings.from_run_config({"dp": "dp-sgd", "dp-negatives": 8}).public_draw == 8
     assert Settings.from_run_config({}).public_draw == 0  # ClipLoss reads no public data
+    assert Settings.from_run_config({"loss": "unicl"}).public_draw == 0  # in-batch by default
