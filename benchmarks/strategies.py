@@ -34,7 +34,7 @@ round whose accuracy reaches it ("—" if none within the rounds run).
 Usage:
 
     .venv/bin/python benchmarks/strategies.py [--rounds 30] [--clients 10] \
-        [--partitionings iid,0.1] [--local-rounds N] [--rows centralized,fedavg,...] [--run-config "k=v ..."]
+        [--partitionings iid,0.1,classes1] [--local-rounds N] [--rows centralized,fedavg,...] [--run-config "k=v ..."]
 """
 
 from __future__ import annotations
@@ -69,7 +69,17 @@ VARIANTS = {
     "fedavg-4steps": {"strategy": "fedavg", "local-steps": 4},
 }
 REFERENCES = ("centralized", "local-only", "client-batches")
-PARTITIONINGS = {"iid": {"partitioner": "iid"}, "0.1": {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}}
+
+
+def partitioning(name: str) -> tuple[dict, str]:
+    """Run-config keys and table label of a ``--partitionings`` entry: 'iid', a Dirichlet alpha, or
+    'classes<k>' (pathological: k classes per client)."""
+    if name == "iid":
+        return {"partitioner": "iid"}, "IID"
+    if name.startswith("classes"):
+        k = int(name.removeprefix("classes"))
+        return {"partitioner": "pathological", "classes-per-client": k}, f"{k} class{'es' if k > 1 else ''} per client"
+    return {"partitioner": "dirichlet", "dirichlet-alpha": float(name)}, f"Dirichlet α={name}"
 
 
 def references(settings, clients: int, rounds: int, local_rounds: int,
@@ -174,7 +184,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--partitionings", default="iid,0.1", help="'iid' and/or Dirichlet alphas, comma-separated")
+    parser.add_argument("--partitionings", default="iid,0.1",
+                        help="comma-separated: 'iid', Dirichlet alphas, 'classes<k>' (k classes per client)")
     parser.add_argument("--local-rounds", type=int, default=0, help="rounds of local-only training (0 = --rounds)")
     parser.add_argument("--rows", default=",".join(["centralized", "local-only", *FEDERATED]))
     parser.add_argument("--run-config", default="")
@@ -192,8 +203,7 @@ def main() -> int:
           "| wall (min) |")
     print("|---|---|---|---|---|---|---|")
     for part in args.partitionings.split(","):
-        part_config = PARTITIONINGS.get(part) or {"partitioner": "dirichlet", "dirichlet-alpha": float(part)}
-        label = "IID" if part == "iid" else f"Dirichlet α={part}"
+        part_config, label = partitioning(part)
         config = {**common, **part_config}
         refs = references(Settings.from_run_config(config), args.clients, args.rounds,
                           args.local_rounds or args.rounds, rows)
