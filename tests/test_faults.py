@@ -173,7 +173,7 @@ def test_faulty_clients_do_not_stop_the_round_and_are_reported(base_settings, tm
     """Crash, timeout, NaN and x100 clients in a real FedProx simulation: the round completes on the
     honest replies, each fault is counted with its reason, and the model still improves.
 
-    (This run also stands for the FedAvg family's end-to-end run, FedProx with its client obligation.)
+    (This run also stands for FedProx's end-to-end run, with its client obligation.)
     """
     import json
     from pathlib import Path
@@ -188,7 +188,9 @@ def test_faulty_clients_do_not_stop_the_round_and_are_reported(base_settings, tm
     out = tmp_path / "report"
     run_config = {**base_settings.to_run_config(), "num-server-rounds": 1, "local-steps": 8, "min-nodes": 2,
                   "partitioner": "iid", "strategy": "fedprox", "proximal-mu": 0.01,
-                  "round-timeout": 25.0, "inject-faults": faults, "output-dir": str(out)}
+                  # the timed-out client holds one of the two actors: the five others share the other one,
+                  # so the timeout leaves room for them on a busy 2-core machine
+                  "round-timeout": 40.0, "inject-faults": faults, "output-dir": str(out)}
     root = Path(__file__).resolve().parents[1]
     assert run_simulation(root, run_config, num_supernodes=clients, flwr_home=tmp_path / "flwr",
                           stream=False, timeout=900) == 0
