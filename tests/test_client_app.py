@@ -141,12 +141,11 @@ def test_train_reports_the_global_models_loss_before_training(run_config, global
     assert not np.isclose(expected_unicl, expected, rtol=1e-3)
 
 
-def test_default_model_batch_norm_is_unchanged_by_client_rounds(cache_dir):
+def test_default_model_batch_norm_is_unchanged_by_client_rounds(default_model_settings):
     """Federated training on effnet-lite0-minilm: the trunk's BatchNorm statistics never move."""
     from clients import app as client_module
-    from fedmm.config import Settings
 
-    settings = Settings.from_run_config({"cache-dir": cache_dir, "pretrain-steps": 50})
+    settings = default_model_settings
     assert settings.model == "effnet-lite0-minilm"
     fresh = load_base_model(settings, progress=False)
     run_config = {**settings.to_run_config(), "local-steps": 2, "batch-size": 8}

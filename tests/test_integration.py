@@ -143,12 +143,12 @@ def test_qfedavg_runs_in_simulation_with_its_client_obligation(base_settings, tm
     assert rounds[2]["central/zs-acc"] > 0.5 * rounds[0]["central/zs-acc"]
 
 
-def test_default_model_federates_with_frozen_published_towers(cache_dir, tmp_path):
+def test_default_model_federates_with_frozen_published_towers(default_model_settings, tmp_path):
     """The default effnet-lite0-minilm: heads aligned on the public split, then federated LoRA."""
     out = tmp_path / "report"
     run_config = {
-        "cache-dir": cache_dir,
-        "pretrain-steps": 300,  # heads only: seconds
+        "cache-dir": default_model_settings.cache_dir,
+        "pretrain-steps": default_model_settings.pretrain_steps,
         "num-server-rounds": 2,
         "local-steps": 6,
         "fraction-evaluate": 0.5,
