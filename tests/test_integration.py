@@ -147,8 +147,7 @@ def test_default_model_federates_with_frozen_published_towers(default_model_sett
     """The default effnet-lite0-minilm: heads aligned on the public split, then federated LoRA."""
     out = tmp_path / "report"
     run_config = {
-        "cache-dir": default_model_settings.cache_dir,
-        "pretrain-steps": default_model_settings.pretrain_steps,
+        **default_model_settings.to_run_config(),
         "num-server-rounds": 2,
         "local-steps": 6,
         "fraction-evaluate": 0.5,
