@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from .config import ConfigError, Settings
+from .deploy.app_files import stage_app
 from .deploy.processes import federation_env, flower_bin, free_port, processes_under, start, stop_under, wait_for_port
 
 log = logging.getLogger("fedmm")
@@ -123,7 +124,7 @@ def run_simulation(
         # --stream also makes flwr wait for the run to finish; without it, it
         # returns once the run is submitted and the SuperLink would be stopped.
         cmd = [
-            flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+            flower_bin("flwr"), "run", str(stage_app(app_dir, home / "app")), CONNECTION, "--stream",
             "--federation-config", federation,
             "--run-config", format_run_config(run_config),
         ]
@@ -201,7 +202,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     log.info("fedmm: waiting for %d SuperNodes at %s", args.wait_nodes, args.superlink)
     submit.wait_for_nodes(env, submit.CONNECTION, args.wait_nodes)
-    cmd = [flower_bin("flwr"), "run", str(args.app), submit.CONNECTION, "--stream",
+    staged = stage_app(Path(args.app), home / "app")
+    cmd = [flower_bin("flwr"), "run", str(staged), submit.CONNECTION, "--stream",
            "--run-config", format_run_config(overrides)]
     return _report(settings, subprocess.run(cmd, env=env).returncode)
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import submit
+from .app_files import stage_app
 from .credentials import make_credentials
 from .processes import federation_env, flower_bin, free_port, start, stop_under, wait_for_port
 
@@ -155,7 +156,8 @@ class LocalFederation:
 
     def run(self, app: Path, run_config: str, *, stream: bool = True, timeout: float | None = None) -> int:
         """``flwr run <app>`` on this federation, waiting for the end; returns flwr's exit code."""
-        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
+        staged = stage_app(app, self.home / "app")
+        cmd = [flower_bin("flwr"), "run", str(staged), CONNECTION, "--stream", "--run-config", run_config]
         with open(self.log_file("run"), "w") as log_file:
             out = None if stream else log_file
             return subprocess.run(cmd, env=federation_env(self.link_home), timeout=timeout,
