@@ -2,12 +2,16 @@
 
 Every test that needs a base model uses ``base_settings``: its cache dir is a
 session temp dir, so tests never touch the user's cache, and the base is
-pretrained once (fewer steps than the default; enough to learn from).
+pretrained once (fewer steps than the default; enough to learn from). The
+suite runs on two pytest-xdist workers (federations mostly wait on each
+other's processes); both share one cache dir, and the base checkpoint's file
+lock lets one of them build it while the other waits.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -19,9 +23,22 @@ from fedmm.pretrain import load_base_model
 TEST_PRETRAIN_STEPS = 400
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers share two cores: one torch thread each, here and in the federation processes a
+        # worker starts (its ServerApp), or OpenMP threads spin-wait on each other's cores.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("fedmm-cache"))
+def cache_dir(tmp_path_factory, worker_id) -> str:
+    if worker_id == "master":  # not under xdist
+        return str(tmp_path_factory.mktemp("fedmm-cache"))
+    # the workers' temp dirs share this session's parent dir
+    shared = tmp_path_factory.getbasetemp().parent / "fedmm-cache"
+    shared.mkdir(exist_ok=True)
+    return str(shared)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +57,6 @@ def default_model_settings(cache_dir) -> Settings:
 
 @pytest.fixture(scope="session")
 def _base_model(base_settings) -> torch.nn.Module:
-    torch.set_num_threads(2)
     return load_base_model(base_settings, progress=False)
 
 

@@ -190,7 +190,7 @@ def test_faulty_clients_do_not_stop_the_round_and_are_reported(base_settings, tm
                   "partitioner": "iid", "strategy": "fedprox", "proximal-mu": 0.01,
                   # the timed-out client holds one of the two actors: the five others share the other one,
                   # so the timeout leaves room for them on a busy 2-core machine
-                  "round-timeout": 40.0, "inject-faults": faults, "output-dir": str(out)}
+                  "round-timeout": 60.0, "inject-faults": faults, "output-dir": str(out)}
     root = Path(__file__).resolve().parents[1]
     assert run_simulation(root, run_config, num_supernodes=clients, flwr_home=tmp_path / "flwr",
                           stream=False, timeout=900) == 0
