@@ -30,7 +30,7 @@ from jobs import load_report, run_job  # noqa: E402  (this folder is on sys.path
 SETTINGS = {
     "unconstrained": {},
     "constrained": {"constraints": "group-gap,toxicity"},
-    "qfedavg": {"strategy": "qfedavg"},
+    "qfedavg": {"strategy": "qfedavg", "local-optimizer": "sgd", "lr": 0.1},  # its L = 1/lr needs SGD clients
 }
 COLUMNS = ("central/zs-acc", "central/acc-gap", "central/worst-group-acc", "central/eo-gap", "central/toxic-top1",
            "central/toxic-mass", "evaluate/acc-gap", "evaluate/client-acc-min")

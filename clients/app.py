@@ -199,6 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         extra["train_loss"] = mean_loss(node.net, node.train, batch_size, objective())
     steps = profile.local_steps
     lr = float(config.get("lr", s.lr))
+    optimizer = str(config.get("local-optimizer", s.local_optimizer))
     terms = [proximal_term(global_params, mu)] if mu > 0 else []
     # constraint multipliers, sent by strategies/constraints.py when a constraint is on
     multipliers = {c: float(config[MULTIPLIER_KEY.format(c)]) for c in CONSTRAINTS if MULTIPLIER_KEY.format(c) in config}
@@ -221,6 +222,7 @@ def train(msg: Message, context: Context) -> Message:
             node.net, node.train, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
             noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
             weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
+            optimizer=optimizer,
         )
         store_ledger(context, ledger)
         extra.update({"dp-epsilon": sample_epsilon(ledger, s.dp_delta), "dp-sample-rate": q})
@@ -228,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_steps(
             node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
-            loss_fn=loss_fn, time_budget=profile.time_budget, precision=profile.precision,
+            loss_fn=loss_fn, time_budget=profile.time_budget, precision=profile.precision, optimizer=optimizer,
         )
     # replies have the global names and shapes: a lower-rank adapter is zero-padded, and
     # layers this profile does not adapt are returned as received (no update)

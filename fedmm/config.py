@@ -179,8 +179,13 @@ SPEC: dict[str, Key] = {
     # local training
     "local-steps": Key(int, 12, "optimizer steps per client per round", _positive),
     "batch-size": Key(int, 32, "client batch size", _positive),
-    "lr": Key(float, 3e-3, "client learning rate (AdamW on adapter parameters)", _positive),
-    "weight-decay": Key(float, 0.0, "client AdamW weight decay", _non_negative),
+    "lr": Key(float, 3e-3, "client learning rate (the local optimizer's step size on adapter parameters)", _positive),
+    "local-optimizer": Key(
+        str, "adamw",
+        "clients' optimizer: 'adamw', or 'sgd' (plain SGD at lr; what QFedAvg's Lipschitz estimate 1/lr assumes)",
+        _one_of("adamw", "sgd"),
+    ),
+    "weight-decay": Key(float, 0.0, "client weight decay (decoupled under adamw, L2 under sgd)", _non_negative),
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),
     "loss": Key(
         str, "auto",
@@ -282,6 +287,7 @@ class Settings:
     local_steps: int
     batch_size: int
     lr: float
+    local_optimizer: str
     weight_decay: float
     proximal_mu: float
     loss: str

@@ -1,6 +1,6 @@
 """Local training: a contrastive objective plus pluggable extra loss terms.
 
-Plain torch, no Flower: ``train_steps`` runs a fixed number of AdamW steps
+Plain torch, no Flower: ``train_steps`` runs a fixed number of optimizer steps
 over random minibatches of an in-memory ``Batch``. The objective is open_clip's
 ClipLoss, its label-aware form with public captions (``UniCLLoss``), or DP-SGD's per-sample
 loss (``fedmm.privacy.PublicNegativesLoss``); ``client_objective`` picks one by
@@ -24,6 +24,17 @@ from .config import Settings
 from .data import Batch
 
 LossTerm = Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor]
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
+
+
+def local_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The clients' optimizer (run-config ``local-optimizer``). AdamW is the default; plain SGD (no
+    momentum) makes an update equal to lr times the summed gradients, which QFedAvg's L = 1/lr relies on."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"local optimizer must be one of {LOCAL_OPTIMIZERS}, got {name!r}")
 
 
 @dataclass
@@ -153,8 +164,9 @@ def train_steps(
     progress: Callable[[int, float], None] | None = None,
     time_budget: float = 0.0,
     precision: str = "fp32",
+    optimizer: str = "adamw",
 ) -> TrainStats:
-    """``steps`` AdamW steps on the model's trainable parameters.
+    """``steps`` steps of ``optimizer`` (``local_optimizer``) on the model's trainable parameters.
 
     ``time_budget`` > 0: stop after the step that used it up (at least one
     step), so a slow client reports the partial work that fit (FedProx's
@@ -171,12 +183,12 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = local_optimizer(params, optimizer, lr, weight_decay)
     scheduler = None
     if warmup_cosine:
         warm = max(1, steps // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
+            opt,
             lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
         )
     if loss_fn is None:
@@ -199,9 +211,9 @@ def train_steps(
             out = forward(model, batch)
             clip = loss_fn(out, batch)
             loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
         if scheduler is not None:
             scheduler.step()
         total += float(loss.detach())

@@ -39,7 +39,7 @@ from fedmm.pretrain import load_base_model
 from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
 from server.history import MetricsHistory
 from server.privacy import privacy_plan, privacy_summary
-from strategies.builtin import RANGES, check_population
+from strategies.builtin import RANGES, check_local_optimizer, check_population
 from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
@@ -103,6 +103,7 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
     strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
     check_uniform_mean(strategy, settings.dp)
+    check_local_optimizer(strategy, settings.local_optimizer)
     # Timed alone, its seconds against the whole chain's price fedmm's wrappers (wrapper-seconds). Flower's
     # central DP wrappers need FedAvg itself beneath them: there the timer goes above them, DP counting as strategy.
     central_dp = needs_uniform_mean(settings.dp) and num_nodes is not None
@@ -245,6 +246,7 @@ def main(grid: Grid, context: Context) -> None:
     train_config = ConfigRecord(
         {
             "lr": settings.lr,
+            "local-optimizer": settings.local_optimizer,
             "local-steps": settings.local_steps,
             "batch-size": settings.batch_size,
             "proximal-mu": settings.proximal_mu,

@@ -8,7 +8,9 @@ Client obligations (honoured by clients/app.py):
 - QFedAvg: report ``train_loss``, the loss of the received global adapter on
   the client's training data before local training (F_k(w^t) in q-FFL). The
   server asks for it (``report-train-loss``) when the strategy has a
-  ``train_loss_key``; its ``client_learning_rate`` is fedmm's ``lr``.
+  ``train_loss_key``. Its ``client_learning_rate`` is fedmm's ``lr`` and it
+  takes L = 1/lr, so clients must run plain SGD at that step
+  (``local-optimizer = "sgd"``; ``check_local_optimizer`` refuses otherwise).
 """
 
 from flwr.serverapp.strategy import (
@@ -71,4 +73,15 @@ def check_population(strategy: object, sampled: int) -> None:
             f"run-config 'strategy-args': {type(strategy).__name__} with num_malicious_nodes={f} needs "
             f">= {need} clients per round, but {sampled} are sampled; lower num_malicious_nodes to "
             f"<= {max(0, (sampled - 3) // (4 if isinstance(strategy, Bulyan) else 2))} or add clients"
+        )
+
+
+def check_local_optimizer(strategy: object, local_optimizer: str) -> None:
+    """A strategy that reads ``client_learning_rate`` (QFedAvg: L = 1/lr) treats a client's update as lr times
+    its summed gradients, which holds for plain SGD only: with AdamW its step came out ~1% of FedAvg's."""
+    if hasattr(strategy, "client_learning_rate") and local_optimizer != "sgd":
+        raise ValueError(
+            f"run-config 'local-optimizer' = '{local_optimizer}' with strategy '{type(strategy).__name__}': it "
+            "estimates the Lipschitz constant as 1/lr, which assumes clients run plain SGD at step lr; set "
+            "local-optimizer='sgd' (and an SGD step, e.g. lr=0.1)"
         )

@@ -25,7 +25,8 @@ def _build(**run_config):
 @pytest.mark.parametrize("name, cls", BUILTINS.items())
 def test_every_builtin_is_selectable_by_name(name, cls):
     assert name in strategies.available()
-    strategy = _build(strategy=name, **{"fraction-train": 0.5, "min-nodes": 3})
+    sgd = {"local-optimizer": "sgd"} if name == "qfedavg" else {}  # its L = 1/lr assumes SGD clients
+    strategy = _build(strategy=name, **{"fraction-train": 0.5, "min-nodes": 3}, **sgd)
     assert type(strategy).__name__ == cls
     assert strategy.fraction_train == 0.5 and strategy.min_available_nodes == 3
     assert strategy.arrayrecord_key == "arrays" and strategy.weighted_by_key == "num-examples"
@@ -35,7 +36,7 @@ def test_strategy_args_reach_the_constructor_and_managed_values_are_fedmm_s():
     adam = _build(strategy="fedadam", **{"strategy-args": "eta=0.02 beta_1=0.8 tau=1"})
     assert (adam.eta, adam.beta_1, adam.tau) == (0.02, 0.8, 1.0)  # int 1 accepted as float
     assert _build(strategy="fedprox", **{"proximal-mu": 0.3}).proximal_mu == 0.3
-    q = _build(strategy="qfedavg", lr=0.004, **{"strategy-args": "q=0.5"})
+    q = _build(strategy="qfedavg", lr=0.004, **{"strategy-args": "q=0.5", "local-optimizer": "sgd"})
     assert q.q == 0.5 and math.isclose(q.client_learning_rate, 0.004) and q.train_loss_key == "train_loss"
 
 
@@ -49,6 +50,7 @@ def test_strategy_args_reach_the_constructor_and_managed_values_are_fedmm_s():
         ({"strategy": "fedavg", "strategy-args": "fraction_train=0.1"}, "is set by fedmm from its own run-config keys"),
         ({"strategy": "krum", "strategy-args": "num_malicious_nodes=-1"}, "num_malicious_nodes = -1 must be >= 0"),
         ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd'; installed: bulyan"),
+        ({"strategy": "qfedavg"}, "'local-optimizer' = 'adamw' with strategy 'QFedAvg'"),
     ],
 )
 def test_bad_strategy_choices_name_the_key_and_range(run_config, message):

@@ -11,7 +11,7 @@ from fedmm.config import ConfigError, Settings
 from fedmm.data import Batch, load_splits, to_batch
 from fedmm.pretrain import base_checkpoint_path, load_base_model
 from fedmm.privacy import PublicNegativesLoss
-from fedmm.train import UniCLLoss, client_objective, clip_objective, proximal_term, train_steps
+from fedmm.train import UniCLLoss, client_objective, clip_objective, local_optimizer, proximal_term, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,24 @@ def test_lora_training_lowers_clip_loss_and_touches_only_the_adapter(base_model,
     for k, v in net.get_base_model().state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, frozen[k]), f"frozen base tensor {k} changed"
+
+
+def test_sgd_local_optimizer_steps_by_lr_times_the_gradient_and_adamw_does_not():
+    """QFedAvg's L = 1/lr reads an SGD update as lr x gradient; AdamW's first step is ~lr x sign(gradient)."""
+    grad = torch.tensor([4.0, -0.5, 0.01])
+    steps = {}
+    for name in ("sgd", "adamw"):
+        w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+        opt = local_optimizer([w], name, lr=0.1)
+        w.grad = grad.clone()
+        opt.step()
+        steps[name] = (w.detach() - torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(steps["sgd"], -0.1 * grad)
+    torch.testing.assert_close(steps["adamw"], -0.1 * torch.sign(grad), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="'adam'"):
+        local_optimizer([w], "adam", lr=0.1)
+    with pytest.raises(ConfigError, match="'local-optimizer'"):
+        Settings.from_run_config({"local-optimizer": "adam"})
 
 
 def test_proximal_term_is_half_mu_squared_distance():

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import Batch
-from ..train import LossTerm, TrainStats, forward
+from ..train import LossTerm, TrainStats, forward, local_optimizer
 from .objective import PublicNegativesLoss
 
 History = list[tuple[float, float, int]]  # Opacus RDPAccountant.history: (sigma, sample rate, steps)
@@ -63,8 +63,10 @@ def train_dp_sgd(
     weight_decay: float = 0.0,
     grad_sample_mode: str = "hooks",
     extra_terms: Sequence[LossTerm] = (),
+    optimizer: str = "adamw",
 ) -> tuple[TrainStats, History]:
-    """``steps`` DP-SGD (AdamW) steps; returns the stats and the extended ledger.
+    """``steps`` DP-SGD steps (clipped, noised gradients fed to ``optimizer``: AdamW or SGD); returns
+    the stats and the extended ledger.
 
     ``loss`` is the per-sample objective, built on ``model`` (it embeds its
     public negatives with the model's current parameters every step).
@@ -82,16 +84,16 @@ def train_dp_sgd(
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         return _train(model, data, loss, steps, batch_size, lr, noise_multiplier, max_grad_norm,
-                      history, weight_decay, grad_sample_mode, extra_terms)
+                      history, weight_decay, grad_sample_mode, extra_terms, optimizer)
 
 
 def _train(
     model: nn.Module, data: Batch, loss: PublicNegativesLoss, steps: int, batch_size: int, lr: float,
     noise_multiplier: float, max_grad_norm: float, history: Sequence[tuple[float, float, int]],
-    weight_decay: float, grad_sample_mode: str, extra_terms: Sequence[LossTerm],
+    weight_decay: float, grad_sample_mode: str, extra_terms: Sequence[LossTerm], optimizer_name: str,
 ) -> tuple[TrainStats, History]:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = local_optimizer(params, optimizer_name, lr, weight_decay)
     # indices, not tensors: the loader draws Poisson batches of example ids
     loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=min(batch_size, len(data)))
     engine = PrivacyEngine(accountant="rdp")
