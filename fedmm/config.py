@@ -20,6 +20,7 @@ from typing import Any
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 DP_MODES = ("none", "dp-sgd", "central-server", "central-client", "local", "distributed")
 LOSSES = ("auto", "clip", "unicl", "public-negatives")
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
 
 
 class ConfigError(ValueError):
@@ -183,7 +184,7 @@ SPEC: dict[str, Key] = {
     "local-optimizer": Key(
         str, "adamw",
         "clients' optimizer: 'adamw', or 'sgd' (plain SGD at lr; what QFedAvg's Lipschitz estimate 1/lr assumes)",
-        _one_of("adamw", "sgd"),
+        _one_of(*LOCAL_OPTIMIZERS),
     ),
     "weight-decay": Key(float, 0.0, "client weight decay (decoupled under adamw, L2 under sgd)", _non_negative),
     "proximal-mu": Key(float, 0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", _non_negative),

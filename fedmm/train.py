@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Settings
+from .config import LOCAL_OPTIMIZERS, Settings
 from .data import Batch
 
 LossTerm = Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor]
-LOCAL_OPTIMIZERS = ("adamw", "sgd")
 
 
 def local_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
