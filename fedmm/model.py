@@ -13,7 +13,10 @@ the only trainable tensors. Bundled configs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -48,11 +51,31 @@ def create_model(name: str, seed: int = 0) -> torch.nn.Module:
             f"fedmm-tiny-vit and open_clip's other models, e.g. ViT-B-32"
         )
     overrides = towers.architecture_overrides(open_clip.get_model_config(name))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _without_random_init_warning():
         torch.manual_seed(seed)
         # pretrained_text=False: tower weights are loaded (verified) by the caller, not by transformers
         model = open_clip.create_model(name, pretrained=None, pretrained_text=False, output_dict=True, **overrides)
     return towers.freeze_batch_norm(model)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building.
+
+    Random initialisation is this factory's contract: the base weights (package towers, a
+    checkpoint) are loaded afterwards, so the warning would tell every run something untrue.
+    """
+    root, dropped = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(dropped)  # open_clip logs it through the root logger (logging.warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropped)
 
 
 def config_of(name: str) -> dict:

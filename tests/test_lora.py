@@ -1,4 +1,5 @@
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -135,3 +136,12 @@ def test_adapter_is_small_fraction_of_model(base_model):
     net = lora.attach_lora(base_model, 8, 16.0, TARGETS)
     adapter = sum(v.size for v in lora.get_adapter_arrays(net).values())
     assert adapter <= 0.05 * total
+
+
+def test_factory_does_not_warn_that_the_model_is_random(caplog):
+    # The base weights are loaded after the factory; open_clip's "initialized randomly" would mislead every run.
+    with caplog.at_level(logging.WARNING):
+        models.create_model("fedmm-tiny-vit")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    logging.warning("a later warning still reaches the log")
+    assert "a later warning" in caplog.text
