@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy.qfedavg import compute_delta_and_h
+from flwr.serverapp.strategy.qfedavg import compute_delta_and_h, l2_norm
 
 from jobs import ROOT
 
@@ -54,15 +54,16 @@ def main() -> int:
              for p in range(args.clients)]
     torch.manual_seed(0)
     net = lora.attach_lora(copy.deepcopy(base), s.lora_rank, s.lora_alpha, s.lora_target_list)
-    params = [p for p in net.parameters() if p.requires_grad]
+    names = list(lora.get_adapter_arrays(net))
 
     def get() -> list[np.ndarray]:
-        return [p.detach().numpy().copy() for p in params]
+        return list(lora.get_adapter_arrays(net).values())
 
     def put(weights: list[np.ndarray]) -> None:
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(torch.from_numpy(w))
+        lora.set_adapter_arrays(net, dict(zip(names, weights)))
+
+    def step(new: list[np.ndarray], old: list[np.ndarray]) -> float:
+        return float(np.sqrt(l2_norm([a - b for a, b in zip(new, old)])))  # Flower's l2_norm is the squared norm
 
     def accuracy() -> float:
         return evaluate(net, held_out, class_embeddings(net, tokenizer, prompts))["zs-acc"]
@@ -84,8 +85,7 @@ def main() -> int:
             sum_delta = delta if sum_delta is None else [a + b for a, b in zip(sum_delta, delta)]
             sum_h += h
         qfedavg = [g - d / sum_h for g, d in zip(glob, sum_delta)]
-        step_f = float(np.sqrt(sum(((a - g) ** 2).sum() for a, g in zip(fedavg, glob))))
-        step_q = float(np.sqrt(sum(((a - g) ** 2).sum() for a, g in zip(qfedavg, glob))))
+        step_f, step_q = step(fedavg, glob), step(qfedavg, glob)
         put(qfedavg)
         print(f"round {r}: |FedAvg step| {step_f:.4f}  |QFedAvg step| {step_q:.4f}  ratio {step_q / step_f:.4f}  "
               f"zs-acc after QFedAvg {accuracy():.4f}", flush=True)
