@@ -37,13 +37,14 @@ from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
 from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
-from server.history import MetricsHistory
+from server.history import MetricsHistory, RecordsRound
 from server.privacy import privacy_plan, privacy_summary
 from strategies.builtin import RANGES, check_local_optimizer, check_population
 from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
 from strategies.records import to_numpy
+from strategies.replies import ReplyCheck
 from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation
 
@@ -76,7 +77,7 @@ def output_dir(settings: Settings) -> Path:
     return Path.home() / "fedmm-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> CompressedUpdates:
+def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> RecordsRound:
     """The run's strategy, built from the settings and ``strategy-args``, wrapped for constraints, privacy and decoding.
 
     ``num_nodes`` (the federation's size) sizes client-level DP; None builds the
@@ -126,9 +127,13 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     # Every reply is checked (names, shapes, finiteness, absurd norms) before any wrapper below aggregates it.
     strategy = UpdateValidation(strategy, settings.max_update_norm_ratio, settings.update_norm_bound)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
-    # gets the same decoding checks (shapes, finiteness), byte counts and a
+    # gets the same decoding checks (names, dtypes, sizes, finiteness), byte counts and a
     # partition-order aggregation (deterministic).
-    return CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback, settings.seed)
+    strategy = CompressedUpdates(strategy, settings.codec, settings.codec_downlink, settings.error_feedback,
+                                 settings.seed)
+    # Outermost: no reply reaches anything above unless it is well formed (records, metric types and
+    # ranges, one key set per round), so no client can crash or end the run.
+    return RecordsRound(ReplyCheck(strategy, settings.global_rank), history)
 
 
 def find_wrapper(strategy: Strategy, kind: type) -> Strategy | None:
@@ -197,6 +202,8 @@ def main(grid: Grid, context: Context) -> None:
     ledger = next((s.privacy_spent for s in strategies.wrapper_chain(strategy) if hasattr(s, "privacy_spent")), None)
     duals = find_wrapper(strategy, DualAscentConstraints)
     validation = find_wrapper(strategy, UpdateValidation)
+    replies = find_wrapper(strategy, ReplyCheck)
+    codec = find_wrapper(strategy, CompressedUpdates)
 
     inner = find_wrapper(strategy, TimedStrategy)  # the user's strategy alone
     chain = TimedStrategy(strategy)  # the user's strategy and every fedmm wrapper
@@ -224,8 +231,10 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "wrapper-seconds",
                            chain.seconds.get(server_round, 0.0) - inner.seconds.get(server_round, 0.0))
             history.record(server_round, "server-rss-mib", psutil.Process().memory_info().rss / 2**20)
-            for key, value in strategy.stats.get(server_round, {}).items():
+            for key, value in codec.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
+            for key, value in replies.stats.get(server_round, {}).items():
+                history.record(server_round, key, value)
             for key, value in validation.stats.get(server_round, {}).items():
                 history.record(server_round, f"validation/{key}", value)
             if duals is not None:
@@ -286,8 +295,8 @@ def main(grid: Grid, context: Context) -> None:
             "base-model-bytes": full_bytes,
             "adapter-dir": str(adapter_dir),
             "privacy": privacy_summary(settings, num_nodes, privacy_notes),
-            "failed-replies": strategy.failures,
-            "dropped-updates": strategy.drops + validation.drops,
+            "failed-replies": codec.failures,
+            "dropped-updates": replies.drops + codec.drops + validation.drops,
         },
     )
     log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)

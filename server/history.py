@@ -7,6 +7,11 @@ reply's MetricRecord, then aggregate. Counts (fairness counts per group
 and class, toxic-retrieval counts, constraint statistics) are summed, so
 federated per-group accuracy, gaps and rates are exact, not averages of
 rates; client fairness is the spread of the clients' own accuracies.
+
+Records are filed under the server round: ``RecordsRound``, the outermost
+wrapper of the chain, tells the history which round is being aggregated
+(the metric hooks themselves get no round number, and are not called at all
+in a round that aggregates nothing).
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from flwr.app import MetricRecord, RecordDict
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmm.constraints import fairness_from_counts, toxicity_from_counts
+from strategies.wrapper import StrategyWrapper
 
 _COUNT = re.compile(r"^(fair-(n|pred|tp)-g\d+-c\d+|tox-(top1|mass|images)|cstat-.+)$")  # summed, not averaged
 
@@ -29,11 +38,10 @@ class MetricsHistory:
     def __init__(self) -> None:
         self.rounds: dict[int, dict[str, Any]] = defaultdict(dict)
         self.clients: list[dict[str, Any]] = []  # one row per client reply
-        self._round = {"train": 0, "evaluate": 0}
+        self.server_round = 0  # the round being aggregated (RecordsRound sets it)
 
     def _record(self, phase: str, replies: list[RecordDict]) -> int:
-        self._round[phase] += 1
-        rnd = self._round[phase]
+        rnd = self.server_round
         for rd in replies:
             for rec in rd.metric_records.values():
                 self.clients.append({"round": rnd, "phase": phase, **dict(rec)})
@@ -91,11 +99,27 @@ class MetricsHistory:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready history, for the round checkpoint (server/checkpoint.py)."""
-        return {"rounds": [[r, row] for r, row in self.rounds.items()], "clients": self.clients,
-                "round": dict(self._round)}
+        return {"rounds": [[r, row] for r, row in self.rounds.items()], "clients": self.clients}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds.clear()
         self.rounds.update({int(r): dict(row) for r, row in state["rounds"]})
         self.clients = list(state["clients"])
-        self._round = dict(state["round"])
+
+
+class RecordsRound(StrategyWrapper):
+    """Tells ``history`` the server round before each aggregation, so every record lands in its own round."""
+
+    def __init__(self, strategy: Strategy, history: MetricsHistory) -> None:
+        super().__init__(strategy)
+        self.history = history
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.history.server_round = server_round
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.history.server_round = server_round
+        return self.strategy.aggregate_evaluate(server_round, replies)

@@ -29,7 +29,7 @@ from flwr.supercore import log
 
 import numpy as np
 
-from fedmm.compression import CodecError, decode_self_describing, encode_self_describing, layout_of, make_codec
+from fedmm.compression import decode_self_describing, encode_self_describing, layout_of, make_codec
 from fedmm.lora_keys import is_downlink_only
 from strategies.records import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
@@ -43,9 +43,13 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     one seed and one config give the same model and metrics, bit for bit.
     """
     def key(msg: Message) -> tuple[int, int]:
-        if msg.has_error() or "metrics" not in msg.content:
-            return -1, msg.metadata.src_node_id
-        return int(msg.content["metrics"].get("partition-id", -1)), msg.metadata.src_node_id
+        node = msg.metadata.src_node_id
+        try:
+            if msg.has_error() or "metrics" not in msg.content:
+                return -1, node
+            return int(msg.content["metrics"].get("partition-id", -1)), node
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            return -1, node  # not an integer: malformed replies sort first (ReplyCheck drops them earlier)
 
     return sorted(replies, key=key)
 
@@ -129,7 +133,7 @@ class CompressedUpdates(StrategyWrapper):
                 continue
             try:
                 delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)
-            except (CodecError, KeyError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a payload holds, it is this reply's fault alone
                 log(WARNING, "round %d: dropped the update of node %s: %s",
                     server_round, msg.metadata.src_node_id, exc)
                 self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
