@@ -3,9 +3,16 @@
 Client obligation: none beyond the wrapped strategy's: reply with the
 trainable adapter arrays under the strategy's ``arrayrecord_key``.
 
-A reply is dropped, with its reason logged and kept in ``drops``, when its
-arrays are not exactly the global's trainable arrays (names, shapes,
-dtypes), when any value is NaN or infinite, or when its update norm
+Precondition: the replies it sees have the global's trainable arrays exactly
+(names, shapes, float32). In fedmm's chain ``CompressedUpdates`` guarantees
+it: it decodes each payload against the global adapter's layout — the codec
+checks every payload array's name, dtype and length there, where a malformed
+reply can actually be caught — and rebuilds the arrays from that layout; a
+payload that does not decode is dropped there with its reason.
+
+A reply is dropped, with its reason logged and kept in ``drops``, when any
+value is NaN or infinite (a payload can decode to that: huge quantization
+scales overflow float32), or when its update norm
 ||local - global|| is absurd: more than ``max_norm_ratio`` times the median
 norm of the round's replies (with three or more replies; a median of fewer
 is the attacker's to move). With ``norm_bound`` > 0 every kept update is
@@ -33,19 +40,9 @@ from strategies.records import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
 
-def update_problem(
-    local: dict[str, np.ndarray], reference: dict[str, np.ndarray]
-) -> str | None:
-    """Why ``local`` is not a valid update of ``reference`` (names, shapes, dtypes, finiteness), or None."""
-    missing, extra = set(reference) - set(local), set(local) - set(reference)
-    if missing or extra:
-        return f"array names differ from the global's (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-    for name, ref in reference.items():
-        arr = local[name]
-        if arr.shape != ref.shape:
-            return f"'{name}' has shape {arr.shape}, expected {ref.shape}"
-        if arr.dtype != ref.dtype:
-            return f"'{name}' is {arr.dtype}, expected {ref.dtype}"
+def finiteness_problem(local: dict[str, np.ndarray]) -> str | None:
+    """Which array of ``local`` holds NaN or infinite values, or None."""
+    for name, arr in local.items():
         if not np.all(np.isfinite(arr)):
             return f"'{name}' has NaN or infinite values"
     return None
@@ -97,7 +94,7 @@ class UpdateValidation(StrategyWrapper):
             except (KeyError, TypeError, ValueError) as exc:
                 self._drop(server_round, msg, f"no readable '{self.key}' record: {exc}")
                 continue
-            problem = update_problem(local, ref)
+            problem = finiteness_problem(local)
             if problem is not None:
                 self._drop(server_round, msg, problem)
                 continue

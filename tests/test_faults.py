@@ -12,7 +12,9 @@ from clients.mods import fault_injection_mod
 from fedmm.config import ConfigError, Settings
 from fedmm.faults import BYZANTINE, SCALE, corrupt_update, fault_of, parse_faults
 from strategies.records import to_numpy, to_record
-from strategies.validation import UpdateValidation, update_problem
+from fedmm.compression import make_codec
+from strategies.compression import CompressedUpdates
+from strategies.validation import UpdateValidation, finiteness_problem
 
 
 @pytest.fixture(autouse=True)
@@ -53,15 +55,49 @@ def _round(wrapper, glob, make_local, n, task_identity):
     return wrapper.aggregate_train(1, replies), [m.metadata.dst_node_id for m in messages]
 
 
-def test_update_problem_names_what_is_wrong():
+def test_finiteness_problem_names_the_array():
     glob = _global()
-    assert update_problem(dict(glob), glob) is None
-    assert "names differ" in update_problem({"t.lora_A.weight": glob["t.lora_A.weight"]}, glob)
-    assert "shape" in update_problem({**glob, "t.lora_B.weight": np.zeros((4, 12), np.float32)}, glob)
-    assert "float64" in update_problem({**glob, "t.lora_B.weight": glob["t.lora_B.weight"].astype(np.float64)}, glob)
+    assert finiteness_problem(dict(glob)) is None
     nan = glob["t.lora_A.weight"].copy()
     nan[0, 0] = np.inf
-    assert "NaN or infinite" in update_problem({**glob, "t.lora_A.weight": nan}, glob)
+    assert "'t.lora_A.weight' has NaN or infinite" in finiteness_problem({**glob, "t.lora_A.weight": nan})
+
+
+def test_payload_structure_is_checked_where_it_can_fire(task_identity):
+    """Names, dtypes and sizes are checked on the wire payload (the codec, in CompressedUpdates): what reaches
+    UpdateValidation is always rebuilt from the global's layout, so it checks finiteness and norms only."""
+    glob = _global()
+    seen = []
+
+    class Spy(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            seen.extend(to_numpy(m.content["arrays"]) for m in replies)
+            return super().aggregate_train(server_round, replies)
+
+    chain = CompressedUpdates(UpdateValidation(Spy(min_available_nodes=6, min_train_nodes=6)), "q8")
+    messages = list(chain.configure_train(1, to_record(glob), ConfigRecord({}), _Grid(6)))
+    codec = make_codec("q8")
+    delta = OrderedDict((k, 0.01 * np.ones_like(v)) for k, v in glob.items())
+    good = codec.encode(delta, np.random.default_rng(0))
+    payloads = [good, good,
+                {"codes": good["codes"]},  # a missing array
+                {**good, "scales": good["scales"].astype(np.float64)},  # a wrong dtype
+                {**good, "codes": good["codes"][:-1]},  # a wrong length
+                {**good, "scales": np.full_like(good["scales"], 3e38)}]  # decodes, to values near float32's max
+    replies = []
+    for msg, payload in zip(messages, payloads):
+        task_identity._node_id = msg.metadata.dst_node_id
+        replies.append(_reply(msg, payload))
+    arrays, _ = chain.aggregate_train(1, replies)
+    reasons = " | ".join(d["reason"] for d in chain.drops)
+    assert len(chain.drops) == 3, reasons
+    assert "payload keys ['codes']" in reasons and "'scales' is float64" in reasons and "'codes' is uint8" in reasons
+    validation = chain.strategy
+    assert [d["reason"] for d in validation.drops] == ["update norm inf is more than 10x the round's median 0.09381"]
+    assert len(seen) == 2 and all({k: (v.shape, v.dtype) for k, v in s.items()} ==
+                                  {k: (v.shape, np.dtype(np.float32)) for k, v in glob.items()} for s in seen)
+    assert arrays is not None
 
 
 def test_validation_drops_bad_and_absurd_updates_and_aggregates_the_rest(task_identity):
@@ -73,16 +109,14 @@ def test_validation_drops_bad_and_absurd_updates_and_aggregates_the_rest(task_id
             return good[i]
         if i == 4:  # scaled x100: the norm is far beyond the round's median
             return OrderedDict((k, v + SCALE * 0.01) for k, v in glob.items())
-        if i == 5:
-            return OrderedDict((k, np.full_like(v, np.nan)) for k, v in glob.items())
-        return OrderedDict([("t.lora_A.weight", glob["t.lora_A.weight"])])  # a missing array
+        return OrderedDict((k, np.full_like(v, np.nan)) for k, v in glob.items())
+    # (a missing array never reaches this wrapper: test_payload_structure_is_checked_where_it_can_fire)
 
-    wrapper = UpdateValidation(FedAvg(min_available_nodes=7, min_train_nodes=7), max_norm_ratio=10.0)
-    (arrays, _), nodes = _round(wrapper, glob, local, 7, task_identity)
-    assert wrapper.stats[1]["dropped-updates"] == 3
+    wrapper = UpdateValidation(FedAvg(min_available_nodes=6, min_train_nodes=6), max_norm_ratio=10.0)
+    (arrays, _), nodes = _round(wrapper, glob, local, 6, task_identity)
+    assert wrapper.stats[1]["dropped-updates"] == 2
     reasons = sorted(d["reason"] for d in wrapper.drops)
     assert any("median" in r for r in reasons) and any("NaN" in r for r in reasons)
-    assert any("names differ" in r for r in reasons)
     assert sorted(d["node"] for d in wrapper.drops) == sorted(nodes[4:])
     out = to_numpy(arrays)
     for k in glob:  # the plain mean of the four good updates

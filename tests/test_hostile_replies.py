@@ -267,3 +267,25 @@ def test_a_reply_with_different_metric_keys_is_dropped_not_the_run():
     drops = find_wrapper(chain, ReplyCheck).drops
     assert [(d["round"], d["node"]) for d in drops] == [(1, messages[0].metadata.dst_node_id)]
     assert "train-loss" in drops[0]["reason"]
+
+
+def test_records_stay_in_their_round_after_a_round_that_aggregates_nothing():
+    """Round 1 gets only failures (nothing aggregated, no metric hook called); round 2's records are round 2's."""
+    from flwr.app import Error
+
+    settings = Settings.from_run_config({"lora-rank": RANK, "min-nodes": 2})
+    history = MetricsHistory()
+    chain = make_strategy(settings, history, num_nodes=3)
+    arrays = to_record(_global())
+    for rnd in (1, 2):
+        random.seed(rnd)
+        messages = list(chain.configure_train(rnd, arrays, ConfigRecord({}), _Grid([1, 2, 3])))
+        if rnd == 1:
+            replies = [Message(Error(code=1, reason="crashed"), reply_to=m) for m in messages]
+        else:
+            replies = [_honest_train(m, m.metadata.dst_node_id, rnd, "fp32") for m in messages]
+        new, _ = chain.aggregate_train(rnd, replies)
+        assert (new is None) == (rnd == 1)
+    assert not any(k.startswith("train/") for k in history.rounds.get(1, {}))
+    assert history.rounds[2]["train/num-replies"] == 3
+    assert {row["round"] for row in history.clients} == {2}
