@@ -3,11 +3,17 @@
 ``privacy_mod`` (pairs with strategies/privacy.py): client-level DP on the
 train reply. With Flower's clipping-norm key in the config (central DP with
 client-side clipping) it runs Flower's ``fixedclipping_mod``; with fedmm's
-``dp-clip-norm`` / ``dp-noise-std`` (local and distributed DP) it clips the
-update to the norm and adds the noise; for local DP it also keeps the
-client's epsilon ledger in ``context.state`` and declines the round, with a
-reason, once the next release would exceed ``max-epsilon``. A no-op for
-messages whose config names none of these, so it is safe to install always.
+``dp-mode`` (local or distributed DP, keys in ``fedmm.protocol``) it clips the
+update to C and adds noise it computes itself from the multiplier sigma:
+N(0, sigma^2 C^2) for local, the 1/n share for distributed. Local DP is the
+client's: its ledger follows from the noise it adds (multiplier sigma / 2,
+sensitivity 2C), it is kept in ``context.state``, and the client declines a
+round, with the reason, once the next release would exceed its budget (the
+smaller of the server's and its node config's ``dp-max-epsilon``), when the
+server asks for less noise than its floor (node config
+``dp-min-noise-multiplier``; the run config's multiplier when the run is
+``dp = local``), or when the server asks for no noise at all although the
+floor requires it. A no-op for other messages of a client without a floor.
 
 ``compression_mod`` (pairs with ``strategies.compression.CompressedUpdates``
 on the server): decodes a compressed global adapter before the handler sees
@@ -28,6 +34,7 @@ clipping, but still in the wire format. A no-op without ``inject-faults``.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections import OrderedDict
 
@@ -40,12 +47,12 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedmm import protocol
 from fedmm.config import Settings
 from fedmm.faults import corrupt_update, fault_of
 from fedmm.compression import decode_self_describing, encode_with_feedback, make_codec, payload_bytes
 from fedmm.lora_keys import is_downlink_only
 from fedmm.privacy import privatize_update, sample_epsilon, update_norm
-from strategies import privacy as dp_keys
 from strategies.records import to_numpy, to_record
 
 RESIDUAL_KEY = "codec-residual"
@@ -82,23 +89,88 @@ def decline(msg: Message, reason: str) -> Message:
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
 
 
+def _positive_number(config, key: str, where: str, *, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``) under ``key``; ValueError naming the key otherwise."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{where} '{key}' = {value!r} must be a finite number {'>=' if allow_zero else '>'} 0")
+    return float(value)
+
+
+def privacy_floor(context: Context) -> tuple[float, float, float | None, str]:
+    """What this client requires of the noise on its own update: (min multiplier, max epsilon, delta, why).
+
+    From its node config (``dp-min-noise-multiplier``, ``dp-max-epsilon``,
+    ``dp-delta``: the site's own, never the server's), and from the run config's
+    ``dp = local`` (the run the site joined promised local DP at that
+    multiplier). ValueError names a bad node-config key.
+    """
+    node = context.node_config
+    floor, budget, delta, why = 0.0, 0.0, None, ""
+    if protocol.NODE_MIN_NOISE_MULTIPLIER in node:
+        floor = _positive_number(node, protocol.NODE_MIN_NOISE_MULTIPLIER, "node config")
+        why = f"node config '{protocol.NODE_MIN_NOISE_MULTIPLIER}' = {floor:g}"
+    if protocol.NODE_MAX_EPSILON in node:
+        budget = _positive_number(node, protocol.NODE_MAX_EPSILON, "node config")
+    if protocol.NODE_DELTA in node:
+        delta = _positive_number(node, protocol.NODE_DELTA, "node config")
+    if context.run_config.get("dp") == "local":
+        promised = _settings(tuple(sorted(context.run_config.items()))).dp_noise_multiplier
+        if promised > floor:
+            floor, why = promised, f"run config 'dp' = 'local' at 'dp-noise-multiplier' = {promised:g}"
+    return floor, budget, delta, why
+
+
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or msg.has_error() or "config" not in msg.content:
         return call_next(msg, context)
     config = msg.content["config"]
     if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
-    if dp_keys.NOISE_STD_KEY not in config:
+    who = f"node {context.node_id}"
+    try:
+        floor, own_budget, own_delta, why = privacy_floor(context)
+    except ValueError as exc:
+        return decline(msg, f"{who}: {exc}")
+    mode = config.get(protocol.DP_MODE)
+    if mode is None:
+        if floor > 0:  # this client sends nothing without its noise
+            return decline(msg, f"{who}: {why} requires local DP, and the server's train instruction asks for "
+                                f"no client-side noise ('{protocol.DP_MODE}' missing)")
         return call_next(msg, context)
-    clip, std = float(config[dp_keys.CLIP_KEY]), float(config[dp_keys.NOISE_STD_KEY])
-    ledger_sigma = float(config.get(dp_keys.LEDGER_SIGMA_KEY, 0.0))
-    delta = float(config.get(dp_keys.DELTA_KEY, 1e-5))
+    try:
+        if mode not in protocol.CLIENT_DP_MODES:
+            raise ValueError(f"train config '{protocol.DP_MODE}' = {mode!r} must be one of "
+                             f"{', '.join(protocol.CLIENT_DP_MODES)}")
+        clip = _positive_number(config, protocol.DP_CLIP_NORM, "train config")
+        sigma = _positive_number(config, protocol.DP_NOISE_MULTIPLIER, "train config")
+        shares = 1.0
+        if mode == "distributed":
+            shares = _positive_number(config, protocol.DP_NOISE_SHARES, "train config")
+        delta = min(float(config.get(protocol.DP_DELTA, 1e-5)), own_delta or 1.0)
+        if not 0 < delta < 1:
+            raise ValueError(f"train config '{protocol.DP_DELTA}' = {delta!r} must be in (0, 1)")
+        budgets = [b for b in (_positive_number(config, protocol.DP_MAX_EPSILON, "train config", allow_zero=True)
+                               if protocol.DP_MAX_EPSILON in config else 0.0, own_budget) if b > 0]
+    except KeyError as exc:
+        return decline(msg, f"{who}: train config {exc} is missing for '{protocol.DP_MODE}' = {mode!r}")
+    except ValueError as exc:
+        return decline(msg, f"{who}: {exc}")
+    # what leaves this client carries noise of multiplier sigma / sqrt(shares) on its own
+    effective = sigma / shares**0.5
+    if effective < floor:
+        return decline(msg, f"{who}: the server asks for noise multiplier {effective:g} on this client's update "
+                            f"('{mode}'), below its floor {floor:g} ({why})")
+    # local DP: changing this client's data moves its clipped update by up to 2C, so each release is a
+    # Gaussian mechanism of multiplier sigma / 2 — derived from the noise actually added, never sent
+    ledger_sigma = sigma / 2 if mode == "local" else 0.0
     ledger = load_ledger(context)
-    if ledger_sigma > 0:  # local DP: this client's own guarantee, checked before any work
-        refusal = budget_refusal(ledger, (ledger_sigma, 1.0, 1), delta,
-                                 float(config.get(dp_keys.MAX_EPSILON_KEY, 0.0)))
+    max_epsilon = min(budgets) if budgets else 0.0
+    if ledger_sigma > 0:  # this client's own guarantee, checked before any work
+        refusal = budget_refusal(ledger, (ledger_sigma, 1.0, 1), delta, max_epsilon)
         if refusal:
-            return decline(msg, f"node {context.node_id}: {refusal}")
+            return decline(msg, f"{who}: {refusal}")
     global_arrays = to_numpy(msg.content["arrays"])
     reply = call_next(msg, context)
     if reply.has_error():
@@ -107,7 +179,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     delta_arrays = OrderedDict((k, local[k] - global_arrays[k]) for k in local)
     norm = update_norm(delta_arrays)
     # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
-    private = privatize_update(delta_arrays, clip, std, np.random.default_rng())
+    private = privatize_update(delta_arrays, clip, sigma * clip / shares**0.5, np.random.default_rng())
     reply.content["arrays"] = to_record(OrderedDict((k, global_arrays[k] + private[k]) for k in local))
     metrics = reply.content["metrics"]
     metrics["update-norm"] = norm

@@ -382,6 +382,7 @@ class Settings:
                 "batch (group means, in-batch retrieval), so one example's gradient depends on the others and "
                 "DP-SGD's per-sample guarantee would not hold; use client-level DP (dp = central-server, ...)"
             )
+        self._check_dp_codec()
         if self.max_epsilon > 0 and self.dp == "none":
             raise ConfigError("run-config 'max-epsilon' is set but 'dp' = 'none': there is no epsilon to budget")
         self._check_profiles()
@@ -394,6 +395,27 @@ class Settings:
             )
         if self.dataset != "digits" and not Path(self.dataset).expanduser().is_file():
             raise ConfigError(f"run-config 'dataset': manifest file not found: {self.dataset}")
+
+    def _check_dp_codec(self) -> None:
+        """Refuse the (dp, codec) pairs whose guarantee would not hold (fedmm/privacy/update.py has the argument)."""
+        from .compression import make_codec
+
+        if make_codec(self.codec).lossless:
+            return
+        if self.dp == "central-client":
+            raise ConfigError(
+                f"run-config 'codec' = '{self.codec}' with 'dp' = 'central-client': the server adds noise calibrated "
+                "to the clipping norm to the update it decodes, Q(clipped update + error-feedback residual), and a "
+                "lossy codec does not keep that within the norm (q2 alone nearly doubles it), so the reported "
+                "epsilon would not hold; use dp = 'central-server' (it clips what it decodes) or codec = 'fp32'"
+            )
+        if self.dp == "distributed":
+            raise ConfigError(
+                f"run-config 'codec' = '{self.codec}' with 'dp' = 'distributed': each client's noise share would be "
+                "encoded on its own by a lossy codec whose error is not bounded by the clipping norm, so the sum is "
+                "not the Gaussian mechanism the accountant charges (an integer mechanism under secure aggregation "
+                "is what makes this valid); use codec = 'fp32', or dp = 'central-server' or 'local'"
+            )
 
     def _check_profiles(self) -> None:
         profiles = parse_profiles(self.client_profiles)

@@ -21,3 +21,17 @@ PARTITION_ID = "partition-id"  # the client's partition (simulation) or site ind
 MAX_EXAMPLES = 10**9  # an honest site holds fewer; more is a weight meant to swamp the mean
 MAX_PARTITION_ID = 2**31 - 1
 MAX_METRIC_MAGNITUDE = 1e15  # every honest metric (counts, bytes, seconds, losses) is far below
+
+# client-side DP in the train config (strategies/privacy.py sends, clients/mods.py: privacy_mod acts)
+DP_MODE = "dp-mode"  # "local" | "distributed": the client clips and noises its own update
+DP_CLIP_NORM = "dp-clip-norm"  # C: the update is clipped to this L2 norm
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # sigma: local adds N(0, sigma^2 C^2)
+DP_NOISE_SHARES = "dp-noise-shares"  # distributed: n, each client adds N(0, sigma^2 C^2 / n)
+DP_DELTA = "dp-delta"
+DP_MAX_EPSILON = "dp-max-epsilon"  # local: the client's ledger must stay within it (0 = none)
+CLIENT_DP_MODES = ("local", "distributed")
+
+# a site's own privacy floor, in its node config (--node-config): a request below it is declined
+NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"
+NODE_MAX_EPSILON = "dp-max-epsilon"
+NODE_DELTA = "dp-delta"

@@ -48,14 +48,8 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedmm import protocol
 from strategies.wrapper import StrategyWrapper
-
-# Train-config keys the client's privacy_mod acts on.
-CLIP_KEY = "dp-clip-norm"
-NOISE_STD_KEY = "dp-noise-std"  # absolute std of the noise each client adds to its update
-LEDGER_SIGMA_KEY = "dp-ledger-sigma"  # local DP: noise multiplier of the client's own ledger
-DELTA_KEY = "dp-delta"
-MAX_EPSILON_KEY = "dp-max-epsilon"
 
 CENTRAL_MODES = ("central-server", "central-client", "distributed")
 
@@ -123,8 +117,10 @@ class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config[CLIP_KEY] = self.clipping_norm
-        config[NOISE_STD_KEY] = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients**0.5
+        config[protocol.DP_MODE] = "distributed"
+        config[protocol.DP_CLIP_NORM] = self.clipping_norm
+        config[protocol.DP_NOISE_MULTIPLIER] = self.noise_multiplier
+        config[protocol.DP_NOISE_SHARES] = self.num_sampled_clients
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
         return self._prepare_accounting(server_round, messages)
 
@@ -145,9 +141,10 @@ class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):
 class LocalUpdatePrivacy(StrategyWrapper):
     """Local DP: asks every client to clip its update to C and add N(0, sigma^2 C^2).
 
-    Client obligation: fedmm's ``privacy_mod``, which also keeps the client's
-    own epsilon ledger and declines to train once ``max-epsilon`` would be
-    exceeded. Aggregation is the wrapped strategy's, unchanged (the updates
+    Client obligation: fedmm's ``privacy_mod``, which computes the noise and
+    its own epsilon ledger from the multiplier it actually uses, declines a
+    request below its node's floor, and declines to train once its budget (the
+    smaller of the server's ``max-epsilon`` and its own) would be exceeded. Aggregation is the wrapped strategy's, unchanged (the updates
     are already private: anything after is post-processing).
     """
 
@@ -164,12 +161,12 @@ class LocalUpdatePrivacy(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config[CLIP_KEY] = self.clipping_norm
-        config[NOISE_STD_KEY] = self.noise_multiplier * self.clipping_norm
-        # changing one client's data moves its clipped update by up to 2C: the ledger's multiplier is sigma / 2
-        config[LEDGER_SIGMA_KEY] = self.noise_multiplier / 2
-        config[DELTA_KEY] = self.delta
-        config[MAX_EPSILON_KEY] = self.max_epsilon
+        # the client derives its noise and its ledger from sigma, and holds them to its own floor
+        config[protocol.DP_MODE] = "local"
+        config[protocol.DP_CLIP_NORM] = self.clipping_norm
+        config[protocol.DP_NOISE_MULTIPLIER] = self.noise_multiplier
+        config[protocol.DP_DELTA] = self.delta
+        config[protocol.DP_MAX_EPSILON] = self.max_epsilon
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
 

@@ -12,6 +12,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.mods import load_ledger, privacy_mod, store_ledger
 from fedmm import lora
+from fedmm import protocol
 from fedmm.config import ConfigError, Settings
 from fedmm.data import load_splits, to_batch
 from fedmm.privacy import (
@@ -203,7 +204,8 @@ def task_identity(monkeypatch):
 def test_distributed_noise_shares_sum_to_central_noise(task_identity):
     """n clients each add N(0, sigma^2 C^2 / n): their mean carries std sigma C / n, as central DP's."""
     sigma, clip, n = 0.8, 0.5, 4
-    config = {dp_keys.CLIP_KEY: clip, dp_keys.NOISE_STD_KEY: sigma * clip / n**0.5}
+    config = {protocol.DP_MODE: "distributed", protocol.DP_CLIP_NORM: clip, protocol.DP_NOISE_MULTIPLIER: sigma,
+              protocol.DP_NOISE_SHARES: n}
     updates = []
     for _ in range(n):
         reply, _ = _mod_call(config, np.full(100_000, 3.0, np.float32))
@@ -221,8 +223,8 @@ def test_local_dp_keeps_a_ledger_and_declines_when_the_budget_is_spent(task_iden
     sigma = 2.0
     one = gaussian_epsilon(sigma / 2, 1, 1e-5)
     budget = gaussian_epsilon(sigma / 2, 2, 1e-5) + 1e-6  # room for exactly two releases
-    config = {dp_keys.CLIP_KEY: 1.0, dp_keys.NOISE_STD_KEY: sigma, dp_keys.LEDGER_SIGMA_KEY: sigma / 2,
-              dp_keys.DELTA_KEY: 1e-5, dp_keys.MAX_EPSILON_KEY: budget}
+    config = {protocol.DP_MODE: "local", protocol.DP_CLIP_NORM: 1.0, protocol.DP_NOISE_MULTIPLIER: sigma,
+              protocol.DP_DELTA: 1e-5, protocol.DP_MAX_EPSILON: budget}
     reply, context = _mod_call(config, np.ones(10, np.float32))
     assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(one)
     reply, context = _mod_call(config, np.ones(10, np.float32), context)
@@ -230,6 +232,51 @@ def test_local_dp_keeps_a_ledger_and_declines_when_the_budget_is_spent(task_iden
     reply, context = _mod_call(config, np.ones(10, np.float32), context)
     assert reply.has_error() and "privacy budget spent" in reply.error.reason and "node 3" in reply.error.reason
     assert len(load_ledger(context)) == 2  # a declined round spends nothing
+
+
+def _node_context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=3, node_config=node_config, state=RecordDict(), run_config=run_config or {})
+
+
+def test_local_dp_is_the_clients_the_server_cannot_ask_for_less(task_identity):
+    """The node's floor (its node config) and the run's promise (dp = local) bind whatever the server sends."""
+    local = {protocol.DP_MODE: "local", protocol.DP_CLIP_NORM: 1.0, protocol.DP_DELTA: 1e-5}
+    floor = _node_context({protocol.NODE_MIN_NOISE_MULTIPLIER: 2.0})
+    reply, _ = _mod_call({**local, protocol.DP_NOISE_MULTIPLIER: 0.5}, np.ones(10, np.float32), floor)
+    assert reply.has_error() and "noise multiplier 0.5" in reply.error.reason and "below its floor 2" in \
+        reply.error.reason and "dp-min-noise-multiplier" in reply.error.reason
+    # the server omits the noise: the floor still binds (no raw update leaves the node)
+    reply, _ = _mod_call({}, np.ones(10, np.float32), _node_context({protocol.NODE_MIN_NOISE_MULTIPLIER: 2.0}))
+    assert reply.has_error() and "asks for no client-side noise" in reply.error.reason
+    # a run promised local DP: a server that drops the noise key is declined even without a node floor
+    promised = _node_context({}, {"dp": "local", "dp-noise-multiplier": 1.5})
+    reply, _ = _mod_call({}, np.ones(10, np.float32), promised)
+    assert reply.has_error() and "'dp' = 'local'" in reply.error.reason
+    # distributed noise shares are below a local floor: each update alone carries sigma / sqrt(n)
+    reply, _ = _mod_call({protocol.DP_MODE: "distributed", protocol.DP_CLIP_NORM: 1.0, protocol.DP_NOISE_MULTIPLIER: 2.0,
+                          protocol.DP_NOISE_SHARES: 16}, np.ones(10, np.float32), floor)
+    assert reply.has_error() and "noise multiplier 0.5" in reply.error.reason
+    # at or above the floor: the noise actually added and the ledger both follow the multiplier used
+    reply, context = _mod_call({**local, protocol.DP_NOISE_MULTIPLIER: 4.0}, np.zeros(200_000, np.float32), floor)
+    noise = reply.content["arrays"]["w"].numpy()
+    assert abs(noise.std() / 4.0 - 1) < 0.01
+    assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(gaussian_epsilon(2.0, 1, 1e-5))
+    assert load_ledger(context) == [(2.0, 1.0, 1)]
+
+
+def test_the_nodes_own_budget_and_delta_bind_too(task_identity):
+    sigma = 2.0
+    own = gaussian_epsilon(sigma / 2, 1, 1e-6) + 1e-6  # the node allows one release, at its own delta
+    context = _node_context({protocol.NODE_MAX_EPSILON: own, protocol.NODE_DELTA: 1e-6})
+    config = {protocol.DP_MODE: "local", protocol.DP_CLIP_NORM: 1.0, protocol.DP_NOISE_MULTIPLIER: sigma,
+              protocol.DP_DELTA: 1e-3, protocol.DP_MAX_EPSILON: 0.0}
+    reply, context = _mod_call(config, np.ones(10, np.float32), context)
+    assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(gaussian_epsilon(1.0, 1, 1e-6))
+    reply, _ = _mod_call(config, np.ones(10, np.float32), context)
+    assert reply.has_error() and "privacy budget spent" in reply.error.reason
+    bad = _node_context({protocol.NODE_MIN_NOISE_MULTIPLIER: "lots"})
+    reply, _ = _mod_call(config, np.ones(10, np.float32), bad)
+    assert reply.has_error() and "node config 'dp-min-noise-multiplier' = 'lots'" in reply.error.reason
 
 
 def test_central_client_clipping_runs_flowers_mod(task_identity):

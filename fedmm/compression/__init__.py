@@ -6,10 +6,15 @@ by a value stage. ``encode_with_feedback`` adds error feedback (Karimireddy et
 al. 2019): the client keeps e_{t+1} = g_t + e_t - C(g_t + e_t) and adds it to
 its next update.
 
-Order with privacy (the privacy work composes with this): clip -> noise ->
-encode. Encoding is post-processing of the privatised update, so it keeps any
-DP guarantee; the error-feedback residual is computed from the privatised
-update too, so no un-noised information leaks through it.
+Order with privacy: clip -> noise -> encode. Where the client adds the noise
+(``dp = local``; ``dp-sgd``, whose noise is in every step), encoding is
+post-processing of the private update and keeps the guarantee; the
+error-feedback residual is computed from the privatised update too, so no
+un-noised information leaks through it. Where noise is added after encoding
+the argument fails, because a lossy codec's output is not bounded by the
+clipping norm: ``central-client`` and ``distributed`` are refused with a lossy
+codec, and ``central-server`` clips each decoded update again
+(``fedmm/privacy/update.py`` has the argument, ``fedmm.config`` the refusal).
 
 On the wire every payload is the codec's few concatenated arrays, fp32
 included (``encode_self_describing`` / ``decode_self_describing`` for the

@@ -1,0 +1,156 @@
+"""Every (dp mode x codec x error feedback) combination either holds or is refused.
+
+A Gaussian mechanism's epsilon holds only if the update its noise is added to
+has norm <= C, the clipping norm the noise is calibrated to. For every
+accepted combination this runs real rounds through the client's mods
+(compression_mod around privacy_mod, error-feedback residuals carried in
+``context.state``) and the server's chain (``make_strategy``), with client
+updates of norm 5 C, and records the norm of what enters the noise step:
+the client's noise (local, distributed: ``add_gaussian_noise``) or the
+server's (central: the updates Flower's DP wrapper hands to FedAvg, whose
+mean it then noises). The refused combinations must raise a ConfigError
+naming both keys. dp-sgd noises per-sample gradients inside Opacus, before
+any codec, so every codec is post-processing there (tests/test_privacy.py
+checks its clipping and accounting); it is checked here to be accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+import strategies
+from clients.mods import compression_mod, privacy_mod
+from fedmm.config import DP_MODES, ConfigError, Settings
+from fedmm.privacy import update as dp_update
+from fedmm.privacy import update_norm
+from server.app import find_wrapper, make_strategy
+from server.history import MetricsHistory
+from strategies.compression import CompressedUpdates
+from strategies.records import to_numpy, to_record
+
+CODECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "q4-row", "topk0.1", "topk0.1+q4"]
+CLIP = 0.5
+NODES = 4
+ROUNDS = 3
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+
+
+def _settings(dp: str, codec: str, feedback: bool) -> Settings:
+    return Settings.from_run_config({"dp": dp, "codec": codec, "error-feedback": feedback, "dp-clip-norm": CLIP,
+                                     "lora-rank": 2, "min-nodes": 2, "dp-noise-multiplier": 0.3})
+
+
+def _global() -> OrderedDict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return OrderedDict([("m.lora_A.weight", rng.normal(size=(2, 30)).astype(np.float32)),
+                        ("m.lora_B.weight", rng.normal(size=(20, 2)).astype(np.float32))])
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, NODES + 1))
+
+
+def _trainer(rnd: int):
+    """The ClientApp's handler, reduced to its contract: local = received global + an update of norm 5 C."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        received = to_numpy(msg.content["arrays"])
+        rng = np.random.default_rng([context.node_id, rnd])
+        raw = OrderedDict((k, rng.normal(size=v.shape).astype(np.float32)) for k, v in received.items())
+        scale = 5 * CLIP / update_norm(raw)
+        local = OrderedDict((k, received[k] + scale * raw[k]) for k in received)
+        metrics = MetricRecord({"num-examples": 10, "unit-weight": 1, "partition-id": context.node_id - 1,
+                                "lora-rank": 2})
+        return Message(RecordDict({"arrays": to_record(local), "metrics": metrics}), reply_to=msg)
+
+    return handler
+
+
+def _noised_norms(settings: Settings, monkeypatch) -> list[float]:
+    """Norms of every update that entered a noise step over ROUNDS rounds of the client mods and server chain."""
+    norms: list[float] = []
+    original = dp_update.add_gaussian_noise
+
+    def client_noise(clipped, std, rng):
+        norms.append(update_norm(clipped))
+        return original(clipped, std, rng)
+
+    monkeypatch.setattr(dp_update, "add_gaussian_noise", client_noise)
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=NODES)
+    inner = strategies.innermost(chain)
+    codec = find_wrapper(chain, CompressedUpdates)
+    dp = next(s for s in strategies.wrapper_chain(chain) if hasattr(s, "clipping_norm"))
+    aggregate = inner.aggregate_train
+
+    def server_noise(server_round, replies):  # FedAvg's mean of these is what Flower's wrapper noises
+        replies = list(replies)
+        # central-server clips against its own global; central-client's clients clipped against the decoded one
+        ref = to_numpy(dp.current_arrays) if settings.dp == "central-server" else codec._reference
+        for msg in replies:
+            local = to_numpy(msg.content["arrays"])
+            norms.append(update_norm(OrderedDict((k, local[k] - ref[k]) for k in local)))
+        return aggregate(server_round, replies)
+
+    if settings.dp in ("central-server", "central-client"):
+        inner.aggregate_train = server_noise
+    contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                for n in range(1, NODES + 1)}
+    arrays = to_record(_global())
+    for rnd in range(1, ROUNDS + 1):
+        random.seed(rnd)
+        messages = list(chain.configure_train(rnd, arrays, ConfigRecord({}), _Grid()))
+        handler = _trainer(rnd)
+        # each client gets its own copy, as over the wire (Flower's FedAvg shares one content object)
+        messages = [copy.deepcopy(m) for m in messages]
+        replies = [compression_mod(m, contexts[m.metadata.dst_node_id],
+                                   lambda msg, ctx: privacy_mod(msg, ctx, handler)) for m in messages]
+        assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+        new, _ = chain.aggregate_train(rnd, replies)
+        assert new is not None, f"round {rnd} released nothing"
+        arrays = new
+    return norms
+
+
+COMBINATIONS = [(dp, codec, fb) for dp in DP_MODES if dp != "none" for codec in CODECS for fb in (True, False)]
+
+
+def _refused(dp: str, codec: str) -> bool:
+    return dp in ("central-client", "distributed") and codec != "fp32"
+
+
+@pytest.mark.parametrize("dp,codec,feedback", COMBINATIONS, ids=[f"{d}-{c}-{'ef' if f else 'noef'}"
+                                                                 for d, c, f in COMBINATIONS])
+def test_each_combination_holds_or_is_refused(dp, codec, feedback, monkeypatch):
+    if _refused(dp, codec):
+        with pytest.raises(ConfigError) as err:
+            _settings(dp, codec, feedback)
+        assert "'codec'" in str(err.value) and f"'dp' = '{dp}'" in str(err.value)
+        return
+    settings = _settings(dp, codec, feedback)
+    if dp == "dp-sgd":
+        return  # accepted: its noise is Opacus's, on per-sample gradients, before any codec
+    norms = _noised_norms(settings, monkeypatch)
+    assert len(norms) == NODES * ROUNDS
+    assert max(norms) <= CLIP * (1 + 1e-5), f"an update of norm {max(norms):.4f} > C = {CLIP} entered the noise step"
+    assert min(norms) >= CLIP * (1 - 1e-3)  # clipped to C, not dropped: the test saw real updates
+
+
+def test_the_unrefused_central_client_would_break_the_bound(monkeypatch):
+    """What the refusal prevents: with q2 and error feedback, central-client's server noises norms > C."""
+    monkeypatch.setattr(Settings, "_check_dp_codec", lambda self: None)
+    norms = _noised_norms(_settings("central-client", "q2", True), monkeypatch)
+    assert max(norms) > 1.3 * CLIP
