@@ -26,6 +26,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.instructions import instruction_check_mod
 from clients.mods import (
     budget_refusal,
     compression_mod,
@@ -46,11 +47,13 @@ from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
 from fedmm.privacy import public_pool, sample_epsilon, sample_rate, train_dp_sgd
+from fedmm.privacy.release import released_train_metrics
 from fedmm.train import client_objective, mean_loss, proximal_term, train_steps
 
-# Outermost first: compression encodes what the privacy mod released (clip -> noise -> quantize);
-# injected faults (tests, benchmarks) act on the released update, as a client that skips clipping would.
-app = ClientApp(mods=[compression_mod, fault_injection_mod, privacy_mod])
+# Outermost first: the server's instruction is checked before anything reads it; compression encodes what
+# the privacy mod released (clip -> noise -> quantize); injected faults (tests, benchmarks) act on the
+# released update, as a client that skips clipping would.
+app = ClientApp(mods=[instruction_check_mod, compression_mod, fault_injection_mod, privacy_mod])
 
 # open_clip logs through the root logger with logging.info(), which calls
 # basicConfig() on first use and would print every Flower record twice.
@@ -237,7 +240,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = OrderedDict((k, v) for k, v in global_arrays.items() if not is_downlink_only(k))
     reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
     arrays = to_record(reply)
-    metrics = MetricRecord(
+    # under DP the raw losses stay here: they are the private examples' function with no noise at all
+    metrics = MetricRecord(released_train_metrics(
         {
             "num-examples": len(node.train),
             "unit-weight": 1,  # the weight of uniform-mean aggregation (client-level DP)
@@ -252,8 +256,7 @@ def train(msg: Message, context: Context) -> Message:
             "bytes-uplink": arrays.count_bytes(),
             **extra,
             **(constraint.statistics() if constraint is not None else {}),
-        }
-    )
+        }, s.dp))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

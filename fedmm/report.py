@@ -132,6 +132,10 @@ def _privacy_lines(privacy: Mapping[str, Any], rounds: Mapping[int, Mapping[str,
     )
     for note in privacy.get("notes", []):
         lines.append(f"- warning: {note}")
+    outside = privacy.get("outside-guarantee", [])
+    if outside:
+        lines += ["", "What leaves a client outside this guarantee (raw training losses are not sent under DP):", ""]
+        lines += [f"- {item}" for item in outside]
     keys = [k for k in EPSILON_KEYS if any(k in row for row in rounds.values())]
     if keys:
         lines += ["", "| round | " + " | ".join(keys) + " | central/zs-acc |", "|---" * (len(keys) + 2) + "|"]

@@ -105,6 +105,12 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
     strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
     check_uniform_mean(strategy, settings.dp)
     check_local_optimizer(strategy, settings.local_optimizer)
+    if settings.dp != "none" and hasattr(strategy, "train_loss_key"):
+        raise ConfigError(
+            f"run-config 'strategy' = '{settings.strategy}' with 'dp' = '{settings.dp}': the strategy reads each "
+            "client's training loss, which no DP mode covers (it is computed from the private examples with no "
+            "noise), so clients do not send it under DP; use another strategy, or dp = 'none'"
+        )
     # Timed alone, its seconds against the whole chain's price fedmm's wrappers (wrapper-seconds). Flower's
     # central DP wrappers need FedAvg itself beneath them: there the timer goes above them, DP counting as strategy.
     central_dp = needs_uniform_mean(settings.dp) and num_nodes is not None

@@ -18,6 +18,7 @@ from flwr.supercore import log
 from fedmm.config import ConfigError, Settings
 from fedmm.data import train_sizes
 from fedmm.privacy import gaussian_epsilon
+from fedmm.privacy.release import OUTSIDE_GUARANTEE
 from strategies.privacy import CENTRAL_MODES, rounds_allowed
 
 # What each dp mode guarantees, to whom, and under which assumptions (written into the report).
@@ -33,15 +34,19 @@ PRIVACY_LEVELS = {
                       "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "
                       "accountant, add/remove one client, no amplification from client sampling claimed",
     "central-client": "client level, as central-server, but clients clip their own updates "
-                      "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant",
-    "local": "client level, per client: (epsilon, delta)-DP for the client's whole data, against anyone, the "
-             "server included. Each client clips its update to C and adds N(0, sigma^2 C^2) before encoding; "
-             "sensitivity 2C (any change of its data), so each release is a Gaussian mechanism of multiplier "
-             "sigma/2; RDP accounting kept by the client",
+                      "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant. Only with "
+                      "codec fp32: a lossy codec's output is not bounded by C, so it is refused",
+    "local": "client level, per client: (epsilon, delta)-DP for the client's training data, against anyone, "
+             "the server included. Each client clips its update to C and adds N(0, sigma^2 C^2) before encoding "
+             "(any codec and error feedback are post-processing); sensitivity 2C (any change of its data), so "
+             "each release is a Gaussian mechanism of multiplier sigma/2; the client derives its ledger from the "
+             "noise it adds and keeps it itself, and declines requests below its own floor (node config "
+             "dp-min-noise-multiplier, dp-max-epsilon, dp-delta)",
     "distributed": "client level, central-equivalent: each of the n sampled clients adds N(0, sigma^2 C^2 / n), "
                    "so the mean carries the noise of central DP; Flower's RDP accountant, add/remove one "
-                   "client, no amplification claimed. Private against the server ONLY when the sum is formed "
-                   "under secure aggregation (not in fedmm yet): each single update carries 1/sqrt(n) of the noise",
+                   "client, no amplification claimed; against those who see the global models, not against the "
+                   "server, which sees each update with 1/sqrt(n) of the noise (secure aggregation is not in fedmm "
+                   "yet). Only with codec fp32: a lossy codec would encode each noise share separately",
 }
 
 
@@ -49,6 +54,7 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
     return {
         "dp": settings.dp,
         "guarantee": PRIVACY_LEVELS[settings.dp],
+        "outside-guarantee": list(OUTSIDE_GUARANTEE) if settings.dp != "none" else [],
         "noise-multiplier": settings.dp_noise_multiplier,
         "clip-norm": settings.dp_clip_norm,
         "delta": settings.dp_delta,

@@ -230,3 +230,45 @@ def test_a_client_with_nothing_usable_declines_with_a_reason(run_config, base_se
     assert not call(0).has_error()  # site 0 trains on class-prompt captions
     reply = call(1)
     assert reply.has_error() and "partition 1:" in reply.error.reason and "usable training pair" in reply.error.reason
+
+
+@pytest.mark.parametrize("config,named", [
+    ({"lr": "fast"}, "'lr' = 'fast'"),
+    ({"local-steps": 1e12}, "'local-steps'"),
+    ({"batch-size": -3}, "'batch-size'"),
+    ({"local-optimizer": "lion"}, "'local-optimizer'"),
+    ({"codec-up": "q3"}, "'codec-up'"),
+    ({"proximal-mu": float("nan")}, "'proximal-mu'"),
+    ({"multiplier-toxicity": float("inf")}, "'multiplier-toxicity'"),
+    ({"server-round": 1.5}, "'server-round'"),
+])
+def test_a_malformed_instruction_gets_an_error_reply_naming_it(run_config, global_arrays, config, named):
+    arrays, _ = global_arrays
+    reply = _call(run_config, MessageType.TRAIN, arrays, config)
+    assert reply.has_error() and named in reply.error.reason and "malformed train instruction" in reply.error.reason
+
+
+def test_an_instruction_with_the_wrong_records_gets_an_error_reply(run_config):
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 10},
+                      state=RecordDict(), run_config=run_config)
+    for content, named in [(RecordDict({"config": ConfigRecord({})}), "no 'arrays' record"),
+                           (RecordDict({"arrays": ConfigRecord({"x": 1}), "config": ConfigRecord({})}), "'arrays' holds"),
+                           (RecordDict({"arrays": ArrayRecord(), "config": ArrayRecord()}), "'config' holds")]:
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            reply = client_app(Message(content=content, dst_node_id=1, message_type=kind), context)
+            assert reply.has_error() and named in reply.error.reason
+
+
+def test_under_dp_a_train_reply_withholds_the_raw_losses(run_config, global_arrays):
+    from fedmm import protocol
+    from fedmm.privacy.release import WITHHELD_UNDER_DP
+
+    arrays, _ = global_arrays
+    plain = _call(run_config, MessageType.TRAIN, arrays).content["metrics"]
+    assert "train-loss" in plain and "contrastive-loss" in plain
+    local = {protocol.DP_MODE: "local", protocol.DP_CLIP_NORM: 1.0, protocol.DP_NOISE_MULTIPLIER: 1.0,
+             protocol.DP_DELTA: 1e-5}
+    reply = _call({**run_config, "dp": "local"}, MessageType.TRAIN, arrays, local)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert not set(WITHHELD_UNDER_DP) & set(metrics) and metrics["dp-epsilon"] > 0

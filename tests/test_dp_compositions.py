@@ -154,3 +154,12 @@ def test_the_unrefused_central_client_would_break_the_bound(monkeypatch):
     monkeypatch.setattr(Settings, "_check_dp_codec", lambda self: None)
     norms = _noised_norms(_settings("central-client", "q2", True), monkeypatch)
     assert max(norms) > 1.3 * CLIP
+
+
+def test_a_strategy_that_reads_client_losses_is_refused_under_dp():
+    from server.app import make_strategy as build
+
+    for dp in ("dp-sgd", "local"):
+        settings = Settings.from_run_config({"dp": dp, "strategy": "qfedavg", "local-optimizer": "sgd"})
+        with pytest.raises(ConfigError, match=f"'strategy' = 'qfedavg' with 'dp' = '{dp}'"):
+            build(settings, MetricsHistory())
