@@ -72,7 +72,8 @@ FAIRNESS_COLUMNS = ("central/zs-acc", "central/acc-gap", "central/worst-group-ac
                     "evaluate/toxic-top1", "evaluate/client-acc-min", "evaluate/client-acc-std")
 
 
-def _fairness_lines(rounds: Mapping[int, Mapping[str, Any]], constraints: str) -> list[str]:
+def _fairness_lines(rounds: Mapping[int, Mapping[str, Any]], constraints: str,
+                    group_names: Sequence[str] | None = None) -> list[str]:
     """Per round: accuracy, gaps, toxic retrieval, multipliers; then the final per-group table."""
     keys = [k for k in FAIRNESS_COLUMNS if any(k in row for row in rounds.values())]
     keys += sorted({k for row in rounds.values() for k in row if k.startswith("constraints/")})
@@ -93,7 +94,8 @@ def _fairness_lines(rounds: Mapping[int, Mapping[str, Any]], constraints: str) -
                   "| group | server examples | central base | central final | federated final |", "|---|---|---|---|---|"]
         base, final = rounds.get(0, {}), rounds[last]
         for g in groups:
-            lines.append(f"| {g} | {_fmt(final.get(f'central/num-examples-group-{g}', ''), 'num-')} | "
+            name = group_names[g] if group_names and g < len(group_names) else str(g)
+            lines.append(f"| {name} | {_fmt(final.get(f'central/num-examples-group-{g}', ''), 'num-')} | "
                          f"{_fmt(base.get(f'central/zs-acc-group-{g}', ''))} | "
                          f"{_fmt(final.get(f'central/zs-acc-group-{g}', ''))} | "
                          f"{_fmt(final.get(f'evaluate/zs-acc-group-{g}', ''))} |")
@@ -224,7 +226,7 @@ def write_report(
         lines += ["| partition | examples | zs-acc |", "|---|---|---|"]
         for c in sorted(finals, key=lambda c: c.get("partition-id", -1)):
             lines.append(f"| {c.get('partition-id')} | {c.get('num-examples')} | {_fmt(c.get('zs-acc', ''))} |")
-    lines += _fairness_lines(rounds, config.get("constraints", ""))
+    lines += _fairness_lines(rounds, config.get("constraints", ""), (extra or {}).get("group-names"))
     if privacy and privacy.get("dp") != "none":
         lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
     for key, title in (("failed-replies", "Failed replies (crashes, declines, errors)"),
@@ -236,7 +238,7 @@ def write_report(
     lines += ["", "## Files", ""]
     lines += [f"- `{p.name}`" for p in paths.values() if p.name != "summary.md"]
     for k, v in (extra or {}).items():
-        if k not in ("privacy", "failed-replies", "dropped-updates"):
+        if k not in ("privacy", "failed-replies", "dropped-updates", "group-names"):
             lines.append(f"- {k}: `{v}`")
     paths["summary"].write_text("\n".join(lines) + "\n")
     return paths

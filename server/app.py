@@ -32,7 +32,7 @@ from fedmm import model as models
 from fedmm import report
 from fedmm.config import ConfigError, Settings
 from fedmm.constraints import flag_toxic
-from fedmm.data import class_names, load_splits, to_batch, zero_shot_prompts
+from fedmm.data import class_names, group_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
 from fedmm.lora_keys import is_downlink_only
 from fedmm.pretrain import load_base_model
@@ -301,6 +301,7 @@ def main(grid: Grid, context: Context) -> None:
             "base-model-bytes": full_bytes,
             "adapter-dir": str(adapter_dir),
             "privacy": privacy_summary(settings, num_nodes, privacy_notes),
+            "group-names": group_names(splits["server"]),
             "failed-replies": codec.failures,
             "dropped-updates": replies.drops + codec.drops + validation.drops,
         },

@@ -123,3 +123,39 @@ def test_manifest_rows_without_captions_train_on_class_prompts(tmp_path):
     labels_only.write_text("\n".join(json.dumps({"image": f"img{i}.png", "label": i % 2}) for i in range(4)))
     splits, report = load_manifest(labels_only)
     assert report.prompted == 4 and splits["clients"]["caption"][1] == "a photo of 1."
+
+
+def test_manifest_groups_take_names_like_labels(tmp_path):
+    _write_images(tmp_path, 4)
+    groups = ["female", "light skin tone", "female", "male"]
+    rows = [{"image": f"img{i}.png", "caption": f"a photo {i}", "label": "cat", "group": g} for i, g in enumerate(groups)]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    splits, _ = load_manifest(manifest)
+    from fedmm.data import group_names
+
+    names = group_names(splits["clients"])
+    assert names == ["female", "light skin tone", "male"]
+    assert [names[g] for g in splits["clients"]["group"]] == groups
+
+
+def test_manifest_mixed_string_and_integer_labels_are_all_names(tmp_path):
+    _write_images(tmp_path, 3)
+    rows = [{"image": f"img{i}.png", "label": v} for i, v in enumerate(["cat", 3, "dog"])]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    splits, _ = load_manifest(manifest)
+    names = splits["clients"].features["label"].names
+    assert names == ["3", "cat", "dog"]
+    assert [names[i] for i in splits["clients"]["label"]] == ["cat", "3", "dog"]
+
+
+def test_csv_integer_labels_with_blanks_stay_integers(tmp_path):
+    _write_images(tmp_path, 4)
+    lines = ["image,caption,label,group"] + [f"img0.png,a,3,1", "img1.png,b,,", "img2.png,c,0,0", "img3.png,d,1,"]
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    splits, _ = load_manifest(manifest)
+    clients = splits["clients"]
+    assert clients.features["label"].names == ["0", "1", "2", "3"]  # not '3.0'
+    assert clients["label"] == [3, -1, 0, 1] and clients["group"] == [1, 0, 0, 0]

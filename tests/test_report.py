@@ -22,3 +22,15 @@ def test_report_files_from_history(tmp_path):
     assert "| 0 | 10 | 0.4000 |" in summary
     for png in ("accuracy.png", "loss.png", "retrieval.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_shows_group_names(tmp_path):
+    from fedmm.config import Settings
+    from fedmm.report import write_report
+
+    rounds = {0: {"central/zs-acc": 0.4, "central/zs-acc-group-0": 0.5, "central/zs-acc-group-1": 0.3},
+              1: {"central/zs-acc": 0.6, "central/zs-acc-group-0": 0.7, "central/zs-acc-group-1": 0.5}}
+    paths = write_report(tmp_path, settings=Settings.from_run_config({}), rounds=rounds, clients=[],
+                         extra={"group-names": ["female", "male"]})
+    summary = paths["summary"].read_text()
+    assert "| female |" in summary and "| male |" in summary

@@ -18,6 +18,7 @@ __all__ = [
     "ManifestError",
     "ManifestReport",
     "class_names",
+    "group_names",
     "dataset_version",
     "load_splits",
     "client_split",
@@ -43,6 +44,15 @@ def dataset_version(dataset: str) -> str:
 
 def class_names(ds: Dataset) -> list[str]:
     return list(ds.features["label"].names)
+
+
+def group_names(ds: Dataset) -> list[str]:
+    """Names of the protected groups: the manifest's (e.g. 'female'), or the ids as text."""
+    feature = ds.features["group"]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    groups = ds["group"]
+    return [str(g) for g in range(max(groups) + 1)] if len(groups) else ["0"]
 
 
 def zero_shot_prompts(names: list[str]) -> list[list[str]]:

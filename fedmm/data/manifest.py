@@ -1,13 +1,18 @@
 """User data: a CSV or JSONL manifest over an image folder, via HF ``datasets``.
 
 Columns: ``image`` (path, relative to the manifest's folder unless absolute)
-is required, and ``caption`` or ``label``; ``label`` (int or class name),
-``group`` (int), ``client`` (natural-partition id), ``split`` (public /
+is required, and ``caption`` or ``label``; ``label`` (class id or name),
+``group`` (protected attribute: id or name, e.g. ``female``), ``client`` (natural-partition id), ``split`` (public /
 clients / server) and ``toxic`` (bool) are optional. Missing modalities are
 never fatal: a row with a label but no caption trains on a class-prompt
 caption ("a photo of {class}."), counted in ``ManifestReport.prompted``;
 rows whose image is missing or unreadable, or that have neither caption nor
 label, are skipped and counted, and the report names them.
+
+Labels and groups are ids when every value is an integer (a CSV column of
+integers with blanks reads as floats such as 3.0: those count as integers),
+and names otherwise; in a column that mixes names and integers, every value
+is a name ("3" among "cat" and "dog").
 """
 
 from __future__ import annotations
@@ -55,6 +60,33 @@ def _load_image(file: Path, size: int) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
+def _as_int(value: object) -> int | None:
+    """The integer a value stands for (3, 3.0, True aside), or None when it is a name."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _vocabulary(values: list[object], empty: str):
+    """(names, value -> id) for a label or group column: ids if every value is an integer, else names."""
+    present = [v for v in values if v is not None]
+    ints = [_as_int(v) for v in present]
+    if all(i is not None and i >= 0 for i in ints):
+        top = max(ints, default=-1)
+        return ([str(i) for i in range(top + 1)] or [empty]), _as_int
+    def text(v: object) -> str:  # 3.0 from a CSV column with blanks is the name "3"
+        i = _as_int(v)
+        return str(i) if i is not None else str(v).strip()
+
+    names = sorted({text(v) for v in present})
+    index = {n: i for i, n in enumerate(names)}
+    return names, lambda v: index[text(v)]
+
+
 def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dataset], ManifestReport]:
     """Manifest -> splits with the bundled dataset's columns, plus what was skipped."""
     path = Path(path).expanduser()
@@ -68,15 +100,9 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         raise ManifestError(f"manifest {path}: missing required column(s) {missing_cols}")
     rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()}  # CSV blanks read as NaN
             for r in table.to_list()]
-    labels = [r.get("label") for r in rows]
-    names = sorted({str(v) for v in labels if v is not None and not isinstance(v, int)})
-    if names:
-        to_id = {n: i for i, n in enumerate(names)}
-    else:
-        ids = sorted({int(v) for v in labels if v is not None})
-        names = [str(i) for i in range(max(ids) + 1)] if ids else ["unlabelled"]
-        to_id = None
-    schema = features(names, image_size)
+    names, to_label = _vocabulary([r.get("label") for r in rows], "unlabelled")
+    group_names, to_group = _vocabulary([r.get("group") for r in rows], "0")
+    schema = features(names, image_size, group_names)
     report = ManifestReport(rows=len(rows))
     out: dict[str, dict[str, list]] = {s: {k: [] for k in schema} for s in SPLITS}
     for i, r in enumerate(rows):
@@ -98,7 +124,7 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         except Exception as exc:  # PIL raises many types for corrupt files
             report.skipped[str(file)] = f"unreadable: {type(exc).__name__}"
             continue
-        label = -1 if label is None else (to_id[str(label)] if to_id else int(label))
+        label = -1 if label is None else to_label(label)
         if not caption:
             caption = CAPTION_FROM_LABEL.format(name=names[label])
             report.prompted += 1
@@ -106,7 +132,7 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         o["image"].append(image)
         o["caption"].append(caption)
         o["label"].append(label)
-        o["group"].append(int(r["group"]) if r.get("group") is not None else 0)
+        o["group"].append(to_group(r["group"]) if r.get("group") is not None else 0)
         o["toxic"].append(bool(r.get("toxic") or False))
         o["client"].append(str(r["client"]) if r.get("client") is not None else "")
         report.kept += 1

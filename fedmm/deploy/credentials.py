@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +33,19 @@ from cryptography.x509.oid import NameOID
 VALID_DAYS = 365
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only from the first byte on (never written first, chmodded after)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT; a new one gets 0600 whatever the umask
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -108,9 +118,8 @@ def make_node_key(folder: Path, name: str) -> Path:
     private = folder / name
     if not private.exists():
         key = ec.generate_private_key(ec.SECP384R1())
-        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-        private.chmod(0o600)
+        write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                 serialization.NoEncryption()))
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         (folder / f"{name}.pub").write_bytes(public + f" fedmm-{name}\n".encode())
     return private
