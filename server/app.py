@@ -217,7 +217,7 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         done = checkpoint.server_round
         initial = checkpoint.arrays
-        load_strategy_state(strategy, checkpoint.strategy, checkpoint.state_arrays)
+        load_strategy_state(strategy, checkpoint.strategy, checkpoint.state_arrays, f"checkpoint {checkpoint.state_file}")
         history.load_state_dict(checkpoint.history)
         load_rng_state(checkpoint.rng, checkpoint.state_arrays)
         log(INFO, "fedmm: resuming %s after round %d of %d", out, done, num_rounds)

@@ -110,19 +110,71 @@ def strategy_state(strategy: Strategy) -> tuple[list[dict[str, Any]], dict[str, 
     return levels, arrays
 
 
-def load_strategy_state(strategy: Strategy, levels: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> None:
-    """Restore what ``strategy_state`` saved into a freshly built strategy of the same chain."""
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _restored(level: Strategy, name: str, value: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
+    """The saved ``value`` of ``level.name``, checked against the freshly built chain; ConfigError if altered.
+
+    A scalar attribute of the fresh chain (noise multiplier, clipping norm,
+    learning rates, codec seed, ...) is set from the run config: the saved one
+    must be equal. A structured one (moments, references, logs) must keep its
+    type. Either way a mismatch means a corrupt or edited checkpoint.
+    """
+    if not hasattr(level, name):
+        raise ConfigError(f"{where}: field '{name}' is not an attribute of this run's {type(level).__name__}")
+    fresh = getattr(level, name)
+    try:
+        decoded = _decode(value, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: field '{name}' does not decode ({type(exc).__name__}: {exc})") from exc
+    if isinstance(fresh, _SCALARS) and fresh is not None:
+        if type(decoded) is not type(fresh) or decoded != fresh:
+            raise ConfigError(f"{where}: field '{name}' = {decoded!r}, but this run's config gives {fresh!r}; "
+                              "the checkpoint is corrupt or was altered")
+    elif fresh is not None and not isinstance(decoded, type(fresh)) and not (
+            isinstance(fresh, dict) and isinstance(decoded, dict)):
+        raise ConfigError(f"{where}: field '{name}' is a {type(decoded).__name__}, expected a "
+                          f"{type(fresh).__name__}; the checkpoint is corrupt or was altered")
+    return decoded
+
+
+def load_strategy_state(strategy: Strategy, levels: list[dict[str, Any]], arrays: dict[str, np.ndarray],
+                        where: str = "checkpoint") -> None:
+    """Restore what ``strategy_state`` saved into a freshly built strategy of the same chain.
+
+    Every field is checked first (``_restored``): nothing is set unless all of
+    them pass, so a refused checkpoint leaves the fresh chain untouched.
+    """
     chain = list(wrapper_chain(strategy))
     names = [type(s).__qualname__ for s in chain]
-    saved = [level["class"] for level in levels]
+    try:
+        saved = [level["class"] for level in levels]
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: the strategy state is malformed ({exc})") from exc
     if names != saved:
         raise ConfigError(f"resume: the checkpoint's strategy chain {saved} differs from this run's {names}")
+    plan = []
     for level, state in zip(chain, levels):
-        for name, value in state["attrs"].items():
+        attrs = state.get("attrs") if isinstance(state, dict) else None
+        if not isinstance(attrs, dict):
+            raise ConfigError(f"{where}: {type(level).__name__} has no 'attrs' object")
+        for name, value in attrs.items():
+            field = f"{where}: {type(level).__name__}"
             if isinstance(value, dict) and "$state" in value:
-                getattr(level, name).load_state_dict(value["$state"])
+                if not hasattr(getattr(level, name, None), "load_state_dict"):
+                    raise ConfigError(f"{field}: field '{name}' has no state to restore in this run")
+                plan.append((level, name, value["$state"], True, field))
             else:
-                setattr(level, name, _decode(value, arrays))
+                plan.append((level, name, _restored(level, name, value, arrays, field), False, field))
+    for level, name, value, stateful, field in plan:
+        if stateful:
+            try:  # Flower's accountant refuses a state whose privacy config differs from its own
+                getattr(level, name).load_state_dict(value)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"{field}: field '{name}' is refused: {exc}") from exc
+        else:
+            setattr(level, name, value)
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -149,6 +201,7 @@ class Checkpoint:
     history: dict[str, Any]
     rng: dict[str, Any]
     state_arrays: dict[str, np.ndarray]  # strategy and RNG arrays
+    state_file: Path | None = None  # where the JSON state came from (named in errors)
 
     def check_config(self, settings: Settings) -> None:
         """Refuse to resume under a different run config (only ``RESUMABLE_CHANGES`` may differ)."""
@@ -192,17 +245,45 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
     latest = out / CHECKPOINT_DIR / LATEST
     if not latest.is_file():
         return None
-    folder = out / CHECKPOINT_DIR / json.loads(latest.read_text())["folder"]
-    state = json.loads((folder / "state.json").read_text())
-    return Checkpoint(
-        server_round=int(state["server-round"]),
-        arrays=to_record(OrderedDict(load_file(str(folder / "adapter.safetensors")))),
-        run_config=state["run-config"],
-        strategy=state["strategy"],
-        history=state["history"],
-        rng=state["rng"],
-        state_arrays=load_file(str(folder / "state.safetensors")),
-    )
+    name = _read_json(latest).get("folder")
+    if not isinstance(name, str) or not name.startswith("round-") or "/" in name or "\\" in name:
+        raise ConfigError(f"checkpoint {latest}: field 'folder' = {name!r} is not a round folder")
+    folder = out / CHECKPOINT_DIR / name
+    state_file = folder / "state.json"
+    state = _read_json(state_file)
+    try:
+        checkpoint = Checkpoint(
+            server_round=int(state["server-round"]),
+            arrays=to_record(OrderedDict(_read_arrays(folder / "adapter.safetensors"))),
+            run_config=dict(state["run-config"]),
+            strategy=list(state["strategy"]),
+            history=dict(state["history"]),
+            rng=dict(state["rng"]),
+            state_arrays=_read_arrays(folder / "state.safetensors"),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"checkpoint {state_file}: field {exc} is missing") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"checkpoint {state_file}: malformed ({exc})") from exc
+    checkpoint.state_file = state_file
+    return checkpoint
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"checkpoint {path}: expected a JSON object")
+    return value
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+        raise ConfigError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 class ResumedRounds(StrategyWrapper):

@@ -91,6 +91,10 @@ class MetricsHistory:
     def evaluate_aggr(self, replies: list[RecordDict], weight_key: str) -> MetricRecord:
         return self._aggregate("evaluate", replies, weight_key)
 
+    def at_round(self, server_round: int) -> None:
+        """File the next records under ``server_round``."""
+        self.server_round = server_round
+
     def record_central(self, rnd: int, metrics: dict[str, float]) -> None:
         self.rounds[rnd].update({f"central/{k}": v for k, v in metrics.items()})
 
@@ -112,14 +116,14 @@ class RecordsRound(StrategyWrapper):
 
     def __init__(self, strategy: Strategy, history: MetricsHistory) -> None:
         super().__init__(strategy)
-        self.history = history
+        self.at_round = history.at_round  # a bound method: the history itself is checkpointed once, on its own
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.history.server_round = server_round
+        self.at_round(server_round)
         return self.strategy.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self.history.server_round = server_round
+        self.at_round(server_round)
         return self.strategy.aggregate_evaluate(server_round, replies)

@@ -194,3 +194,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_pat
     assert clean.keys() == resumed.keys()
     for key in clean:
         np.testing.assert_array_equal(clean[key], resumed[key])
+
+
+def test_a_tampered_or_corrupt_checkpoint_is_refused_naming_file_and_field(tmp_path):
+    settings = Settings.from_run_config({"dp": "central-server", "output-dir": str(tmp_path)})
+    chain = _chain(settings, MetricsHistory())
+    save_checkpoint(tmp_path, 2, ArrayRecord(), chain, MetricsHistory().state_dict(), settings)
+    saved = load_checkpoint(tmp_path)
+    state_file = saved.state_file
+    state = json.loads(state_file.read_text())
+    dp = next(level for level in state["strategy"] if "noise_multiplier" in level["attrs"])
+    dp["attrs"]["noise_multiplier"] = 0.01  # less noise than the run's: a smaller epsilon would be reported
+    state_file.write_text(json.dumps(state))
+    tampered = load_checkpoint(tmp_path)
+    fresh = _chain(settings, MetricsHistory())
+    with pytest.raises(ConfigError, match=r"state\.json.*field 'noise_multiplier' = 0\.01, but this run's config gives 1\.0"):
+        load_strategy_state(fresh, tampered.strategy, tampered.state_arrays, f"checkpoint {tampered.state_file}")
+    fresh_dp = next(s for s in strategies.wrapper_chain(fresh) if hasattr(s, "noise_multiplier"))
+    assert fresh_dp.noise_multiplier == 1.0  # nothing was set
+    dp["attrs"]["noise_multiplier"] = 1.0
+    dp["attrs"]["clipping_norm"] = "1.0"  # the right value, the wrong type
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="field 'clipping_norm'"):
+        load_strategy_state(_chain(settings, MetricsHistory()), load_checkpoint(tmp_path).strategy, {})
+    state_file.write_text(state_file.read_text()[:-20])  # truncated
+    with pytest.raises(ConfigError, match=r"checkpoint .*state\.json: unreadable"):
+        load_checkpoint(tmp_path)
