@@ -38,6 +38,7 @@ from clients.mods import (
 )
 from strategies.records import to_numpy, to_record
 from fedmm import lora
+from fedmm.logs import quiet_root_logger
 from fedmm import model as models
 from fedmm.lora_keys import RANK_METRIC, is_downlink_only, rank_of
 from fedmm.config import Profile, Settings
@@ -55,9 +56,8 @@ from fedmm.train import client_objective, mean_loss, proximal_term, train_steps
 # released update, as a client that skips clipping would.
 app = ClientApp(mods=[instruction_check_mod, compression_mod, fault_injection_mod, privacy_mod])
 
-# open_clip logs through the root logger with logging.info(), which calls
-# basicConfig() on first use and would print every Flower record twice.
-logging.getLogger().addHandler(logging.NullHandler())
+# Every Flower record printed once: no root handler from a library's basicConfig (fedmm/logs.py).
+quiet_root_logger()
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import subprocess
 import sys
@@ -23,7 +24,17 @@ import psutil
 
 from .config import ConfigError, Settings
 from .deploy.app_files import stage_app
-from .deploy.processes import federation_env, flower_bin, free_port, processes_under, start, stop_under, wait_for_port
+from .deploy.processes import (
+    Interrupted,
+    federation_env,
+    flower_bin,
+    free_port,
+    interruptible,
+    processes_under,
+    start,
+    stop_under,
+    wait_for_port,
+)
 
 log = logging.getLogger("fedmm")
 CONNECTION = "fedmm-local"
@@ -94,12 +105,12 @@ class SimulationSuperLink:
         """Every process this federation started (they all carry its FLWR_HOME)."""
         return processes_under(self.flwr_home)
 
-    def stop(self) -> None:
+    def stop(self, force: bool = False) -> None:
         if self.proc is not None:
-            stop_under(self.flwr_home, self.proc)
+            stop_under(self.flwr_home, self.proc, force=force)
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.stop(force=exc_type is not None and issubclass(exc_type, (Interrupted, KeyboardInterrupt)))
 
 
 def run_simulation(
@@ -165,6 +176,23 @@ def _report(settings: Settings, code: int) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides, settings = _validated(args.run_config)
+    try:
+        with interruptible():
+            return _run(args, overrides, settings)
+    except Interrupted as exc:
+        latest = Path(settings.output_dir) / "checkpoint" / "latest.json"
+        done = json.loads(latest.read_text()).get("server-round") if latest.is_file() else None
+        where = (f"the last complete round's checkpoint (round {done}) is in {latest.parent}" if done
+                 else "no round completed, so there is no checkpoint to continue from")
+        print(f"\nfedmm: stopped by {exc}: every process this command started is stopped; {where}.", file=sys.stderr)
+        if done:
+            again = format_run_config({**overrides, "resume": True})
+            print(f"fedmm: continue with: fedmm run --clients {args.clients} --run-config '{again}'"
+                  + (" --deployment" if args.deployment else ""), file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
     if settings.pretrained == "public-pretrain":
         from .pretrain import ensure_base_checkpoint
 

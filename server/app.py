@@ -28,6 +28,7 @@ from flwr.supercore.logger import FLOWER_LOGGER
 
 import strategies
 from fedmm import lora
+from fedmm.logs import quiet_root_logger
 from fedmm import model as models
 from fedmm import report
 from fedmm.config import ConfigError, Settings
@@ -50,9 +51,8 @@ from strategies.validation import UpdateValidation
 
 app = ServerApp()
 
-# open_clip logs through the root logger with logging.info(), which calls
-# basicConfig() on first use and would print every Flower record twice.
-logging.getLogger().addHandler(logging.NullHandler())
+# Every Flower record printed once: no root handler from a library's basicConfig (fedmm/logs.py).
+quiet_root_logger()
 
 
 class _ToFlowerLog(logging.Handler):

@@ -220,3 +220,44 @@ def test_a_tampered_or_corrupt_checkpoint_is_refused_naming_file_and_field(tmp_p
     state_file.write_text(state_file.read_text()[:-20])  # truncated
     with pytest.raises(ConfigError, match=r"checkpoint .*state\.json: unreadable"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_run_promptly_and_leaves_a_resumable_checkpoint(base_settings, tmp_path):
+    """A real SIGINT to `fedmm run`'s process group (what Ctrl-C sends) during a run of many rounds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ensure_base_checkpoint(base_settings, progress=False)
+    out = tmp_path / "out"
+    config = {**base_settings.to_run_config(), "num-server-rounds": 50, "local-steps": 2, "output-dir": str(out)}
+    from fedmm.cli import format_run_config
+
+    cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "2", "--app", str(ROOT),
+           "--run-config", format_run_config(config)]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = out / "checkpoint" / "latest.json"
+    try:
+        deadline = time.monotonic() + 600
+        while not (latest.is_file() and json.loads(latest.read_text())["server-round"] >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)  # SuperLink, ServerApp, Ray and its agents
+        before = json.loads(latest.read_text())["server-round"]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_under(tmp_path)
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    time.sleep(3)  # nothing left to write another round
+    after = load_checkpoint(out)  # valid, and no round completed after the interrupt
+    assert after is not None and before <= after.server_round <= before + 1
+    assert not (out / "metrics.json").exists()
+    text = (tmp_path / "log.txt").read_text()
+    assert "stopped by SIGINT" in text and f"(round {after.server_round})" in text and "resume=true" in text

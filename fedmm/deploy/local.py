@@ -22,7 +22,7 @@ from pathlib import Path
 from . import submit
 from .app_files import stage_app
 from .credentials import make_credentials
-from .processes import federation_env, flower_bin, free_port, start, stop_under, wait_for_port
+from .processes import Interrupted, federation_env, flower_bin, free_port, start, stop_under, wait_for_port
 
 CONNECTION = "fedmm-deployment"
 
@@ -79,11 +79,11 @@ class LocalFederation:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.stop(force=exc_type is not None and issubclass(exc_type, (Interrupted, KeyboardInterrupt)))
 
-    def stop(self) -> None:
-        stop_under(self.home, self.superlink, *self.supernodes)
+    def stop(self, force: bool = False) -> None:
+        stop_under(self.home, self.superlink, *self.supernodes, force=force)
         self.superlink, self.supernodes = None, []
 
     def write_flower_config(self) -> None:

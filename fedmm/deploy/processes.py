@@ -9,12 +9,15 @@ Nothing is ever stopped by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -71,28 +74,83 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_file: Path, 
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}")
 
 
+def flwr_home_of(proc: psutil.Process) -> str:
+    """The FLWR_HOME in a process's environment ('' if none or unreadable).
+
+    On Linux the raw ``/proc/<pid>/environ`` is scanned: a process that rewrites
+    its title over the start of that block (Ray's workers and agents) leaves
+    empty entries there, at which psutil's parser stops.
+    """
+    try:
+        raw = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    except FileNotFoundError:  # not Linux, or the process is gone
+        try:
+            return proc.environ().get("FLWR_HOME", "")
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            return ""
+    except OSError:
+        return ""
+    for entry in raw.split(b"\0"):
+        if entry.startswith(b"FLWR_HOME="):
+            return entry[len(b"FLWR_HOME="):].decode(errors="replace")
+    return ""
+
+
 def processes_under(folder: Path) -> list[psutil.Process]:
-    """Every live process whose FLWR_HOME is ``folder`` or below it."""
+    """Every live process whose FLWR_HOME is ``folder`` or below it, with its descendants."""
     root = str(folder)
     mine = []
     for proc in psutil.process_iter():
-        try:
-            home = proc.environ().get("FLWR_HOME", "")
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
+        home = flwr_home_of(proc)
         if home == root or home.startswith(root + os.sep):
             mine.append(proc)
-    return mine
+    # and their descendants: Ray's agents overwrite their whole environment with their process title, so
+    # only their parent (the raylet) still carries the marker; once it is gone they would be unreachable
+    found = {p.pid: p for p in mine}
+    for proc in mine:
+        try:
+            found.update((c.pid, c) for c in proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
 
 
-def stop_processes(procs: list[psutil.Process]) -> None:
-    """SIGTERM, then SIGKILL what is left after 10 s."""
+class Interrupted(Exception):
+    """The user stopped the command (SIGINT: Ctrl-C, or SIGTERM)."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread, whatever disposition the process inherited.
+
+    A shell starts background jobs with SIGINT ignored, and SIGTERM's default
+    ends the process without running any cleanup: either way the federation
+    would go on without the command. The first signal raises; later ones
+    are ignored, so the cleanup it triggers is not cut short.
+    """
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_processes(procs: list[psutil.Process], force: bool = False) -> None:
+    """SIGTERM, then SIGKILL what is left after 10 s; ``force``: SIGKILL at once (nothing may finish its work)."""
     for p in procs:
         try:
-            p.terminate()
+            p.kill() if force else p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=2 if force else 10)
     for p in alive:
         try:
             p.kill()
@@ -101,13 +159,26 @@ def stop_processes(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def stop_under(folder: Path, *started: subprocess.Popen | None) -> None:
-    """Stop everything started with a FLWR_HOME at or below ``folder``, then reap ``started``."""
-    for _ in range(3):
+def stop_under(folder: Path, *started: subprocess.Popen | None, force: bool = False) -> None:
+    """Stop everything started with a FLWR_HOME at or below ``folder``, then reap ``started``.
+
+    ``force`` (after an interrupt): SIGKILL at once, the ServerApp first, so no
+    round completes after it; a checkpoint being written is either complete or
+    ignored (its ``latest.json`` moves atomically).
+    """
+    # Ray's raylet restarts its agents when they die, possibly just before it dies itself: stop only once two
+    # scans a second apart find nothing left (agents outliving a run were seen without the second scan).
+    quiet = 0
+    for _ in range(12):
         procs = processes_under(folder)
-        if not procs:
+        if procs:
+            quiet = 0
+            stop_processes(procs, force)
+            continue
+        quiet += 1
+        if quiet == 2:
             break
-        stop_processes(procs)
+        time.sleep(1.0)
     for proc in started:
         if proc is not None:
             if proc.poll() is None:
