@@ -247,4 +247,7 @@ def test_faulty_clients_do_not_stop_the_round_and_are_reported(base_settings, tm
     assert first["dropped-updates"] == picks.count("nan") and first["validation/dropped-updates"] == 1
     summary = (out / "summary.md").read_text()
     assert "## Failed replies" in summary and "## Dropped updates" in summary
-    assert first["central/zs-acc"] > rounds[0]["central/zs-acc"]
+    # the faulty updates left out, the round learns as a clean one does (measured 0.379 -> 0.442, the clean
+    # 4-client run's first round gives 0.442 too); one x100 update let through would ruin it
+    assert first["central/zs-acc"] > rounds[0]["central/zs-acc"] + 0.03, (rounds[0]["central/zs-acc"],
+                                                                          first["central/zs-acc"])

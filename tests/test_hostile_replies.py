@@ -137,8 +137,8 @@ def _bad_metrics(rng: random.Random, phase: str, node: int) -> MetricRecord:
         base[f"fair-n-g{rng.randrange(10**6)}-c{rng.randrange(10**6)}"] = [1, 2]
     elif kind == 4:
         base.pop(rng.choice(sorted(base)))
-    elif kind == 5:
-        base["lora-rank"] = rng.choice([0, RANK + 1, 10**6])
+    elif kind == 5:  # (on an evaluate reply lora-rank is just an extra key, stripped: break its weight instead)
+        base["lora-rank" if phase == "train" else "num-examples"] = rng.choice([-2, RANK + 10**9, 10**12])
     elif kind == 6:
         base["partition-id"] = rng.choice([[3], -5, 2**40, 1.5])
     elif kind == 7:
@@ -162,7 +162,7 @@ def _hostile(rng: random.Random, msg: Message, phase: str, codec: str, node: int
         reply = _honest_train(msg, node, rnd, codec)
         return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": _bad_metrics(rng, phase, node)}),
                        reply_to=msg)
-    if phase == "train" and kind == 1:  # good metrics with a broken payload
+    if phase == "train" and kind in (1, 4):  # good metrics with a broken payload
         good = _honest_train(msg, node, rnd, codec).content["metrics"]
         arrays = rng.choice([lambda: to_record(_bad_payload(rng, codec, node, rnd)),
                              lambda: ArrayRecord({"x": _random_array(rng)}), lambda: ArrayRecord()])()
@@ -183,8 +183,11 @@ def _hostile(rng: random.Random, msg: Message, phase: str, codec: str, node: int
         good = _honest_evaluate(msg, node, rnd).content
         good["arrays"] = ArrayRecord({"x": _random_array(rng)})
         return Message(good, reply_to=msg)
-    return Message(RecordDict({"metrics": _bad_metrics(rng, phase, node)} if phase == "train" else
-                              {"metrics": _bad_metrics(rng, phase, node), "arrays": ArrayRecord()}), reply_to=msg)
+    if phase == "train":  # the right records, broken metrics
+        reply = _honest_train(msg, node, rnd, codec)
+        return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": _bad_metrics(rng, phase, node)}),
+                       reply_to=msg)
+    return Message(RecordDict({"metrics": _bad_metrics(rng, phase, node)}), reply_to=msg)
 
 
 def _run(settings: Settings, with_hostile: bool, seed: int):

@@ -108,7 +108,11 @@ def test_constrained_federation_over_compressed_links(base_settings, tmp_path):
         assert rounds[r]["train/bytes-uplink-per-client"] < 0.1 * fp32
         assert rounds[r]["train/bytes-uplink-total"] == 4 * rounds[r]["train/bytes-uplink-per-client"]
         assert rounds[r]["bytes/downlink-per-client"] < 0.3 * fp32
-    assert rounds[3]["central/zs-acc"] > 0.5 * rounds[0]["central/zs-acc"]  # decoded, not garbage
+    # the updates arrive, decoded: round 1 learns (measured 0.379 -> 0.402; an update decoded to zeros leaves the
+    # base's 0.379, garbage ruins it), and the constrained rounds after it stay near it (0.394, 0.383)
+    base = rounds[0]["central/zs-acc"]
+    assert rounds[1]["central/zs-acc"] > base + 0.01, [rounds[r]["central/zs-acc"] for r in range(4)]
+    assert min(rounds[r]["central/zs-acc"] for r in (1, 2, 3)) > base - 0.01
     assert (out / "bytes.png").stat().st_size > 0
 
 

@@ -316,3 +316,47 @@ def test_privacy_plan_limits_rounds_and_warns_about_delta():
     assert any("dp-delta 0.2 >= 1/10" in n for n in notes)
     _, notes = privacy_plan(_settings(dp="dp-sgd", **{"dp-delta": 0.1}), 10, splits)
     assert any("smallest client's examples" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def default_model_case(default_model_settings):
+    """The default model (frozen BatchNorm image trunk, MiniLM text tower) as DP-SGD trains it: attach_lora's
+    modes (its dropout layers in eval mode), a non-zero B so every LoRA tensor has a gradient."""
+    from fedmm import model as models
+    from fedmm.pretrain import load_base_model
+
+    base = load_base_model(default_model_settings, progress=False)
+    torch.manual_seed(0)
+    net = lora.attach_lora(base, 4, 8.0, default_model_settings.lora_target_list)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    assert not any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in net.modules())
+    assert any("FrozenBatchNorm" in type(m).__name__ for m in net.modules())
+    tokenizer = models.create_tokenizer(default_model_settings.model)
+    splits = load_splits(default_model_settings.dataset)
+    mean, std, size = models.image_mean_std(base)
+    public = to_batch(splits["public"].select(range(64)), tokenizer, mean, std, size)
+    batch = to_batch(splits["clients"].select(range(6)), tokenizer, mean, std, size)
+    return net, public, batch
+
+
+def test_public_negatives_keep_per_sample_gradients_independent_on_the_default_model(default_model_case):
+    net, public, batch = default_model_case
+
+    def loss_of(out, b):
+        return PublicNegativesLoss(net, public, 32, seed=0, reduction="sum")(out, b)
+
+    assert len(_per_sample_grads(net, batch, loss_of)) == len(lora.trainable_parameters(net))
+    assert _removal_change(net, batch, loss_of) < 1e-5
+
+
+def test_clip_loss_couples_samples_on_the_default_model_too(default_model_case):
+    net, _, batch = default_model_case
+    clip = open_clip.ClipLoss()
+
+    def clip_sum(out, _batch):
+        return clip(out["image_features"], out["text_features"], out["logit_scale"]) * len(out["image_features"])
+
+    assert _removal_change(net, batch, clip_sum) > 0.01

@@ -21,7 +21,9 @@ def test_server_app_validates_before_using_the_grid(bad):
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=bad)
     with pytest.raises((ConfigError, ValueError)) as err:
         main(_NoGrid(), context)
-    assert list(bad)[0] in str(err.value) or "strategy" in str(err.value)
+    # the message names the offending key itself, before any list of valid keys it may carry
+    named = str(err.value).split("; known keys:")[0]
+    assert f"'{list(bad)[0]}'" in named, str(err.value)
 
 
 def test_cli_rejects_bad_config_before_starting_anything(monkeypatch, capsys):

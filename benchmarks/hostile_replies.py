@@ -1,0 +1,96 @@
+"""Hostile replies through the server's whole strategy chain: kinds tried, counts, crashes (goal 0).
+
+Runs the fuzz harness of tests/test_hostile_replies.py (honest replies mixed
+with malformed ones, through ``server.app.make_strategy``'s chain) for its six
+strategy/codec chains, and tallies what each hostile reply was dropped for.
+A crash is an exception escaping ``aggregate_train``/``aggregate_evaluate``;
+"honest aggregate unchanged" compares every round, bit for bit, with the run
+of the honest replies alone.
+
+    .venv/bin/python benchmarks/hostile_replies.py [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("hostile", ROOT / "tests" / "test_hostile_replies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kind_of(reason: str) -> str:
+    """A drop reason without its particulars (names, numbers, values)."""
+    reason = reason.split(" (the round's")[0]
+    reason = re.sub(r"'[^']*'", "'…'", reason)
+    reason = re.sub(r"\[[^\]]*\]", "[…]", reason)
+    reason = re.sub(r"-?\d[\d.e+-]*", "N", reason)
+    return reason[:90]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        setattr(TaskIdentity, attr, 1)
+    h = _harness()
+    h.ROUNDS = args.rounds
+    from fedmm.config import Settings
+    from server.app import find_wrapper
+    from strategies.compression import CompressedUpdates
+    from strategies.replies import ReplyCheck
+    from strategies.validation import UpdateValidation
+
+    kinds: Counter[str] = Counter()
+    crashes, hostile, unchanged = 0, 0, True
+    start = time.perf_counter()
+    for config in h.CHAINS:
+        settings = Settings.from_run_config({**config, "lora-rank": h.RANK, "min-nodes": 2})
+        honest, _ = h._run(settings, with_hostile=False, seed=1)
+        try:
+            mixed, chain = h._run(settings, with_hostile=True, seed=1)
+        except Exception as exc:  # noqa: BLE001 - what this benchmark counts
+            crashes += 1
+            print(f"{config}: CRASH {type(exc).__name__}: {exc}")
+            continue
+        hostile += 2 * args.rounds * h.HOSTILE
+        for (a_h, t_h, e_h), (a_m, t_m, e_m) in zip(honest, mixed):
+            same = a_h is not None and a_m is not None and all(np.array_equal(a_m[k], a_h[k]) for k in a_h)
+            unchanged &= same and t_h == t_m and e_h == e_m
+        for wrapper, stage in ((ReplyCheck, "reply check"), (CompressedUpdates, "codec"),
+                               (UpdateValidation, "validation")):
+            for drop in find_wrapper(chain, wrapper).drops:
+                kinds[f"{stage}: {kind_of(drop['reason'])}"] += 1
+    seconds = time.perf_counter() - start
+    print(f"| chains | hostile replies | dropped | crashes | honest aggregate unchanged | seconds |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {len(h.CHAINS)} | {hostile} | {sum(kinds.values())} | {crashes} | {'yes' if unchanged else 'NO'} "
+          f"| {seconds:.1f} |")
+    print(f"\n{len(kinds)} kinds of drop reason:\n")
+    print("| where | count |")
+    print("|---|---|")
+    for kind, count in kinds.most_common():
+        print(f"| {kind} | {count} |")
+
+
+if __name__ == "__main__":
+    main()
