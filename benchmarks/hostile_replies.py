@@ -81,7 +81,7 @@ def main() -> None:
             for drop in find_wrapper(chain, wrapper).drops:
                 kinds[f"{stage}: {kind_of(drop['reason'])}"] += 1
     seconds = time.perf_counter() - start
-    print(f"| chains | hostile replies | dropped | crashes | honest aggregate unchanged | seconds |")
+    print("| chains | hostile replies | dropped | crashes | honest aggregate unchanged | seconds |")
     print("|---|---|---|---|---|---|")
     print(f"| {len(h.CHAINS)} | {hostile} | {sum(kinds.values())} | {crashes} | {'yes' if unchanged else 'NO'} "
           f"| {seconds:.1f} |")

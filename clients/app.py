@@ -14,7 +14,6 @@ a strategy sends), and replies zero-padded to the global rank with its
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import zlib
 from collections import OrderedDict

@@ -152,7 +152,7 @@ def test_manifest_mixed_string_and_integer_labels_are_all_names(tmp_path):
 
 def test_csv_integer_labels_with_blanks_stay_integers(tmp_path):
     _write_images(tmp_path, 4)
-    lines = ["image,caption,label,group"] + [f"img0.png,a,3,1", "img1.png,b,,", "img2.png,c,0,0", "img3.png,d,1,"]
+    lines = ["image,caption,label,group"] + ["img0.png,a,3,1", "img1.png,b,,", "img2.png,c,0,0", "img3.png,d,1,"]
     manifest = tmp_path / "data.csv"
     manifest.write_text("\n".join(lines) + "\n")
     splits, _ = load_manifest(manifest)
