@@ -42,7 +42,7 @@ def _rounds(out: Path) -> dict[int, dict]:
 def federation(base_settings, tmp_path_factory):
     ensure_base_checkpoint(base_settings, progress=False)
     home = tmp_path_factory.mktemp("deployment")
-    with LocalFederation(home, NODES) as fed:
+    with LocalFederation(home, NODES, threads=1) as fed:  # one torch thread per client, as in simulation
         out = home / "report"
         code = fed.run(ROOT, format_run_config(_job(base_settings, out)), stream=False, timeout=900)
         assert code == 0, (home / "logs" / "run.log").read_text()[-3000:]
@@ -62,12 +62,11 @@ def test_deployment_job_matches_simulation(federation, base_settings, tmp_path):
                           flwr_home=tmp_path / "flwr", stream=False, timeout=900)
     assert code == 0
     simulated = _rounds(sim_out)
-    # same partitions, seed and global model: the same round-0 evaluation, and
-    # training results within float noise (thread counts differ between engines)
-    assert deployed[0]["central/zs-acc"] == simulated[0]["central/zs-acc"]
-    for r in (1, 2):
-        assert deployed[r]["central/zs-acc"] == pytest.approx(simulated[r]["central/zs-acc"], abs=0.03)
-        assert deployed[r]["train/train-loss"] == pytest.approx(simulated[r]["train/train-loss"], rel=0.05)
+    # same partitions, seed, global model and one torch thread per client (the simulation gives each client
+    # one CPU): the engines agree bit for bit on everything but the machine's own measurements
+    for r in (0, 1, 2):
+        measured = {k: v for k, v in deployed[r].items() if "seconds" not in k and "rss" not in k}
+        assert measured == {k: v for k, v in simulated[r].items() if "seconds" not in k and "rss" not in k}, r
 
 
 def test_each_node_runs_its_tasks_in_one_warm_process(federation):

@@ -35,7 +35,8 @@ class LocalFederation:
     """SuperLink + N SuperNodes on 127.0.0.1; a context manager that stops them all."""
 
     def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
-                 node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True):
+                 node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True,
+                 threads: int | None = None):
         if nodes < 1:
             raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
         self.home = home.resolve()
@@ -43,6 +44,9 @@ class LocalFederation:
         # False: Flower's stock SuperNode, a fresh ClientApp process per message (the benchmarks' baseline)
         self.warm_clientapps = warm_clientapps
         self.extra_node_config = node_config or {}
+        # torch threads per SuperNode: the machine's cores shared out, as the simulation engine gives each
+        # client its CPUs (unless given)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
         self.port = port or free_port()
         self.credentials = self.home / "credentials"
         self.link_home = self.home / "superlink"
@@ -129,10 +133,8 @@ class LocalFederation:
 
     def start_supernode(self, i: int, key: Path | None = None, name: str | None = None) -> subprocess.Popen:
         name = name or f"supernode-{i}"
-        # the machine's cores shared out, as the simulation engine gives each client its CPUs
-        threads = max(1, (os.cpu_count() or 1) // self.nodes)
         if self.warm_clientapps:
-            cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(threads),
+            cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(self.threads),
                    "--", *self.node_args(i, key)]
         else:
             cmd = [flower_bin("flower-supernode"), *self.node_args(i, key), "--isolation", "subprocess",
