@@ -286,7 +286,14 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # fedmm's own logger, not the root: the app processes clear the root of library handlers (fedmm/logs.py),
+    # and a `fedmm supernode` process loads the ClientApp, which does that, into itself
+    if not any(getattr(h, "fedmm_cli", False) for h in log.handlers):  # once, however often main() runs
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.fedmm_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="fedmm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated job in Flower's simulation engine")
