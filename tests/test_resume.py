@@ -1,7 +1,10 @@
 """Per-round checkpoints and resume: state round trip, refusals, and a killed run resumed to the same result."""
 
 import json
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,6 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 import strategies
 from fedmm.cli import run_simulation
 from fedmm.config import ConfigError, Settings
-from fedmm.deploy.processes import processes_under, stop_under
 from fedmm.pretrain import ensure_base_checkpoint
 from server.app import find_wrapper, make_strategy
 from server.checkpoint import load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
@@ -128,25 +130,37 @@ def test_resume_refuses_a_different_config_naming_the_key(tmp_path):
         Settings.from_run_config({"resume": True, "output-dir": str(tmp_path), "dp": "dp-sgd"})
 
 
-def _kill_server_after_round(home: Path, out: Path, after: int, timeout: float = 600) -> int:
-    """SIGKILL the process running the ServerApp once round ``after``'s checkpoint is written."""
+def _ctrl_c_after_round(config: dict, out: Path, after: int, log_file: Path) -> tuple[int, int, str]:
+    """`fedmm run` in its own process group, SIGINT to the group (what Ctrl-C sends) once round ``after``'s
+    checkpoint is written; returns (the checkpoint's round then, the exit code, the command's output) after
+    checking that every process it started is gone."""
+    from fedmm.cli import format_run_config
+
+    cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "3", "--app", str(ROOT),
+           "--run-config", format_run_config({**config, "output-dir": str(out)})]
     latest = out / "checkpoint" / "latest.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if latest.is_file() and json.loads(latest.read_text())["server-round"] >= after:
-            server = [p for p in processes_under(home) if "flwr-simulation" in " ".join(p.cmdline())]
-            assert server, [p.cmdline() for p in processes_under(home)]
-            for proc in server:
-                proc.kill()
-            psutil.wait_procs(server, timeout=30)
-            return json.loads(latest.read_text())["server-round"]
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint of round {after} in {timeout} s")
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=log_file.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (latest.is_file() and json.loads(latest.read_text())["server-round"] >= after):
+            assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()[-3000:]
+            time.sleep(0.1)
+        started = psutil.Process(proc.pid).children(recursive=True)  # SuperLink, ServerApp, Ray and its agents
+        before = json.loads(latest.read_text())["server-round"]
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    return before, code, log_file.read_text()
 
 
 @pytest.mark.integration
 def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_path):
-    """Kill the server after a round; resume: no round lost or repeated, same metrics and adapter as a clean run.
+    """Ctrl-C a run after a round; resume: no round lost or repeated, same metrics and adapter as a clean run.
 
     The clean run also stands for determinism: same seed and config, same metrics, bit for bit.
     """
@@ -161,14 +175,14 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_pat
 
     assert run("clean") == 0
     home = tmp_path / "flwr-killed"
-    killed = threading.Thread(target=run, args=("killed",))
-    killed.start()
-    try:
-        completed = _kill_server_after_round(home, tmp_path / "killed", after=1)
-    finally:
-        stop_under(home)  # flwr run and the SuperLink: the federation is gone with its server
-        killed.join()
-    assert completed == 1 and not (tmp_path / "killed" / "metrics.json").exists()
+    # Ctrl-C during round 2: the command stops at once (exit 130), every process it started is gone, no round
+    # completes after it, the last checkpoint is valid, and it says how to continue
+    before, code, text = _ctrl_c_after_round(config, tmp_path / "killed", 1, tmp_path / "ctrl-c.log")
+    assert code == 130, text[-3000:]
+    time.sleep(2)  # nothing is left to write another round
+    completed = load_checkpoint(tmp_path / "killed").server_round
+    assert before == completed == 1 and not (tmp_path / "killed" / "metrics.json").exists()
+    assert "stopped by SIGINT" in text and "(round 1)" in text and "resume=true" in text
 
     assert run("killed", resume=True) == 0
     log = (home / "run.log").read_text()
@@ -220,44 +234,3 @@ def test_a_tampered_or_corrupt_checkpoint_is_refused_naming_file_and_field(tmp_p
     state_file.write_text(state_file.read_text()[:-20])  # truncated
     with pytest.raises(ConfigError, match=r"checkpoint .*state\.json: unreadable"):
         load_checkpoint(tmp_path)
-
-
-@pytest.mark.integration
-def test_ctrl_c_stops_the_run_promptly_and_leaves_a_resumable_checkpoint(base_settings, tmp_path):
-    """A real SIGINT to `fedmm run`'s process group (what Ctrl-C sends) during a run of many rounds."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    ensure_base_checkpoint(base_settings, progress=False)
-    out = tmp_path / "out"
-    config = {**base_settings.to_run_config(), "num-server-rounds": 50, "local-steps": 2, "output-dir": str(out)}
-    from fedmm.cli import format_run_config
-
-    cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "2", "--app", str(ROOT),
-           "--run-config", format_run_config(config)]
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    latest = out / "checkpoint" / "latest.json"
-    try:
-        deadline = time.monotonic() + 600
-        while not (latest.is_file() and json.loads(latest.read_text())["server-round"] >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
-            time.sleep(0.2)
-        started = psutil.Process(proc.pid).children(recursive=True)  # SuperLink, ServerApp, Ray and its agents
-        before = json.loads(latest.read_text())["server-round"]
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        stop_under(tmp_path)
-    _, alive = psutil.wait_procs(started, timeout=15)
-    assert not alive, [p.cmdline()[:2] for p in alive]
-    time.sleep(3)  # nothing left to write another round
-    after = load_checkpoint(out)  # valid, and no round completed after the interrupt
-    assert after is not None and before <= after.server_round <= before + 1
-    assert not (out / "metrics.json").exists()
-    text = (tmp_path / "log.txt").read_text()
-    assert "stopped by SIGINT" in text and f"(round {after.server_round})" in text and "resume=true" in text

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmm.logs import quiet_root_logger
+
 log = logging.getLogger("fedmm.worker")
 
 PULL_BACKOFF = (0.05, 0.5)  # first retry, longest wait (s) while the SuperNode still fetches a message
@@ -65,6 +67,8 @@ class ClientAppWorker:
         if warm:
             for name in WARM_MODULES:
                 importlib.import_module(name)
+            # Opacus's import gives the root logger a handler: this process's lines would print twice
+            quiet_root_logger()
 
     def serve(self, max_tasks: int | None = None) -> None:
         from flwr.supercore.constant import TaskType
