@@ -130,7 +130,8 @@ def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | 
         )
     if central_dp:
         strategy = TimedStrategy(strategy)
-    # Every reply is checked (names, shapes, finiteness, absurd norms) before any wrapper below aggregates it.
+    # Every decoded update is checked (finiteness, absurd norms) before any wrapper below aggregates it; names,
+    # dtypes and sizes are the codec's check on the payload, in CompressedUpdates just above.
     strategy = UpdateValidation(strategy, settings.max_update_norm_ratio, settings.update_norm_bound)
     # Always wrapped: with fp32 both ways the codec is the identity, and every run
     # gets the same decoding checks (names, dtypes, sizes, finiteness), byte counts and a
@@ -208,7 +209,7 @@ def main(grid: Grid, context: Context) -> None:
     ledger = next((s.privacy_spent for s in strategies.wrapper_chain(strategy) if hasattr(s, "privacy_spent")), None)
     duals = find_wrapper(strategy, DualAscentConstraints)
     validation = find_wrapper(strategy, UpdateValidation)
-    replies = find_wrapper(strategy, ReplyCheck)
+    reply_check = find_wrapper(strategy, ReplyCheck)
     codec = find_wrapper(strategy, CompressedUpdates)
 
     inner = find_wrapper(strategy, TimedStrategy)  # the user's strategy alone
@@ -239,7 +240,7 @@ def main(grid: Grid, context: Context) -> None:
             history.record(server_round, "server-rss-mib", psutil.Process().memory_info().rss / 2**20)
             for key, value in codec.stats.get(server_round, {}).items():
                 history.record(server_round, key.replace("bytes-", "bytes/", 1), value)
-            for key, value in replies.stats.get(server_round, {}).items():
+            for key, value in reply_check.stats.get(server_round, {}).items():
                 history.record(server_round, key, value)
             for key, value in validation.stats.get(server_round, {}).items():
                 history.record(server_round, f"validation/{key}", value)
@@ -303,7 +304,7 @@ def main(grid: Grid, context: Context) -> None:
             "privacy": privacy_summary(settings, num_nodes, privacy_notes),
             "group-names": group_names(splits["server"]),
             "failed-replies": codec.failures,
-            "dropped-updates": replies.drops + codec.drops + validation.drops,
+            "dropped-updates": reply_check.drops + codec.drops + validation.drops,
         },
     )
     log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)

@@ -144,7 +144,8 @@ class LocalUpdatePrivacy(StrategyWrapper):
     Client obligation: fedmm's ``privacy_mod``, which computes the noise and
     its own epsilon ledger from the multiplier it actually uses, declines a
     request below its node's floor, and declines to train once its budget (the
-    smaller of the server's ``max-epsilon`` and its own) would be exceeded. Aggregation is the wrapped strategy's, unchanged (the updates
+    smaller of the server's ``max-epsilon`` and its own) would be exceeded.
+    Aggregation is the wrapped strategy's, unchanged (the updates
     are already private: anything after is post-processing).
     """
 
