@@ -207,7 +207,10 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     local = to_numpy(reply.content["arrays"])
     # the reply holds the trainable keys; downlink-only ones (fedmm.lora_keys) stay with the server
     delta = OrderedDict((k, local[k] - global_arrays[k]) for k in global_arrays if not is_downlink_only(k))
-    seed = [int(config.get("codec-seed", 0)), int(config.get("server-round", 0)), int(context.node_id)]
+    # seeded by the client's partition where it has one: Flower draws node ids at random, so a run seeded by
+    # them would not be reproducible (stochastic rounding is no secret: it hides nothing)
+    client = int(context.node_config.get("partition-id", context.node_id))
+    seed = [int(config.get("codec-seed", 0)), int(config.get("server-round", 0)), client]
     rng = np.random.default_rng(seed)
     residual = None
     feedback = bool(config.get("error-feedback", False)) and not up.lossless  # fp32 leaves no error
