@@ -35,11 +35,11 @@ from clients.mods import (
     privacy_mod,
     store_ledger,
 )
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 from fedmm import lora
 from fedmm.logs import quiet_root_logger
 from fedmm import model as models
-from fedmm.lora_keys import RANK_METRIC, is_downlink_only, rank_of
+from fedmm.protocol import LORA_RANK as RANK_METRIC, is_downlink_only, rank_of
 from fedmm.config import Profile, Settings
 from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, ConstraintTerm, flag_toxic
 from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts

@@ -51,9 +51,9 @@ from fedmm import protocol
 from fedmm.config import Settings
 from fedmm.faults import corrupt_update, fault_of
 from fedmm.compression import decode_self_describing, encode_with_feedback, make_codec, payload_bytes
-from fedmm.lora_keys import is_downlink_only
+from fedmm.protocol import is_downlink_only
 from fedmm.privacy import privatize_update, sample_epsilon, update_norm
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 
 RESIDUAL_KEY = "codec-residual"
 LEDGER_KEY = "dp-ledger"  # context.state: this client's (sigma, q, steps) releases, across rounds
@@ -205,7 +205,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     start = time.perf_counter()
     up = make_codec(str(config["codec-up"]))
     local = to_numpy(reply.content["arrays"])
-    # the reply holds the trainable keys; downlink-only ones (fedmm.lora_keys) stay with the server
+    # the reply holds the trainable keys; downlink-only ones (fedmm.protocol) stay with the server
     delta = OrderedDict((k, local[k] - global_arrays[k]) for k in global_arrays if not is_downlink_only(k))
     # seeded by the client's partition where it has one: Flower draws node ids at random, so a run seeded by
     # them would not be reproducible (stochastic rounding is no secret: it hides nothing)

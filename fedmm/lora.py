@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft import set_peft_model_state_dict
 from torch import nn
 
-from . import lora_keys as keys
+from . import protocol as keys
 
 
 class LinearMultiheadAttention(nn.Module):
@@ -227,7 +227,7 @@ def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
 
     LoRA factors are fitted to the model's own rank (``fit_rank``); a model
     adapting a subset of the global's layers loads those; downlink-only
-    frozen updates (``fedmm.lora_keys``) are added, times the layer's LoRA
+    frozen updates (``fedmm.protocol``) are added, times the layer's LoRA
     scale, to the base weights as they were when first touched, so loading
     the next global replaces rather than accumulates.
     """

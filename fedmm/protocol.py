@@ -1,28 +1,64 @@
-"""The record and metric keys fedmm's ServerApp and ClientApp exchange, and the bounds a reply must keep.
+"""The wire protocol: every record and metric key fedmm's ServerApp and ClientApp exchange, defined once.
 
-Both sides import this module (it imports nothing), so a key is spelled in
-one place. The bounds are what ``strategies.replies.ReplyCheck`` enforces on
-every reply before anything else on the server reads it.
+Server, clients and strategies import this module for every key they put in
+or read from a message; no other module spells one. It also holds what both
+sides need to read a message the same way: the bounds a reply must keep (what
+``strategies.replies.ReplyCheck`` enforces before anything else on the server
+reads it), how LoRA tensors are named (peft's keys), and the ArrayRecord <->
+numpy conversion.
+
+Who sets what, per round:
+- server -> client, train config: the round's training parameters (``LR``,
+  ``LOCAL_OPTIMIZER``, ``PROXIMAL_MU``, the server's ``LOCAL_STEPS`` and
+  ``BATCH_SIZE``; a client's tier may lower its own), ``BASE_FINGERPRINT``,
+  the codecs (``CODEC_*``), the DP parameters the server may set
+  (``DP_*``; Flower's own clipping-norm key for central-client), the
+  constraint multipliers (``multiplier_key``), ``REPORT_TRAIN_LOSS``;
+- client -> server, train reply: ``ARRAYS`` (the encoded update) and
+  ``METRICS`` with ``NUM_EXAMPLES``, ``UNIT_WEIGHT``, ``PARTITION_ID`` and
+  ``LORA_RANK`` (the rank it trained: explicit, never inferred);
+- a site's own node config: its data, its tier (``NODE_PROFILE``) and its
+  privacy floor (``NODE_*``), which no server can change.
 """
 
 from __future__ import annotations
 
-# RecordDict keys of a message
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+# --- RecordDict keys of a message
 ARRAYS = "arrays"  # ArrayRecord: the global adapter (server -> client) or the encoded update (client -> server)
 METRICS = "metrics"  # MetricRecord of a reply
 CONFIG = "config"  # ConfigRecord of an instruction
 
-# metric keys every reply carries
-NUM_EXAMPLES = "num-examples"  # examples the client trained (train) or evaluated (evaluate) on
-UNIT_WEIGHT = "unit-weight"  # always 1: the weight of a uniform mean (client-level DP)
-PARTITION_ID = "partition-id"  # the client's partition (simulation) or site index: the aggregation order
+# --- train / evaluate config (server -> client)
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+LR = "lr"
+LOCAL_OPTIMIZER = "local-optimizer"
+LOCAL_STEPS = "local-steps"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"
+BASE_FINGERPRINT = "base-fingerprint"  # the client refuses to train on a different frozen base
+REPORT_TRAIN_LOSS = "report-train-loss"  # QFedAvg: the client reports its loss of the global model
+CODEC_UP = "codec-up"  # the uplink codec spec (fedmm.compression.make_codec)
+CODEC_DOWN = "codec-down"  # the codec of the global adapter in this message
+CODEC_SEED = "codec-seed"  # seeds stochastic rounding (with the round and the client's partition)
+ERROR_FEEDBACK = "error-feedback"
+MULTIPLIER = "multiplier-{}"  # a constraint's current multiplier, by constraint name
+CONSTRAINTS = ("group-gap", "toxicity")  # the constraints a server may send multipliers for
 
-# bounds of a well-formed reply
-MAX_EXAMPLES = 10**9  # an honest site holds fewer; more is a weight meant to swamp the mean
-MAX_PARTITION_ID = 2**31 - 1
-MAX_METRIC_MAGNITUDE = 1e15  # every honest metric (counts, bytes, seconds, losses) is far below
 
-# client-side DP in the train config (strategies/privacy.py sends, clients/mods.py: privacy_mod acts)
+def multiplier_key(constraint: str) -> str:
+    return MULTIPLIER.format(constraint)
+
+
+# client-side DP (strategies/privacy.py sends, clients/privacy_mod.py acts)
 DP_MODE = "dp-mode"  # "local" | "distributed": the client clips and noises its own update
 DP_CLIP_NORM = "dp-clip-norm"  # C: the update is clipped to this L2 norm
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # sigma: local adds N(0, sigma^2 C^2)
@@ -31,7 +67,80 @@ DP_DELTA = "dp-delta"
 DP_MAX_EPSILON = "dp-max-epsilon"  # local: the client's ledger must stay within it (0 = none)
 CLIENT_DP_MODES = ("local", "distributed")
 
-# a site's own privacy floor, in its node config (--node-config): a request below it is declined
-NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"
+# --- metric keys of a reply (client -> server)
+NUM_EXAMPLES = "num-examples"  # examples the client trained (train) or evaluated (evaluate) on
+UNIT_WEIGHT = "unit-weight"  # always 1: the weight of a uniform mean (client-level DP)
+PARTITION_ID = "partition-id"  # the client's partition (simulation) or site index: the aggregation order
+LORA_RANK = "lora-rank"  # the rank the client trained (its reply is zero-padded to the global rank)
+TRAIN_LOSS = "train-loss"
+CONTRASTIVE_LOSS = "contrastive-loss"
+GLOBAL_TRAIN_LOSS = "train_loss"  # QFedAvg's F_k(w_global), Flower's key for it
+BYTES_UPLINK = "bytes-uplink"  # payload bytes of the update (summed per round by the server)
+ENCODE_SECONDS = "encode-seconds"
+UPDATE_NORM = "update-norm"  # before clipping (client-side DP)
+CLIPPED = "clipped"
+DP_EPSILON = "dp-epsilon"  # the client's own ledger (dp-sgd, local)
+DP_SAMPLE_RATE = "dp-sample-rate"
+CONSTRAINT_STAT = "cstat-"  # prefix: the constraint statistics a server sums for dual ascent
+
+# --- a site's node config (--node-config): its own, never the server's
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_PROFILE = "profile"  # its tier in client-profiles
+NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"  # a request below it is declined
 NODE_MAX_EPSILON = "dp-max-epsilon"
 NODE_DELTA = "dp-delta"
+
+# --- bounds of a well-formed reply
+MAX_EXAMPLES = 10**9  # an honest site holds fewer; more is a weight meant to swamp the mean
+MAX_PARTITION_ID = 2**31 - 1
+MAX_METRIC_MAGNITUDE = 1e15  # every honest metric (counts, bytes, seconds, losses) is far below
+
+# --- LoRA tensors on the wire (peft's state-dict keys)
+# <layer>.lora_A.weight: A, (r, in) or (r, in, 1, 1) for a 1x1 conv; <layer>.lora_B.weight: B, (out, r) or
+# (out, r, 1, 1). Downlink-only (server -> client, never in a reply): a frozen update the client adds, times
+# the LoRA scale, to the layer's base weight, as factors lora_frozen_B @ lora_frozen_A or dense lora_frozen_W
+# (FLoRA's merge).
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+FROZEN_A, FROZEN_B, FROZEN_W = ".lora_frozen_A", ".lora_frozen_B", ".lora_frozen_W"
+DOWNLINK_ONLY = (FROZEN_A, FROZEN_B, FROZEN_W)
+
+
+def is_downlink_only(key: str) -> bool:
+    return key.endswith(DOWNLINK_ONLY)
+
+
+def trainable(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """The arrays a reply carries: all but the downlink-only ones."""
+    return OrderedDict((k, v) for k, v in arrays.items() if not is_downlink_only(k))
+
+
+def rank_of(arrays: Mapping) -> int:
+    """The LoRA rank of named arrays (numpy or Flower ``Array``): rows of the first A factor."""
+    for key in arrays.keys():
+        if key.endswith(A_SUFFIX):
+            return int(arrays[key].shape[0])
+    raise ValueError("the arrays hold no LoRA adapter (no '*.lora_A.weight')")
+
+
+def layer_of(key: str) -> str:
+    for suffix in (A_SUFFIX, B_SUFFIX, *DOWNLINK_ONLY):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    raise ValueError(f"'{key}' is not a LoRA key")
+
+
+# --- ArrayRecord <-> ordered numpy dicts
+def to_numpy(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array, ArrayRecord  # here: the library's torch/numpy modules import the key names only
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def update_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of an update over all its arrays."""
+    return float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.values())))

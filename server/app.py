@@ -35,7 +35,7 @@ from fedmm.config import ConfigError, Settings
 from fedmm.constraints import flag_toxic
 from fedmm.data import class_names, group_names, load_splits, to_batch, zero_shot_prompts
 from fedmm.evaluate import class_embeddings, evaluate
-from fedmm.lora_keys import is_downlink_only
+from fedmm.protocol import is_downlink_only
 from fedmm.pretrain import load_base_model
 from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
 from server.history import MetricsHistory, RecordsRound
@@ -44,7 +44,7 @@ from strategies.builtin import RANGES, check_local_optimizer, check_population
 from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import check_uniform_mean, make_private_strategy, needs_uniform_mean
-from strategies.records import to_numpy
+from fedmm.protocol import to_numpy
 from strategies.replies import ReplyCheck
 from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation

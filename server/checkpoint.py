@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedmm.config import ConfigError, Settings
 from strategies import wrapper_chain
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
 CHECKPOINT_DIR = "checkpoint"

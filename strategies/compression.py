@@ -30,8 +30,8 @@ from flwr.supercore import log
 import numpy as np
 
 from fedmm.compression import decode_self_describing, encode_self_describing, layout_of, make_codec
-from fedmm.lora_keys import is_downlink_only
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import is_downlink_only
+from fedmm.protocol import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
 
@@ -120,7 +120,7 @@ class CompressedUpdates(StrategyWrapper):
         stats["missing-replies"] = max(stats.get("missing-replies", 0.0) - len(replies), 0.0)  # timed out, lost
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
-        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.lora_keys)
+        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.protocol)
         trainable = OrderedDict((k, v) for k, v in self._reference.items() if not is_downlink_only(k))
         layout = layout_of(trainable)
         kept = []

@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmm.lora_keys import RANK_METRIC
+from fedmm.protocol import LORA_RANK as RANK_METRIC
 from strategies import lora_factors as lf
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 
 
 class LoRAFactorStrategy(FedAvg):

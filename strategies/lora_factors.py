@@ -9,7 +9,7 @@ same whatever its rank), so products of different ranks add up.
 
 Clients of rank r <= R work on the first r rows of A and columns of B and
 send them zero-padded to R (``fedmm.lora.fit_rank`` / ``pad_rank``). Key
-names: ``fedmm.lora_keys``, so every
+names: ``fedmm.protocol``, so every
 reply has the global shapes and ``B_i @ A_i`` is unchanged by the padding.
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedmm.lora_keys import A_SUFFIX, B_SUFFIX, DOWNLINK_ONLY, FROZEN_A, FROZEN_B, FROZEN_W  # noqa: F401
-from fedmm.lora_keys import is_downlink_only, rank_of  # noqa: F401
+from fedmm.protocol import A_SUFFIX, B_SUFFIX, DOWNLINK_ONLY, FROZEN_A, FROZEN_B, FROZEN_W  # noqa: F401
+from fedmm.protocol import is_downlink_only, rank_of  # noqa: F401
 
 
 def lora_layers(keys: Sequence[str]) -> list[str]:

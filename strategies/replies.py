@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedmm import protocol
-from fedmm.lora_keys import RANK_METRIC
+from fedmm.protocol import LORA_RANK as RANK_METRIC
 from strategies.wrapper import StrategyWrapper
 
 TRAIN, EVALUATE = "train", "evaluate"

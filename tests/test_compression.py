@@ -19,7 +19,7 @@ from fedmm.compression import (
 from fedmm.compression.codec import index_dtype
 from fedmm.compression.quantize import levels, pack_bits, quantize_stochastic, dequantize, unpack_bits
 from strategies.compression import CompressedUpdates
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 
 
 def _update(seed=0, width=40):

@@ -32,7 +32,7 @@ from fedmm.privacy import update_norm
 from server.app import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from strategies.compression import CompressedUpdates
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 
 CODECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "q4-row", "topk0.1", "topk0.1+q4"]
 CLIP = 0.5

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from clients.mods import fault_injection_mod
 from fedmm.config import ConfigError, Settings
 from fedmm.faults import BYZANTINE, SCALE, corrupt_update, fault_of, parse_faults
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 from fedmm.compression import make_codec
 from strategies.compression import CompressedUpdates
 from strategies.validation import UpdateValidation, finiteness_problem

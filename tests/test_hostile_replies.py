@@ -22,7 +22,7 @@ from fedmm.compression import make_codec
 from fedmm.config import Settings
 from server.app import find_wrapper, make_strategy
 from server.history import MetricsHistory
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 from strategies.replies import ReplyCheck
 
 RANK = 4

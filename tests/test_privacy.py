@@ -28,7 +28,7 @@ from server.app import make_strategy
 from server.privacy import privacy_plan
 from server.history import MetricsHistory
 from strategies import privacy as dp_keys
-from strategies.records import to_record
+from fedmm.protocol import to_record
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 

@@ -24,7 +24,7 @@ from server.checkpoint import load_checkpoint, load_rng_state, load_strategy_sta
 from server.history import MetricsHistory
 from strategies.compression import CompressedUpdates
 from strategies.constraints import DualAscentConstraints
-from strategies.records import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record
 
 ROOT = Path(__file__).resolve().parents[1]
 

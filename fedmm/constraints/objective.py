@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..data import Batch
+from ..protocol import CONSTRAINTS  # the wire defines the names (a multiplier per constraint)
+from ..protocol import MULTIPLIER as MULTIPLIER_KEY
 
-CONSTRAINTS = ("group-gap", "toxicity")
-MULTIPLIER_KEY = "multiplier-{}"  # train-config key carrying a constraint's current multiplier
 _STAT = re.compile(r"^cstat-(correct|count)-g(\d+)$")
 
 

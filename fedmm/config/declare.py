@@ -1,0 +1,69 @@
+"""How a run-config key is declared: once, as a field of its concern's settings group.
+
+``key(default, help, check)`` is a dataclass field whose metadata carries the
+help text and the range check; ``Settings`` (``fedmm.config``) is the union of
+the groups, and everything else (the table of keys, the validation, the
+pyproject check) is read off these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+Check = Callable[[Any], "str | None"]  # returns the problem when the value is invalid
+
+
+class ConfigError(ValueError):
+    """A run-config value is unknown, ill-typed or out of range."""
+
+
+def key(default: Any, help: str, check: Check | None = None) -> Any:
+    """A run-config key: its default, what it means, and the check its value must pass."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
+def run_config_name(attr: str) -> str:
+    """The run-config key of a settings attribute (snake_case -> kebab-case)."""
+    return attr.replace("_", "-")
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+
+
+def open_fraction(v: Any) -> str | None:
+    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
+
+
+def unit_interval(v: Any) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def parses(parse: Callable[[Any], Any]) -> Check:
+    """A check that passes when ``parse(value)`` does; its ValueError's message is the problem."""
+
+    def check(v: Any) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
