@@ -40,7 +40,8 @@ def main() -> int:
     from fedmm.data.partition import client_split
     from fedmm.evaluate import class_embeddings, evaluate
     from fedmm.pretrain import load_base_model
-    from fedmm.train import client_objective, mean_loss, train_steps
+    from fedmm.losses import client_objective
+    from fedmm.train import mean_loss, train_steps
 
     torch.set_num_threads(1)
     s = Settings.from_run_config({"model": "fedmm-tiny-vit", "pretrain-steps": 400, "partitioner": "iid",

@@ -97,7 +97,8 @@ def references(settings, clients: int, rounds: int, local_rounds: int,
     from fedmm.evaluate import class_embeddings, evaluate
     from fedmm.pretrain import load_base_model
     from fedmm.privacy import public_pool
-    from fedmm.train import client_objective, forward, train_steps
+    from fedmm.losses import client_objective
+    from fedmm.train import forward, train_steps
 
     splits = load_splits(settings.dataset)
     base = load_base_model(settings, progress=False)

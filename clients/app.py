@@ -48,7 +48,8 @@ from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.pretrain import load_base_model
 from fedmm.privacy import public_pool, sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.privacy.release import released_train_metrics
-from fedmm.train import client_objective, mean_loss, proximal_term, train_steps
+from fedmm.losses import client_objective
+from fedmm.train import mean_loss, proximal_term, train_steps
 
 # Outermost first: the server's instruction is checked before anything reads it; compression encodes what
 # the privacy mod released (clip -> noise -> quantize); injected faults (tests, benchmarks) act on the

@@ -1,10 +1,8 @@
 """Local training: a contrastive objective plus pluggable extra loss terms.
 
 Plain torch, no Flower: ``train_steps`` runs a fixed number of optimizer steps
-over random minibatches of an in-memory ``Batch``. The objective is open_clip's
-ClipLoss, its label-aware form with public captions (``UniCLLoss``), or DP-SGD's per-sample
-loss (``fedmm.privacy.PublicNegativesLoss``); ``client_objective`` picks one by
-name. Extra terms (FedProx's proximal term, constraint terms) are callables
+over random minibatches of an in-memory ``Batch``. The objective is one of
+``fedmm.losses`` (open_clip's ClipLoss by default). Extra terms (FedProx's proximal term, constraint terms) are callables
 added to the loss.
 """
 
@@ -15,13 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import LOCAL_OPTIMIZERS, Settings
+from .config import LOCAL_OPTIMIZERS
 from .data import Batch
+from .losses import LossFn, clip_objective
 
 LossTerm = Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor]
 
@@ -54,94 +51,6 @@ def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> LossTerm:
         return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
 
     return term
-
-
-LossFn = Callable[[dict[str, torch.Tensor], Batch], torch.Tensor]
-
-
-def clip_objective() -> LossFn:
-    """open_clip's ClipLoss (in-batch negatives) as a (model output, batch) -> loss function."""
-    clip_loss = open_clip.ClipLoss()
-
-    def loss_fn(out: dict[str, torch.Tensor], _batch: Batch) -> torch.Tensor:
-        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-
-    return loss_fn
-
-
-class UniCLLoss(nn.Module):
-    """ClipLoss with every same-class pair as a positive (UniCL, Yang et al. 2022), plus public captions.
-
-    CLIP's targets are the diagonal: image i must pick caption i out of the
-    batch. When several pairs of a batch show the same class, as in most of a
-    label-skewed client's batches, the other captions of that class count as
-    negatives although nothing in image i tells them apart from its own. Here
-    the target of image i is uniform over the captions of its class
-    (``Batch.same_class``: same label, or the same caption when unlabelled),
-    and symmetrically for captions. With all classes distinct and no public
-    captions it is exactly ClipLoss.
-
-    A client that holds one or two classes still only ever contrasts those:
-    nothing in its batches keeps the other classes apart, and its steps undo
-    that separation (docs/benchmarks.md, "Strategies"). With ``public`` and
-    ``count`` > 0, each call also embeds ``count`` captions drawn from the
-    public pool, *with* gradient, as extra candidates of the image-to-text
-    side: positives when of the image's class, negatives otherwise. Public
-    images are not used: they differ from client images (a domain shift), and
-    texts would learn to match that instead of the class.
-
-    It couples a batch's examples, so DP-SGD refuses it like ClipLoss.
-    """
-
-    def __init__(self, model: nn.Module | None = None, public: Batch | None = None, count: int = 0,
-                 seed: int = 0) -> None:
-        super().__init__()
-        if count > 0 and (model is None or public is None or len(public) == 0):
-            raise ValueError("UniCLLoss with public captions needs the model and a non-empty public pool")
-        self._model = [model]  # a list: not a submodule (its parameters are not this loss's)
-        self.public, self.count = public, min(count, len(public)) if public is not None else 0
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        images, texts, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        same = batch.same_class(batch)
-        image_to_text_pos, candidates = same, texts
-        if self.count:
-            idx = torch.randperm(len(self.public), generator=self.generator)[: self.count]
-            chosen = self.public.subset(idx)
-            model = self._model[0]
-            encode_text = getattr(model, "get_base_model", lambda: model)().encode_text
-            public_texts = F.normalize(encode_text(chosen.tokens), dim=-1).to(texts.dtype)
-            candidates = torch.cat([texts, public_texts])
-            image_to_text_pos = torch.cat([same, batch.same_class(chosen)], dim=1)
-        image_to_text = _soft_cross_entropy(scale * images @ candidates.T, image_to_text_pos)
-        text_to_image = _soft_cross_entropy(scale * texts @ images.T, same)  # the mask is symmetric
-        return (image_to_text + text_to_image) / 2
-
-
-def _soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the cross-entropy against the uniform distribution on each row's positives."""
-    targets = positives.to(logits.dtype)
-    targets = targets / targets.sum(1, keepdim=True)
-    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def client_objective(settings: Settings, model: nn.Module, public: Batch | None = None, seed: int = 0) -> LossFn:
-    """The run's client loss (``settings.objective``: 'clip', 'unicl' or 'public-negatives') for ``model``.
-
-    'unicl' and 'public-negatives' draw ``settings.public_draw`` pairs per step from ``public`` (the
-    seeded pool of ``fedmm.privacy.public_pool``), seeded by ``seed``.
-    """
-    name = settings.objective
-    if settings.public_draw and public is None:
-        raise ValueError(f"loss '{name}' draws public pairs; the dataset has no public rows")
-    if name == "clip":
-        return clip_objective()
-    if name == "unicl":
-        return UniCLLoss(model, public, settings.public_draw, seed=seed)
-    from .privacy.objective import PublicNegativesLoss  # privacy builds on this module, not the reverse
-
-    return PublicNegativesLoss(model, public, settings.public_draw, seed=seed)
 
 
 def forward(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ PRIVACY_LEVELS = {
               "against anyone who sees that client's updates (the server included). DP-SGD (Opacus) with "
               "Poisson sampling at rate q = 1/ceil(n/batch-size) per step; RDP accounting (Opacus) over every "
               "step of every round the client trained; per-sample loss against public negatives embedded each step "
-              "(fedmm/privacy/objective.py), so per-sample gradients are independent",
+              "(fedmm/losses.py), so per-sample gradients are independent",
     "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
                       "sees the global models (not against the server, which sees raw updates). Server clips "
                       "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "

@@ -119,7 +119,8 @@ def test_constrained_train_reports_constraint_statistics(run_config, global_arra
 def test_train_reports_the_global_models_loss_before_training(run_config, global_arrays):
     """QFedAvg's obligation: train_loss = F_k(w_global) on the run's objective, not the post-training loss."""
     from clients.app import _node
-    from fedmm.train import UniCLLoss, mean_loss
+    from fedmm.losses import UniCLLoss
+    from fedmm.train import mean_loss
 
     arrays, net = global_arrays
     reply = _call(run_config, MessageType.TRAIN, arrays, {"batch-size": 32, "report-train-loss": True}, pid=2)

@@ -11,7 +11,8 @@ from fedmm.config import ConfigError, Settings
 from fedmm.data import Batch, load_splits, to_batch
 from fedmm.pretrain import base_checkpoint_path, load_base_model
 from fedmm.privacy import PublicNegativesLoss
-from fedmm.train import UniCLLoss, client_objective, clip_objective, local_optimizer, proximal_term, train_steps
+from fedmm.losses import UniCLLoss, client_objective, clip_objective
+from fedmm.train import local_optimizer, proximal_term, train_steps
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@
 
 from .accounting import gaussian_epsilon
 from .dp_sgd import GRAD_SAMPLE_MODES, sample_epsilon, sample_rate, train_dp_sgd
-from .objective import PublicNegativesLoss, public_pool
+from ..losses import PublicNegativesLoss, public_pool  # the losses live in one module; DP-SGD needs this one
 from .update import clip_update, privatize_update, update_norm
 
 __all__ = [

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..data import Batch
 from ..train import LossTerm, TrainStats, forward, local_optimizer
-from .objective import PublicNegativesLoss
+from ..losses import PublicNegativesLoss
 
 History = list[tuple[float, float, int]]  # Opacus RDPAccountant.history: (sigma, sample rate, steps)
 
