@@ -55,7 +55,7 @@ def main() -> None:
     h = _harness()
     h.ROUNDS = args.rounds
     from fedmm.config import Settings
-    from server.app import find_wrapper
+    from server.chain import find_wrapper
     from strategies.compression import CompressedUpdates
     from strategies.replies import ReplyCheck
     from strategies.validation import UpdateValidation

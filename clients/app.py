@@ -1,7 +1,7 @@
 """fedmm ClientApp: local LoRA training and evaluation on one partition.
 
 Base model, tokenizer, class prompts and the partition are built once per
-process (``_node``) and reused across messages and rounds; only the adapter
+process (clients/node.py) and reused across messages and rounds; only the adapter
 arrays change hands. Obligations honoured for the built-in strategies: the
 reply carries ``num-examples``; ``proximal-mu`` > 0 in the train config adds
 FedProx's mu/2 * ||w - w_global||^2 over the adapter tensors. Clients of
@@ -13,42 +13,29 @@ a strategy sends), and replies zero-padded to the global rank with its
 
 from __future__ import annotations
 
-import copy
 import random
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
-import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.compression_mod import compression_mod
+from clients.faults_mod import fault_injection_mod
 from clients.instructions import instruction_check_mod
-from clients.mods import (
-    budget_refusal,
-    compression_mod,
-    decline,
-    fault_injection_mod,
-    load_ledger,
-    privacy_mod,
-    store_ledger,
-)
-from fedmm.protocol import to_numpy, to_record
-from fedmm import lora
-from fedmm.logs import quiet_root_logger
-from fedmm import model as models
-from fedmm.protocol import LORA_RANK as RANK_METRIC, is_downlink_only, rank_of
-from fedmm.config import Profile, Settings
-from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, ConstraintTerm, flag_toxic
-from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
+from clients.messages import decline
+from clients.node import Node, load_global, node_of
+from clients.privacy_mod import budget_refusal, load_ledger, privacy_mod, store_ledger
+from fedmm import lora, protocol
+from fedmm.constraints import ConstraintTerm
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
-from fedmm.pretrain import load_base_model
-from fedmm.privacy import public_pool, sample_epsilon, sample_rate, train_dp_sgd
-from fedmm.privacy.release import released_train_metrics
+from fedmm.logs import quiet_root_logger
 from fedmm.losses import client_objective
+from fedmm.privacy import sample_epsilon, sample_rate, train_dp_sgd
+from fedmm.privacy.release import released_train_metrics
+from fedmm.protocol import rank_of, to_record, trainable
 from fedmm.train import mean_loss, proximal_term, train_steps
 
 # Outermost first: the server's instruction is checked before anything reads it; compression encodes what
@@ -60,124 +47,39 @@ app = ClientApp(mods=[instruction_check_mod, compression_mod, fault_injection_mo
 quiet_root_logger()
 
 
-@dataclass
-class RunState:
-    """What every node of one run shares in this process: settings, model, prompts."""
+@dataclass(frozen=True)
+class LocalRound:
+    """The round's training parameters, read from the server's train config (instruction_check_mod checked
+    them); a bare instruction (no such key) falls back to the run config, which is Flower's convention for
+    what the ClientApp knows of its run. Steps and batch size are the client's tier's (its own to lower)."""
 
-    settings: Settings
-    base: Any  # the frozen base, never modified: each rank's model is a copy with LoRA
-    prompts: list[list[str]]  # zero-shot class prompts, embedded by the current adapter
-    tokenizer: Any
-    preprocess: tuple  # (mean, std, size)
-    num_groups: int
-    base_fingerprint: str
-    public: Batch | None = None  # public pairs the objective draws from ('unicl', 'public-negatives')
-    # (rank, targets) -> peft model, overwritten by every message
-    nets: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+    lr: float
+    optimizer: str
+    proximal_mu: float
+    report_train_loss: bool
+    multipliers: dict[str, float]
 
-    def net(self, profile: Profile) -> Any:
-        key = (profile.lora_rank, profile.lora_targets)
-        if key not in self.nets:
-            s = self.settings
-            torch.manual_seed(s.seed)  # LoRA init as on the server (it is overwritten by the global anyway)
-            # attach_lora modifies its model in place: copy the base unless every client has one adapter shape
-            shared = len(set(s.client_ranks)) == 1 and not s.client_profiles.strip()
-            base = self.base if shared else copy.deepcopy(self.base)
-            self.nets[key] = lora.attach_lora(base, profile.lora_rank, s.lora_alpha_for(profile.lora_rank),
-                                              list(profile.lora_targets))
-        return self.nets[key]
-
-
-@dataclass
-class Node:
-    run: RunState
-    partition_id: int
-    profile: Profile  # this client's tier: rank, layers, batch, steps, time budget, precision, dropout
-    train: Batch
-    test: Batch
-
-    @property
-    def settings(self) -> Settings:
-        return self.run.settings
-
-    @property
-    def rank(self) -> int:
-        return self.profile.lora_rank
-
-    @property
-    def net(self) -> Any:
-        return self.run.net(self.profile)
-
-
-# One simulation actor serves many nodes in turn: the model is built once per
-# run and process, each partition's tensors once per node.
-_RUNS: dict[tuple, RunState] = {}
-_NODES: dict[tuple, Node] = {}
-
-
-def _run_state(context: Context) -> RunState:
-    key = tuple(sorted(context.run_config.items()))
-    if key not in _RUNS:
-        _RUNS.clear()  # a new run: drop the previous run's model and data
-        _NODES.clear()
-        settings = Settings.from_run_config(context.run_config)
-        splits = load_splits(settings.dataset)
-        base = load_base_model(settings, progress=False)
-        base_id = models.fingerprint(base)
-        tokenizer = models.create_tokenizer(settings.model)
-        prompts = zero_shot_prompts(class_names(splits["clients"]))
-        groups = splits["clients"]["group"]
-        public = None
-        if settings.public_draw and len(splits["public"]):
-            pool = public_pool(splits["public"], settings.public_draw, settings.seed)
-            public = to_batch(pool, tokenizer, *models.image_mean_std(base))
-        _RUNS[key] = RunState(
-            settings, base, prompts, tokenizer, models.image_mean_std(base),
-            num_groups=max(groups) + 1 if len(groups) else 1,
-            base_fingerprint=base_id,
-            public=public,
+    @classmethod
+    def of(cls, config: ConfigRecord, node: Node) -> LocalRound:
+        s = node.settings
+        return cls(
+            lr=float(config.get(protocol.LR, s.lr)),
+            optimizer=str(config.get(protocol.LOCAL_OPTIMIZER, s.local_optimizer)),
+            proximal_mu=float(config.get(protocol.PROXIMAL_MU, s.proximal_mu)),
+            report_train_loss=bool(config.get(protocol.REPORT_TRAIN_LOSS, False)),
+            # constraint multipliers, sent by strategies/constraints.py when a constraint is on
+            multipliers={c: float(config[protocol.multiplier_key(c)]) for c in protocol.CONSTRAINTS
+                         if protocol.multiplier_key(c) in config},
         )
-    return _RUNS[key]
-
-
-def _node(context: Context) -> Node:
-    """This node's model and data, built on first use in this process."""
-    run = _run_state(context)
-    pid = int(context.node_config["partition-id"])
-    num = int(context.node_config["num-partitions"])
-    node_profile = context.node_config.get("profile")
-    key = (id(run), pid, num, node_profile)
-    if key not in _NODES:
-        train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
-        # captions are flagged on-device by the classifier, not taken from the data's own labels
-        _NODES[key] = Node(
-            run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
-            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])),
-            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])),
-        )
-    return _NODES[key]
-
-
-def _load_global(node: Node, msg: Message) -> tuple[OrderedDict[str, np.ndarray], list[torch.Tensor]]:
-    """Load the message's global adapter into the node's model: the global arrays, and the model's trainable copies."""
-    expected = msg.content["config"].get("base-fingerprint") if "config" in msg.content else None
-    if expected is not None and expected != node.run.base_fingerprint:
-        raise ValueError(
-            f"partition {node.partition_id}: this node's frozen base ({node.run.base_fingerprint}) "
-            f"differs from the server's ({expected}); adapters trained on different bases "
-            "cannot be averaged — check 'model', 'pretrained' and the base cache"
-        )
-    global_arrays = to_numpy(msg.content["arrays"])
-    lora.load_global(node.net, dict(global_arrays))
-    return global_arrays, [p.detach().clone() for p in lora.trainable_parameters(node.net)]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = _node(context)
-    config = msg.content["config"]
+    node = node_of(context)
+    config = msg.content[protocol.CONFIG]
     profile = node.profile
-    server_round = int(config.get("server-round", 0))
+    server_round = int(config.get(protocol.SERVER_ROUND, 0))
+    plan = LocalRound.of(config, node)
     # Distinct, reproducible minibatch order per (run seed, round, client).
     seed = zlib.crc32(f"{node.settings.seed}:{server_round}:{node.partition_id}".encode())
     if profile.dropout > 0 and random.Random(seed).random() < profile.dropout:
@@ -186,9 +88,8 @@ def train(msg: Message, context: Context) -> Message:
     if len(node.train) < 2:  # e.g. every image missing or corrupt: decline, do not fail the round
         return decline(msg, f"partition {node.partition_id}: {len(node.train)} usable training pair(s) (image with "
                             "caption or class prompt); contrastive training needs at least 2")
-    global_arrays, global_params = _load_global(node, msg)
+    global_arrays, global_params = load_global(node, msg)
     global_rank = rank_of(global_arrays)
-    mu = float(config.get("proximal-mu", node.settings.proximal_mu))
     batch_size = profile.batch_size
     s = node.settings
 
@@ -198,18 +99,15 @@ def train(msg: Message, context: Context) -> Message:
     # F_k(w_global) on the training objective before local training: QFedAvg's
     # obligation, only when the server's strategy asks (~15% of the local training time).
     extra = {}
-    if bool(config.get("report-train-loss", False)):
-        extra["train_loss"] = mean_loss(node.net, node.train, batch_size, objective())
+    if plan.report_train_loss:
+        extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, batch_size, objective())
     steps = profile.local_steps
-    lr = float(config.get("lr", s.lr))
-    optimizer = str(config.get("local-optimizer", s.local_optimizer))
-    terms = [proximal_term(global_params, mu)] if mu > 0 else []
-    # constraint multipliers, sent by strategies/constraints.py when a constraint is on
-    multipliers = {c: float(config[MULTIPLIER_KEY.format(c)]) for c in CONSTRAINTS if MULTIPLIER_KEY.format(c) in config}
+    lr, optimizer = plan.lr, plan.optimizer
+    terms = [proximal_term(global_params, plan.proximal_mu)] if plan.proximal_mu > 0 else []
     constraint = None
-    if multipliers:
+    if plan.multipliers:
         run = node.run
-        constraint = ConstraintTerm(multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
+        constraint = ConstraintTerm(plan.multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
                                     num_groups=run.num_groups)
         terms.append(constraint)
     loss_fn = objective()
@@ -228,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
             optimizer=optimizer,
         )
         store_ledger(context, ledger)
-        extra.update({"dp-epsilon": sample_epsilon(ledger, s.dp_delta), "dp-sample-rate": q})
+        extra.update({protocol.DP_EPSILON: sample_epsilon(ledger, s.dp_delta), protocol.DP_SAMPLE_RATE: q})
     else:
         stats = train_steps(
             node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
@@ -237,34 +135,35 @@ def train(msg: Message, context: Context) -> Message:
         )
     # replies have the global names and shapes: a lower-rank adapter is zero-padded, and
     # layers this profile does not adapt are returned as received (no update)
-    reply = OrderedDict((k, v) for k, v in global_arrays.items() if not is_downlink_only(k))
+    reply = OrderedDict(trainable(global_arrays))
     reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
     arrays = to_record(reply)
     # under DP the raw losses stay here: they are the private examples' function with no noise at all
     metrics = MetricRecord(released_train_metrics(
         {
-            "num-examples": len(node.train),
-            "unit-weight": 1,  # the weight of uniform-mean aggregation (client-level DP)
-            "partition-id": node.partition_id,
-            RANK_METRIC: node.rank,
-            "train-loss": stats.loss,
-            "contrastive-loss": stats.clip_loss,
+            protocol.NUM_EXAMPLES: len(node.train),
+            protocol.UNIT_WEIGHT: 1,  # the weight of uniform-mean aggregation (client-level DP)
+            protocol.PARTITION_ID: node.partition_id,
+            protocol.LORA_RANK: node.rank,
+            protocol.TRAIN_LOSS: stats.loss,
+            protocol.CONTRASTIVE_LOSS: stats.clip_loss,
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),
             "steps-done": stats.steps,
             "work-fraction": stats.steps / steps,  # < 1: the profile's time budget cut local training short
-            "bytes-uplink": arrays.count_bytes(),
+            protocol.BYTES_UPLINK: arrays.count_bytes(),
             **extra,
             **(constraint.statistics() if constraint is not None else {}),
         }, s.dp))
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    node = _node(context)
-    _load_global(node, msg)
-    metrics: dict[str, float] = {"num-examples": len(node.test), "unit-weight": 1, "partition-id": node.partition_id}
+    node = node_of(context)
+    load_global(node, msg)
+    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(node.test), protocol.UNIT_WEIGHT: 1,
+                                 protocol.PARTITION_ID: node.partition_id}
     full = {}
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
         class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
@@ -274,4 +173,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     # Counts, never predictions: the server sums them into exact federated
     # per-group accuracy, fairness gaps and toxic-retrieval rates.
     metrics.update({k: v for k, v in full.items() if k.startswith(("fair-", "tox-"))})
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -17,11 +17,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.mods import decline
+from clients.messages import decline
 from fedmm import protocol
 from fedmm.compression import make_codec
 from fedmm.config import LOCAL_OPTIMIZERS
-from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY
 
 MAX_STEPS = 10**6  # local steps or batch size beyond this is no honest instruction
 
@@ -69,7 +68,7 @@ CONFIG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "codec-down": _codec,
     "codec-seed": _number(0, 2**32 - 1, integer=True),
     "error-feedback": _flag,
-    **{MULTIPLIER_KEY.format(c): _number(0, 1e9) for c in CONSTRAINTS},
+    **{protocol.multiplier_key(c): _number(0, 1e9) for c in protocol.CONSTRAINTS},
 }
 
 

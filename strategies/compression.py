@@ -1,6 +1,6 @@
 """CompressedUpdates: compressed uplink/downlink around any strategy.
 
-Client obligation: the ClientApp runs ``clients.mods.compression_mod``. It
+Client obligation: the ClientApp runs ``clients/compression_mod.py``. It
 decodes the global adapter (on the wire always a self-describing codec
 payload, fp32 included: a few concatenated arrays), and replies with
 the encoded update delta = local - global (plus its error-feedback residual).
@@ -11,9 +11,7 @@ decoded (the downlink payload is encoded once per round and sent to all). The
 wrapped strategy then aggregates plain adapter arrays, so any Message-API
 strategy, built-in or plugin, gets compression without change. A reply that
 does not decode is dropped with its reason in the log, and the round goes on.
-Train and evaluate replies are aggregated in partition order
-(``in_partition_order``), so float sums depend on neither arrival order nor
-node ids: same seed, same config, same metrics.
+Error replies pass through untouched (``ReplyBook``, above it, counts them).
 """
 
 from __future__ import annotations
@@ -35,25 +33,6 @@ from fedmm.protocol import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
 
-def in_partition_order(replies: Iterable[Message]) -> list[Message]:
-    """Replies sorted by the ``partition-id`` in their metrics (then node id; errors first).
-
-    Float sums depend on their order. Arrival order changes from run to run,
-    and so do node ids in simulation; partition ids do not, so with this order
-    one seed and one config give the same model and metrics, bit for bit.
-    """
-    def key(msg: Message) -> tuple[int, int]:
-        node = msg.metadata.src_node_id
-        try:
-            if msg.has_error() or "metrics" not in msg.content:
-                return -1, node
-            return int(msg.content["metrics"].get("partition-id", -1)), node
-        except (TypeError, ValueError, OverflowError, AttributeError):
-            return -1, node  # not an integer: malformed replies sort first (ReplyCheck drops them earlier)
-
-    return sorted(replies, key=key)
-
-
 class CompressedUpdates(StrategyWrapper):
     def __init__(
         self,
@@ -71,7 +50,6 @@ class CompressedUpdates(StrategyWrapper):
         self.key = getattr(strategy, "arrayrecord_key", "arrays")
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
-        self.failures: list[dict[str, object]] = []  # error replies (crashes, declines), with their reasons
         self.drops: list[dict[str, object]] = []  # updates that did not decode, with their reasons
 
     def summary(self) -> None:
@@ -107,17 +85,13 @@ class CompressedUpdates(StrategyWrapper):
             "bytes-downlink-per-client": float(send.count_bytes()),
             "bytes-downlink-total": float(send.count_bytes() * len(messages)),
             "dropped-updates": 0.0,
-            "failed-replies": 0.0,
-            "missing-replies": float(len(messages)),  # less each reply that arrives in time
         }
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = in_partition_order(replies)
         stats = self.stats.setdefault(server_round, {})
-        stats["missing-replies"] = max(stats.get("missing-replies", 0.0) - len(replies), 0.0)  # timed out, lost
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
         # replies carry the trainable arrays only, never the downlink-only ones (fedmm.protocol)
@@ -127,9 +101,6 @@ class CompressedUpdates(StrategyWrapper):
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)  # the wrapped strategy logs and skips it
-                stats["failed-replies"] = stats.get("failed-replies", 0.0) + 1
-                self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                      "reason": msg.error.reason or f"error code {msg.error.code}"})
                 continue
             try:
                 delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)
@@ -145,9 +116,6 @@ class CompressedUpdates(StrategyWrapper):
             )
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, in_partition_order(replies))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -1,7 +1,7 @@
 """DualAscentConstraints: fairness and toxicity constraints around any strategy.
 
 Client obligation: when the train config carries ``multiplier-<constraint>``
-(``fedmm.constraints.MULTIPLIER_KEY``), add ``multiplier * surrogate`` to the
+(``fedmm.protocol.multiplier_key``), add ``multiplier * surrogate`` to the
 local loss (``fedmm.constraints.ConstraintTerm``) and reply with the
 constraint statistics it counted (``cstat-*`` metrics: per-group correct and
 total zero-shot predictions, toxic top-1 retrievals and images).
@@ -26,7 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedmm.constraints import CONSTRAINTS, MULTIPLIER_KEY, constraint_values, dual_ascent
+from fedmm.constraints import constraint_values, dual_ascent
+from fedmm.protocol import CONSTRAINTS, CONSTRAINT_STAT, multiplier_key
 from strategies.wrapper import StrategyWrapper
 
 
@@ -61,7 +62,7 @@ class DualAscentConstraints(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        extra = {MULTIPLIER_KEY.format(name): value for name, value in self.multipliers.items()}
+        extra = {multiplier_key(name): value for name, value in self.multipliers.items()}
         return self.strategy.configure_train(server_round, arrays, ConfigRecord({**dict(config), **extra}), grid)
 
     def aggregate_train(
@@ -74,7 +75,7 @@ class DualAscentConstraints(StrategyWrapper):
                 continue
             for record in msg.content.metric_records.values():
                 for key, value in record.items():
-                    if key.startswith("cstat-"):
+                    if key.startswith(CONSTRAINT_STAT):
                         summed[key] = summed.get(key, 0.0) + float(value)
         measured = constraint_values(summed)
         row: dict[str, float] = {}

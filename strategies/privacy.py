@@ -1,6 +1,8 @@
 """Client-level differential privacy around a strategy: central, local, distributed.
 
-``make_private_strategy`` wraps a strategy for the run's ``dp`` mode:
+``make_private`` (the server's one entry point; the client's is
+``clients/privacy_mod.py``) wraps a strategy for the run's ``dp`` mode and
+returns the ledger that accounts it:
 
 - ``central-server``: Flower's ``DifferentialPrivacyServerSideFixedClipping``
   (the server clips each update to C, averages, adds N(0, (sigma C / n)^2)).
@@ -27,7 +29,8 @@ in the distributed case, and the accountant's event would not match.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -40,61 +43,28 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase, validate_replies
 from flwr.supercore import log
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+import strategies
 from fedmm import protocol
+from fedmm.config import Settings
+from fedmm.privacy.accounting import client_level_accountant
+from fedmm.privacy.plan import needs_uniform_mean
 from strategies.wrapper import StrategyWrapper
-
-CENTRAL_MODES = ("central-server", "central-client", "distributed")
-
-
-def needs_uniform_mean(dp: str) -> bool:
-    return dp in CENTRAL_MODES
+Ledger = Callable[[], Any]  # privacy_spent() of Flower's accounted DP wrappers
 
 
 def check_uniform_mean(strategy: Strategy, dp: str) -> None:
     """Central/distributed DP calibrate noise to a uniform mean: refuse other aggregates."""
     if not needs_uniform_mean(dp):
         return
-    if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
+    # fedmm's wrappers above the user's strategy (constraints' multipliers) leave its aggregate as it is
+    inner = strategies.innermost(strategy)
+    if not isinstance(inner, FedAvg) or type(inner).aggregate_train is not FedAvg.aggregate_train:
         raise ValueError(
             f"run-config 'dp' = '{dp}': the noise is calibrated to a uniform mean of clipped updates "
-            f"(FedAvg's aggregate); strategy '{type(strategy).__name__}' aggregates otherwise. "
+            f"(FedAvg's aggregate); strategy '{type(inner).__name__}' aggregates otherwise. "
             "Use strategy fedavg or fedprox, or dp = local / dp-sgd, which compose with any strategy"
         )
-
-
-def client_level_accountant(delta: float, population: int, max_epsilon: float | None) -> RdpAccountant:
-    return RdpAccountant(
-        PrivacyConfig(
-            target_delta=delta,
-            population_size=population,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=max_epsilon,
-        )
-    )
-
-
-def rounds_allowed(noise_multiplier: float, delta: float, population: int, max_epsilon: float, num_rounds: int) -> int:
-    """Rounds (at most ``num_rounds``) that the ledger enforcing ``max_epsilon`` will release.
-
-    Counted with the same accountant the wrappers use, so the plan and the
-    enforcement cannot disagree at the boundary.
-    """
-    accountant = client_level_accountant(delta, population, max_epsilon)
-    event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=population, population_size=population)
-    allowed = 0
-    while allowed < num_rounds and not accountant.would_exceed(event):
-        accountant.compose(event)
-        allowed += 1
-    return allowed
 
 
 class DistributedFixedClipping(DifferentialPrivacyFixedClippingBase):
@@ -171,27 +141,28 @@ class LocalUpdatePrivacy(StrategyWrapper):
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
 
-def make_private_strategy(
-    strategy: Strategy,
-    dp: str,
-    *,
-    noise_multiplier: float,
-    clipping_norm: float,
-    delta: float,
-    max_epsilon: float,
-    num_nodes: int,
-    num_sampled: int,
-) -> Strategy:
-    """Wrap ``strategy`` for the client-level DP mode ``dp`` (unchanged for none / dp-sgd)."""
+def make_private(strategy: Strategy, settings: Settings, num_nodes: int | None) -> tuple[Strategy, Ledger | None]:
+    """The server's one privacy entry point: ``strategy`` wrapped for the run's ``dp`` mode, and its ledger.
+
+    The ledger is the accounting wrapper's ``privacy_spent`` (central and distributed modes), None where the
+    server accounts nothing (none; dp-sgd and local: each client keeps its own). ``num_nodes`` (the
+    federation's size) sizes the accountant; None only checks that the mode can wrap ``strategy``.
+    """
+    dp = settings.dp
     if dp in ("none", "dp-sgd"):
-        return strategy
+        return strategy, None
     if dp == "local":
-        return LocalUpdatePrivacy(strategy, noise_multiplier, clipping_norm, delta, max_epsilon)
+        return LocalUpdatePrivacy(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm,
+                                  settings.dp_delta, settings.max_epsilon), None
     check_uniform_mean(strategy, dp)
-    accountant = client_level_accountant(delta, num_nodes, max_epsilon or None)
+    if num_nodes is None:
+        return strategy, None
+    accountant = client_level_accountant(settings.dp_delta, num_nodes, settings.max_epsilon or None)
     wrapper = {
         "central-server": DifferentialPrivacyServerSideFixedClipping,
         "central-client": DifferentialPrivacyClientSideFixedClipping,
         "distributed": DistributedFixedClipping,
     }[dp]
-    return wrapper(strategy, noise_multiplier, clipping_norm, num_sampled, accountant=accountant)
+    sampled = max(int(num_nodes * settings.fraction_train), settings.min_nodes)  # as Flower's FedAvg samples
+    private = wrapper(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm, sampled, accountant=accountant)
+    return private, private.privacy_spent

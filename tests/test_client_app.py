@@ -118,7 +118,7 @@ def test_constrained_train_reports_constraint_statistics(run_config, global_arra
 
 def test_train_reports_the_global_models_loss_before_training(run_config, global_arrays):
     """QFedAvg's obligation: train_loss = F_k(w_global) on the run's objective, not the post-training loss."""
-    from clients.app import _node
+    from clients.node import node_of as _node
     from fedmm.losses import UniCLLoss
     from fedmm.train import mean_loss
 
@@ -144,7 +144,7 @@ def test_train_reports_the_global_models_loss_before_training(run_config, global
 
 def test_default_model_batch_norm_is_unchanged_by_client_rounds(default_model_settings):
     """Federated training on effnet-lite0-minilm: the trunk's BatchNorm statistics never move."""
-    from clients import app as client_module
+    from clients import node as client_module
 
     settings = default_model_settings
     assert settings.model == "effnet-lite0-minilm"

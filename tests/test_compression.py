@@ -5,7 +5,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients.mods import RESIDUAL_KEY, compression_mod
+from clients.compression_mod import RESIDUAL_KEY, compression_mod
 from fedmm.compression import (
     CodecError,
     encode_self_describing,

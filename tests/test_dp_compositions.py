@@ -25,11 +25,12 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 import strategies
-from clients.mods import compression_mod, privacy_mod
+from clients.compression_mod import compression_mod
+from clients.privacy_mod import privacy_mod
 from fedmm.config import DP_MODES, ConfigError, Settings
 from fedmm.privacy import update as dp_update
 from fedmm.privacy import update_norm
-from server.app import find_wrapper, make_strategy
+from server.chain import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from strategies.compression import CompressedUpdates
 from fedmm.protocol import to_numpy, to_record
@@ -157,7 +158,7 @@ def test_the_unrefused_central_client_would_break_the_bound(monkeypatch):
 
 
 def test_a_strategy_that_reads_client_losses_is_refused_under_dp():
-    from server.app import make_strategy as build
+    from server.chain import make_strategy as build
 
     for dp in ("dp-sgd", "local"):
         settings = Settings.from_run_config({"dp": dp, "strategy": "qfedavg", "local-optimizer": "sgd"})

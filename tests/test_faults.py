@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from clients.mods import fault_injection_mod
+from clients.faults_mod import fault_injection_mod
 from fedmm.config import ConfigError, Settings
 from fedmm.faults import BYZANTINE, SCALE, corrupt_update, fault_of, parse_faults
 from fedmm.protocol import to_numpy, to_record

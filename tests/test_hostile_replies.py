@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from fedmm.compression import make_codec
 from fedmm.config import Settings
-from server.app import find_wrapper, make_strategy
+from server.chain import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from fedmm.protocol import to_numpy, to_record
 from strategies.replies import ReplyCheck

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus import GradSampleModule
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from clients.mods import load_ledger, privacy_mod, store_ledger
+from clients.privacy_mod import load_ledger, privacy_mod, store_ledger
 from fedmm import lora
 from fedmm import protocol
 from fedmm.config import ConfigError, Settings
@@ -24,10 +24,10 @@ from fedmm.privacy import (
     train_dp_sgd,
     update_norm,
 )
-from server.app import make_strategy
-from server.privacy import privacy_plan
+from server.chain import make_strategy
+from fedmm.privacy.plan import privacy_plan
 from server.history import MetricsHistory
-from strategies import privacy as dp_keys
+from fedmm.privacy import accounting as dp_keys
 from fedmm.protocol import to_record
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

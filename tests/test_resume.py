@@ -19,10 +19,11 @@ import strategies
 from fedmm.cli import run_simulation
 from fedmm.config import ConfigError, Settings
 from fedmm.pretrain import ensure_base_checkpoint
-from server.app import find_wrapper, make_strategy
+from server.chain import find_wrapper, make_strategy
 from server.checkpoint import load_checkpoint, load_rng_state, load_strategy_state, save_checkpoint
 from server.history import MetricsHistory
 from strategies.compression import CompressedUpdates
+from strategies.reply_book import ReplyBook
 from strategies.constraints import DualAscentConstraints
 from fedmm.protocol import to_numpy, to_record
 
@@ -51,7 +52,7 @@ def test_strategy_state_survives_a_checkpoint(tmp_path):
     find_wrapper(chain, DualAscentConstraints).history[3] = {"constraints/group-gap": 0.1}
     compressed = find_wrapper(chain, CompressedUpdates)
     compressed.stats[3] = {"bytes-uplink": 1234.0}
-    compressed.failures.append({"round": 2, "node": 7, "reason": "timeout"})
+    find_wrapper(chain, ReplyBook).failures.append({"round": 2, "node": 7, "reason": "timeout"})
     history.record(3, "central/zs-acc", 0.5)
     history.clients.append({"round": 3, "phase": "train", "partition-id": 1})
 
@@ -72,7 +73,7 @@ def test_strategy_state_survives_a_checkpoint(tmp_path):
     assert find_wrapper(fresh, DualAscentConstraints).multipliers == {"group-gap": 0.375}
     assert find_wrapper(fresh, DualAscentConstraints).history == {3: {"constraints/group-gap": 0.1}}
     assert find_wrapper(fresh, CompressedUpdates).stats == {3: {"bytes-uplink": 1234.0}}
-    assert find_wrapper(fresh, CompressedUpdates).failures == [{"round": 2, "node": 7, "reason": "timeout"}]
+    assert find_wrapper(fresh, ReplyBook).failures == [{"round": 2, "node": 7, "reason": "timeout"}]
     assert fresh_history.rounds[3]["central/zs-acc"] == 0.5 and fresh_history.clients == history.clients
     # the aggregation hooks still feed the restored history object
     assert fresh_adam.train_metrics_aggr_fn.__self__ is fresh_history

@@ -6,7 +6,7 @@ from flwr.serverapp.strategy import Bulyan, Krum
 import strategies
 from fedmm import cli
 from fedmm.config import Settings
-from server.app import make_strategy
+from server.chain import make_strategy
 from server.history import MetricsHistory
 from strategies.builtin import check_population
 

@@ -19,7 +19,7 @@ from .metrics import (
 )
 from .objective import (
     CONSTRAINTS,
-    MULTIPLIER_KEY,
+
     ConstraintTerm,
     constraint_values,
     dual_ascent,
@@ -32,7 +32,7 @@ __all__ = [
     "CONSTRAINTS",
     "ConstraintTerm",
     "FAIRNESS_KEYS",
-    "MULTIPLIER_KEY",
+
     "TOXICITY_KEYS",
     "TOXIC_COUNT_KEYS",
     "constraint_values",

@@ -28,7 +28,6 @@ from torch import nn
 
 from ..data import Batch
 from ..protocol import CONSTRAINTS  # the wire defines the names (a multiplier per constraint)
-from ..protocol import MULTIPLIER as MULTIPLIER_KEY
 
 _STAT = re.compile(r"^cstat-(correct|count)-g(\d+)$")
 

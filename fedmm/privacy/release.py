@@ -1,6 +1,6 @@
 """What a client's replies carry under DP: what the guarantee covers, and what it explicitly does not.
 
-The guarantees (server/privacy.py: ``PRIVACY_LEVELS``) cover the adapter
+The guarantees (fedmm/privacy/plan.py: ``PRIVACY_LEVELS``) cover the adapter
 update a client sends, computed from its training split. Everything else a
 reply carries is either withheld under DP (``WITHHELD_UNDER_DP``: the raw
 training losses, which are a function of the private examples with no noise

@@ -1,4 +1,4 @@
-"""Run-level privacy on the server: the plan checked before round 1, and what the report states.
+"""The run's privacy plan, checked before round 1, and the guarantee texts the report states.
 
 ``privacy_plan`` turns the run's privacy settings into the number of rounds
 the budget allows (central and distributed DP: every round costs the same,
@@ -11,15 +11,22 @@ it in the report.
 
 from __future__ import annotations
 
-from logging import WARNING
+import logging
 
-from flwr.supercore import log
+from ..config import ConfigError, Settings
+from ..data import train_sizes
+from .accounting import gaussian_epsilon, rounds_allowed
+from .release import OUTSIDE_GUARANTEE
 
-from fedmm.config import ConfigError, Settings
-from fedmm.data import train_sizes
-from fedmm.privacy import gaussian_epsilon
-from fedmm.privacy.release import OUTSIDE_GUARANTEE
-from strategies.privacy import CENTRAL_MODES, rounds_allowed
+log = logging.getLogger("fedmm.privacy")
+
+# client-level modes whose noise is calibrated to a uniform mean of clipped updates, accounted by the server
+CENTRAL_MODES = ("central-server", "central-client", "distributed")
+
+
+def needs_uniform_mean(dp: str) -> bool:
+    return dp in CENTRAL_MODES
+
 
 # What each dp mode guarantees, to whom, and under which assumptions (written into the report).
 PRIVACY_LEVELS = {
@@ -93,5 +100,5 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
         notes.append("the constraint statistics (per-group and toxic-retrieval counts) travel unprotected, like "
                      "every reply's metrics: the guarantee covers the adapter updates, not the multipliers")
     for note in notes:
-        log(WARNING, "fedmm privacy: %s", note)
+        log.warning("fedmm privacy: %s", note)
     return rounds, notes

@@ -1,0 +1,141 @@
+"""This process's per-run and per-node caches: the model, tokenizer and prompts once per run, each
+partition's tensors once per node.
+
+One simulation actor serves many nodes in turn, and a deployment's ClientApp
+process serves its one node for the whole run: building the base model and
+the partition on every message would cost more than the training. Only the
+adapter arrays change hands; ``load_global`` puts a message's global adapter
+into the node's model (after checking the base it was trained for).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+
+from fedmm import lora
+from fedmm import model as models
+from fedmm import protocol
+from fedmm.config import Profile, Settings
+from fedmm.constraints import flag_toxic
+from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
+from fedmm.losses import public_pool
+from fedmm.pretrain import load_base_model
+from fedmm.protocol import to_numpy
+
+
+@dataclass
+class RunState:
+    """What every node of one run shares in this process: settings, model, prompts."""
+
+    settings: Settings
+    base: Any  # the frozen base, never modified: each rank's model is a copy with LoRA
+    prompts: list[list[str]]  # zero-shot class prompts, embedded by the current adapter
+    tokenizer: Any
+    preprocess: tuple  # (mean, std, size)
+    num_groups: int
+    base_fingerprint: str
+    public: Batch | None = None  # public pairs the objective draws from ('unicl', 'public-negatives')
+    # (rank, targets) -> peft model, overwritten by every message
+    nets: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+
+    def net(self, profile: Profile) -> Any:
+        key = (profile.lora_rank, profile.lora_targets)
+        if key not in self.nets:
+            s = self.settings
+            torch.manual_seed(s.seed)  # LoRA init as on the server (it is overwritten by the global anyway)
+            # attach_lora modifies its model in place: copy the base unless every client has one adapter shape
+            base = self.base if s.rank_plan.one_shape else copy.deepcopy(self.base)
+            self.nets[key] = lora.attach_lora(base, profile.lora_rank, s.lora_alpha_for(profile.lora_rank),
+                                              list(profile.lora_targets))
+        return self.nets[key]
+
+
+@dataclass
+class Node:
+    run: RunState
+    partition_id: int
+    profile: Profile  # this client's tier: rank, layers, batch, steps, time budget, precision, dropout
+    train: Batch
+    test: Batch
+
+    @property
+    def settings(self) -> Settings:
+        return self.run.settings
+
+    @property
+    def rank(self) -> int:
+        return self.profile.lora_rank
+
+    @property
+    def net(self) -> Any:
+        return self.run.net(self.profile)
+
+
+# One simulation actor serves many nodes in turn: the model is built once per
+# run and process, each partition's tensors once per node.
+_RUNS: dict[tuple, RunState] = {}
+_NODES: dict[tuple, Node] = {}
+
+
+def run_state(context: Context) -> RunState:
+    key = tuple(sorted(context.run_config.items()))
+    if key not in _RUNS:
+        _RUNS.clear()  # a new run: drop the previous run's model and data
+        _NODES.clear()
+        settings = Settings.from_run_config(context.run_config)
+        splits = load_splits(settings.dataset)
+        base = load_base_model(settings, progress=False)
+        base_id = models.fingerprint(base)
+        tokenizer = models.create_tokenizer(settings.model)
+        prompts = zero_shot_prompts(class_names(splits["clients"]))
+        groups = splits["clients"]["group"]
+        public = None
+        if settings.public_draw and len(splits["public"]):
+            pool = public_pool(splits["public"], settings.public_draw, settings.seed)
+            public = to_batch(pool, tokenizer, *models.image_mean_std(base))
+        _RUNS[key] = RunState(
+            settings, base, prompts, tokenizer, models.image_mean_std(base),
+            num_groups=max(groups) + 1 if len(groups) else 1,
+            base_fingerprint=base_id,
+            public=public,
+        )
+    return _RUNS[key]
+
+
+def node_of(context: Context) -> Node:
+    """This node's model and data, built on first use in this process."""
+    run = run_state(context)
+    pid = int(context.node_config[protocol.NODE_PARTITION_ID])
+    num = int(context.node_config[protocol.NODE_NUM_PARTITIONS])
+    node_profile = context.node_config.get(protocol.NODE_PROFILE)
+    key = (id(run), pid, num, node_profile)
+    if key not in _NODES:
+        train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
+        # captions are flagged on-device by the classifier, not taken from the data's own labels
+        _NODES[key] = Node(
+            run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
+            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])),
+            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])),
+        )
+    return _NODES[key]
+
+
+def load_global(node: Node, msg: Message) -> tuple[OrderedDict[str, np.ndarray], list[torch.Tensor]]:
+    """Load the message's global adapter into the node's model: the global arrays, and the model's trainable copies."""
+    expected = msg.content[protocol.CONFIG].get(protocol.BASE_FINGERPRINT) if protocol.CONFIG in msg.content else None
+    if expected is not None and expected != node.run.base_fingerprint:
+        raise ValueError(
+            f"partition {node.partition_id}: this node's frozen base ({node.run.base_fingerprint}) "
+            f"differs from the server's ({expected}); adapters trained on different bases "
+            "cannot be averaged — check 'model', 'pretrained' and the base cache"
+        )
+    global_arrays = to_numpy(msg.content[protocol.ARRAYS])
+    lora.load_global(node.net, dict(global_arrays))
+    return global_arrays, [p.detach().clone() for p in lora.trainable_parameters(node.net)]

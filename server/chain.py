@@ -1,0 +1,143 @@
+"""The run's strategy chain, built once: the user's strategy inside fedmm's wrappers, each with one job.
+
+Outermost first (what a reply meets on its way in):
+
+``RecordsRound``      files every record under its round (server/history.py)
+``ReplyCheck``        drops every malformed reply (strategies/replies.py)
+``ReplyBook``         counts failed and missing replies, orders replies by partition (strategies/reply_book.py)
+``CompressedUpdates`` downlink encoding, uplink decoding (strategies/compression.py)
+``UpdateValidation``  finiteness, absurd norms, norm bound (strategies/validation.py)
+[DP wrapper]          the dp mode's (strategies/privacy.py: ``make_private``)
+``DualAscentConstraints`` multipliers (strategies/constraints.py), when constraints are on
+the user's strategy   (strategies/: registry and built-ins)
+
+``TimedStrategy`` timers around the user's strategy and around the whole
+chain price fedmm's wrappers (``wrapper-seconds``); Flower's central DP
+wrappers need FedAvg itself beneath them, so there the inner timer sits above
+them (DP counted as strategy). ``build_chain`` returns a ``Chain`` that names
+every part, so nothing has to look for a wrapper again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.common.config import parse_config_args
+from flwr.serverapp.strategy import Strategy
+
+import strategies
+from fedmm import protocol
+from fedmm.config import ConfigError, Settings
+from server.history import MetricsHistory, RecordsRound
+from strategies.builtin import RANGES, check_local_optimizer, check_population
+from strategies.compression import CompressedUpdates
+from strategies.constraints import Constraint, DualAscentConstraints
+from strategies.privacy import make_private, needs_uniform_mean
+from strategies.replies import ReplyCheck
+from strategies.reply_book import ReplyBook
+from strategies.timing import TimedStrategy
+from strategies.validation import UpdateValidation
+
+
+def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
+    """The user's strategy from ``strategy`` and ``strategy-args``, checked against the run (before any client)."""
+    managed = {
+        "fraction_train": settings.fraction_train,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_train_nodes": settings.min_nodes,
+        "min_evaluate_nodes": settings.min_nodes,
+        "min_available_nodes": settings.min_nodes,
+        "proximal_mu": settings.proximal_mu,
+        "client_learning_rate": settings.lr,  # QFedAvg's estimate of the Lipschitz constant
+        # The record keys fedmm's ClientApp reads and writes: not the user's to change.
+        # client-level DP calibrates noise to a uniform mean; otherwise FedAvg weights by examples
+        "weighted_by_key": protocol.UNIT_WEIGHT if needs_uniform_mean(settings.dp) else protocol.NUM_EXAMPLES,
+        "arrayrecord_key": protocol.ARRAYS,
+        "configrecord_key": protocol.CONFIG,
+        "train_loss_key": protocol.GLOBAL_TRAIN_LOSS,
+        "train_metrics_aggr_fn": history.train_aggr,
+        "evaluate_metrics_aggr_fn": history.evaluate_aggr,
+    }
+    assert set(managed) == strategies.MANAGED, "keep strategies.MANAGED in step"
+    args = parse_config_args([settings.strategy_args]) if settings.strategy_args.strip() else {}
+    strategy = strategies.build_strategy(settings.strategy, args, managed, RANGES)
+    check_local_optimizer(strategy, settings.local_optimizer)
+    if settings.dp != "none" and hasattr(strategy, "train_loss_key"):
+        raise ConfigError(
+            f"run-config 'strategy' = '{settings.strategy}' with 'dp' = '{settings.dp}': the strategy reads each "
+            "client's training loss, which no DP mode covers (it is computed from the private examples with no "
+            "noise), so clients do not send it under DP; use another strategy, or dp = 'none'"
+        )
+    make_private(strategy, settings, num_nodes=None)  # refuses a strategy the dp mode cannot wrap
+    return strategy
+
+
+def num_sampled(settings: Settings, num_nodes: int) -> int:
+    """Nodes per training round, as Flower's FedAvg samples them."""
+    return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
+
+
+@dataclass
+class Chain:
+    """The built chain and its parts, by name."""
+
+    outer: Strategy  # what Strategy.start runs: the whole chain, timed
+    user: Strategy  # the strategy the run config selected
+    reply_check: ReplyCheck
+    book: ReplyBook
+    codec: CompressedUpdates
+    validation: UpdateValidation
+    constraints: DualAscentConstraints | None
+    ledger: Callable[[], Any] | None  # privacy_spent() of the DP wrapper that accounts the run, if any
+    user_timer: TimedStrategy  # the user's strategy alone (with central DP: and its wrapper)
+
+    @property
+    def stateful(self) -> Strategy:
+        """The chain beneath the outer timer: what a checkpoint saves and restores."""
+        return self.outer.strategy
+
+
+def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory, num_nodes: int) -> Chain:
+    """Wrap the user's ``strategy`` for this run (``num_nodes`` sizes client-level DP)."""
+    check_population(strategy, num_sampled(settings, num_nodes))
+    central_dp = needs_uniform_mean(settings.dp)
+    inner: Strategy = strategy if central_dp else TimedStrategy(strategy)
+    constraints = None
+    if settings.constraint_list:
+        inner = constraints = DualAscentConstraints(
+            inner, {name: Constraint(*limit) for name, limit in settings.constraint_limits.items()})
+    inner, ledger = make_private(inner, settings, num_nodes=num_nodes)
+    if central_dp:
+        inner = TimedStrategy(inner)
+    user_timer = inner if central_dp else _timer_in(inner)
+    # every decoded update is checked (finiteness, absurd norms) before anything below aggregates it; names,
+    # dtypes and sizes are the codec's check on the payload, just above
+    validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound)
+    # always wrapped: with fp32 both ways the codec is the identity, and every run gets the same decoding checks
+    codec = CompressedUpdates(validation, settings.codec, settings.codec_downlink, settings.error_feedback,
+                              settings.seed)
+    book = ReplyBook(codec)
+    # outermost: no reply reaches anything above unless it is well formed, so no client can crash or end the run
+    reply_check = ReplyCheck(book, settings.global_rank)
+    outer = TimedStrategy(RecordsRound(reply_check, history))
+    return Chain(outer, strategy, reply_check, book, codec, validation, constraints, ledger, user_timer)
+
+
+def _timer_in(strategy: Strategy) -> TimedStrategy:
+    return next(s for s in strategies.wrapper_chain(strategy) if isinstance(s, TimedStrategy))
+
+
+def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> Strategy:
+    """The chain beneath the outer timer (tests and benchmarks drive it directly); without ``num_nodes`` the
+    user's strategy alone, checked."""
+    strategy = build_strategy(settings, history)
+    if num_nodes is None:
+        return strategy
+    return build_chain(settings, strategy, history, num_nodes).stateful
+
+
+def find_wrapper(strategy: Strategy, kind: type) -> Strategy | None:
+    """Tests: the wrapper of type ``kind`` in a chain of ``.strategy`` wrappers, if any."""
+    return next((s for s in strategies.wrapper_chain(strategy) if isinstance(s, kind)), None)

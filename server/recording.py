@@ -1,0 +1,83 @@
+"""RoundRecorder: what the server records after each round, and the round's checkpoint.
+
+Flower calls it as the strategy's ``evaluate_fn`` once a round's aggregate is
+in: it evaluates the global adapter on the server's held-out split
+(``CentralModel``), files what every part of the chain counted for the round
+(bytes, rejected, failed, missing and dropped replies, clipped updates,
+multipliers, epsilon; ``server.chain.Chain`` names the parts), the round's
+wall time, the wrappers' price and the server's memory, prints the headline,
+and saves the checkpoint that lets a run continue after the round.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import psutil
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.supercore import log
+
+from fedmm.config import Settings
+from server.central import CentralModel
+from server.chain import Chain
+from server.checkpoint import save_checkpoint
+from server.history import MetricsHistory
+
+# Printed each round, in this order, when present.
+HEADLINE = ("central/zs-acc", "central/i2t-R@1", "central/t2i-R@1", "evaluate/zs-acc", "train/train-loss",
+            "central/acc-gap", "central/toxic-top1", "constraints/multiplier-group-gap",
+            "constraints/multiplier-toxicity", "privacy/epsilon", "train/dp-epsilon-max")
+
+
+class RoundRecorder:
+    def __init__(self, settings: Settings, out: Path, central: CentralModel, chain: Chain,
+                 history: MetricsHistory, num_rounds: int, done: int = 0) -> None:
+        self.settings, self.out, self.central, self.chain, self.history = settings, out, central, chain, history
+        self.num_rounds, self.done = num_rounds, done  # rounds completed before a resume
+        self.round_started = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.done
+        if server_round == self.done and self.done:  # evaluated and recorded before the interruption
+            return None
+        metrics = self.central.evaluate(arrays)
+        self.history.record_central(server_round, metrics)
+        now = time.perf_counter()
+        if server_round > 0:
+            self._record_round(server_round, now)
+        row = self.history.rounds[server_round]
+        log(INFO, "fedmm round %d/%d: %s", server_round, self.num_rounds,
+            " ".join(f"{k}={row[k]:.4f}" for k in HEADLINE if k in row))
+        if server_round > 0:  # the round is complete: everything needed to continue after it
+            save_checkpoint(self.out, server_round, arrays, self.chain.stateful, self.history.state_dict(),
+                            self.settings)
+            self.history.record(server_round, "checkpoint-seconds", time.perf_counter() - now)
+        self.round_started = time.perf_counter()
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    def _record_round(self, server_round: int, now: float) -> None:
+        chain, record = self.chain, self.history.record
+        record(server_round, "round-seconds", now - self.round_started)
+        record(server_round, "wrapper-seconds",
+               chain.outer.seconds.get(server_round, 0.0) - chain.user_timer.seconds.get(server_round, 0.0))
+        record(server_round, "server-rss-mib", psutil.Process().memory_info().rss / 2**20)
+        for key, value in chain.codec.stats.get(server_round, {}).items():
+            record(server_round, key.replace("bytes-", "bytes/", 1), value)
+        for key, value in chain.book.stats.get(server_round, {}).items():
+            record(server_round, key, value)
+        for key, value in chain.reply_check.stats.get(server_round, {}).items():
+            record(server_round, key, value)
+        for key, value in chain.validation.stats.get(server_round, {}).items():
+            record(server_round, f"validation/{key}", value)
+        if chain.constraints is not None:
+            for key, value in chain.constraints.history.get(server_round, {}).items():
+                record(server_round, key, value)
+        spent = chain.ledger() if chain.ledger is not None else None
+        if spent is not None:
+            record(server_round, "privacy/epsilon", spent.epsilon)
+
+    def dropped_updates(self) -> list[dict[str, object]]:
+        """Every update dropped before aggregation, with its round, node and reason."""
+        return self.chain.reply_check.drops + self.chain.codec.drops + self.chain.validation.drops
