@@ -1,7 +1,7 @@
 """Hostile replies through the server's whole strategy chain: kinds tried, counts, crashes (goal 0).
 
 Runs the fuzz harness of tests/test_hostile_replies.py (honest replies mixed
-with malformed ones, through ``server.app.make_strategy``'s chain) for its six
+with malformed ones, through ``server.chain.make_strategy``'s chain) for its six
 strategy/codec chains, and tallies what each hostile reply was dropped for.
 A crash is an exception escaping ``aggregate_train``/``aggregate_evaluate``;
 "honest aggregate unchanged" compares every round, bit for bit, with the run

@@ -74,11 +74,6 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
     return strategy
 
 
-def num_sampled(settings: Settings, num_nodes: int) -> int:
-    """Nodes per training round, as Flower's FedAvg samples them."""
-    return max(int(num_nodes * settings.fraction_train), settings.min_nodes)
-
-
 @dataclass
 class Chain:
     """The built chain and its parts, by name."""
@@ -101,7 +96,7 @@ class Chain:
 
 def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory, num_nodes: int) -> Chain:
     """Wrap the user's ``strategy`` for this run (``num_nodes`` sizes client-level DP)."""
-    check_population(strategy, num_sampled(settings, num_nodes))
+    check_population(strategy, settings.sampled_per_round(num_nodes))
     central_dp = needs_uniform_mean(settings.dp)
     inner: Strategy = strategy if central_dp else TimedStrategy(strategy)
     constraints = None

@@ -163,6 +163,6 @@ def make_private(strategy: Strategy, settings: Settings, num_nodes: int | None) 
         "central-client": DifferentialPrivacyClientSideFixedClipping,
         "distributed": DistributedFixedClipping,
     }[dp]
-    sampled = max(int(num_nodes * settings.fraction_train), settings.min_nodes)  # as Flower's FedAvg samples
-    private = wrapper(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm, sampled, accountant=accountant)
+    private = wrapper(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm,
+                      settings.sampled_per_round(num_nodes), accountant=accountant)
     return private, private.privacy_spent

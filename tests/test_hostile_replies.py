@@ -4,7 +4,7 @@ Every round mixes honest replies (what fedmm's ClientApp sends, encoded with
 the run's codec) with hostile ones: every record type under every key, random
 bytes as arrays, wrong dtypes and lengths, NaN / negative / huge / fractional
 weights, missing records, extra and missing metric keys. The chain is the one
-``server.app.make_strategy`` builds. No exception may escape
+``server.chain.make_strategy`` builds. No exception may escape
 ``aggregate_train`` / ``aggregate_evaluate``, and the result must equal, bit
 for bit, what the same chain gives for the honest replies alone.
 """

@@ -205,6 +205,10 @@ class FederationSettings:
         "", "tests and benchmarks: misbehaving clients, e.g. \"crash=0.1,scale=0.2\" "
             "(kinds: crash, timeout, nan, signflip, scale, noise)", parses(parse_faults))
 
+    def sampled_per_round(self, num_nodes: int) -> int:
+        """Nodes per training round, as Flower's FedAvg samples them."""
+        return max(int(num_nodes * self.fraction_train), self.min_nodes)
+
     @property
     def fault_fractions(self) -> dict[str, float]:
         return parse_faults(self.inject_faults)
