@@ -56,18 +56,18 @@ def _text(v: Any) -> str | None:
 
 # train/evaluate config key -> check; keys not listed are read by no handler or are checked where read (DP)
 CONFIG_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "server-round": _number(0, 2**31 - 1, integer=True),
-    "lr": _number(1e-12, 1e3),
-    "local-steps": _number(1, MAX_STEPS, integer=True),
-    "batch-size": _number(1, MAX_STEPS, integer=True),
-    "proximal-mu": _number(0, 1e6),
-    "local-optimizer": lambda v: None if v in LOCAL_OPTIMIZERS else f"must be one of {', '.join(LOCAL_OPTIMIZERS)}",
-    "report-train-loss": _flag,
-    "base-fingerprint": _text,
-    "codec-up": _codec,
-    "codec-down": _codec,
-    "codec-seed": _number(0, 2**32 - 1, integer=True),
-    "error-feedback": _flag,
+    protocol.SERVER_ROUND: _number(0, 2**31 - 1, integer=True),
+    protocol.LR: _number(1e-12, 1e3),
+    protocol.LOCAL_STEPS: _number(1, MAX_STEPS, integer=True),
+    protocol.BATCH_SIZE: _number(1, MAX_STEPS, integer=True),
+    protocol.PROXIMAL_MU: _number(0, 1e6),
+    protocol.LOCAL_OPTIMIZER: lambda v: None if v in LOCAL_OPTIMIZERS else f"must be one of {', '.join(LOCAL_OPTIMIZERS)}",
+    protocol.REPORT_TRAIN_LOSS: _flag,
+    protocol.BASE_FINGERPRINT: _text,
+    protocol.CODEC_UP: _codec,
+    protocol.CODEC_DOWN: _codec,
+    protocol.CODEC_SEED: _number(0, 2**32 - 1, integer=True),
+    protocol.ERROR_FEEDBACK: _flag,
     **{protocol.multiplier_key(c): _number(0, 1e9) for c in protocol.CONSTRAINTS},
 }
 

@@ -28,8 +28,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from clients.messages import decline
 from clients.settings import run_settings
 from fedmm import protocol
-from fedmm.privacy import privatize_update, sample_epsilon
-from fedmm.protocol import to_numpy, to_record, update_norm
+from fedmm.privacy import privatize_update, sample_epsilon, update_norm
+from fedmm.protocol import to_numpy, to_record
 
 LEDGER_KEY = "dp-ledger"  # context.state: this client's (sigma, q, steps) releases, across rounds
 

@@ -149,7 +149,7 @@ def _validated(run_config: str) -> tuple[dict, Settings]:
     """Run-config overrides and their settings, with ``output-dir`` filled in; fails before anything starts."""
     overrides = parse_run_config(run_config or "")
     settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
-    import strategies
+    from . import strategy_registry as strategies
 
     try:
         strategies.load(settings.strategy)
@@ -272,7 +272,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    import strategies
+    from . import strategy_registry as strategies
 
     for name in sorted(strategies.available()):
         summary, params = strategies.describe(name)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .constraints import fairness_counts, group_fairness, toxic_retrieval, toxic_retrieval_counts
 from .data import Batch
+from . import protocol
 
 RECALL_AT = (1, 5, 10)
 
@@ -88,12 +89,12 @@ def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_cou
     predictions (``fairness_counts`` over ``num_groups`` groups, toxic top-1).
     """
     if len(data) == 0:
-        return {"num-examples": 0.0}
+        return {protocol.NUM_EXAMPLES: 0.0}
     img, txt, scale = encode(model, data)
     preds = zero_shot_predictions(img, class_emb)
     labelled = data.labels >= 0
     correct = (preds == data.labels) & labelled
-    out = {"num-examples": float(len(data))}
+    out = {protocol.NUM_EXAMPLES: float(len(data))}
     if labelled.any():
         out["zs-acc"] = float(correct.sum() / labelled.sum())
         y, p, g = (t[labelled].numpy() for t in (data.labels, preds, data.groups))

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -157,6 +158,29 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """Where a base model's weights come from: ``random`` (the seeded init), ``file`` (a local
+    checkpoint, loaded into the seeded init), or ``tag`` (an open_clip pretrained tag)."""
+
+    kind: str
+    location: str = ""  # the checkpoint file, or the tag
+    seed: int = 0
+
+
+def create_base_model(name: str, weights: BaseWeights) -> torch.nn.Module:
+    """The frozen base model ``name`` with ``weights``: the one factory every side builds its base with."""
+    if weights.kind == "tag":
+        net = load_open_clip_pretrained(name, weights.location)
+    elif weights.kind in ("random", "file"):
+        net = create_model(name, seed=weights.seed)
+        if weights.kind == "file":
+            load_checkpoint(net, weights.location)
+    else:
+        raise ValueError(f"unknown base-weights kind {weights.kind!r}; known: random, file, tag")
+    return freeze(net)
 
 
 def load_open_clip_pretrained(name: str, tag: str) -> torch.nn.Module:

@@ -144,14 +144,17 @@ def ensure_base_checkpoint(settings: Settings, progress: bool = True) -> Path:
 
 def load_base_model(settings: Settings, progress: bool = True) -> torch.nn.Module:
     """The frozen base model the run config asks for, identical on every node."""
-    if settings.pretrained == "public-pretrain":
-        net = models.create_model(settings.model, seed=BASE_SEED)
-        models.load_checkpoint(net, ensure_base_checkpoint(settings, progress))
-    elif settings.pretrained == "none":
-        net = models.create_model(settings.model, seed=settings.seed)
-    elif Path(settings.pretrained).expanduser().is_file():
-        net = models.create_model(settings.model, seed=settings.seed)
-        models.load_checkpoint(net, settings.pretrained)
-    else:
-        net = models.load_open_clip_pretrained(settings.model, settings.pretrained)
-    return models.freeze(net)
+    return models.create_base_model(settings.model, base_weights(settings, progress))
+
+
+def base_weights(settings: Settings, progress: bool = True) -> models.BaseWeights:
+    """``pretrained`` as weights the model factory loads: the public-pretrained base is its cached checkpoint
+    (built first when missing), 'none' the run seed's init, a path a local checkpoint, anything else a tag."""
+    source = settings.pretrained
+    if source == "public-pretrain":
+        return models.BaseWeights("file", str(ensure_base_checkpoint(settings, progress)), seed=BASE_SEED)
+    if source == "none":
+        return models.BaseWeights("random", seed=settings.seed)
+    if Path(source).expanduser().is_file():
+        return models.BaseWeights("file", source, seed=settings.seed)
+    return models.BaseWeights("tag", source)

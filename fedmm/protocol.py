@@ -140,7 +140,3 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
-
-def update_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of an update over all its arrays."""
-    return float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.values())))

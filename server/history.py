@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedmm.constraints import fairness_from_counts, toxicity_from_counts
+from fedmm import protocol
 from strategies.wrapper import StrategyWrapper
 
 _COUNT = re.compile(r"^(fair-(n|pred|tp)-g\d+-c\d+|tox-(top1|mass|images)|cstat-.+)$")  # summed, not averaged
@@ -60,14 +61,14 @@ class MetricsHistory:
                         counts[k] += float(v)
                     elif k.startswith("bytes-"):  # bytes add up; a weighted mean would be meaningless
                         counts[f"{k}-total"] += float(v)
-                    elif k.startswith("dp-epsilon"):  # a guarantee is as weak as its weakest client
+                    elif k.startswith(protocol.DP_EPSILON):  # a guarantee is as weak as its weakest client
                         maxima[f"{k}-max"] = max(maxima.get(f"{k}-max", 0.0), float(v))
                     else:
                         keep[k] = v
-                plain.append(RecordDict({"metrics": MetricRecord(keep)}))
+                plain.append(RecordDict({protocol.METRICS: MetricRecord(keep)}))
         agg = dict(aggregate_metricrecords(plain, weight_key)) if plain else {}
-        agg.pop("partition-id", None)
-        agg.pop("unit-weight", None)
+        agg.pop(protocol.PARTITION_ID, None)
+        agg.pop(protocol.UNIT_WEIGHT, None)
         # the weakest client's ledger so far: clients that stopped (budget spent) keep what they spent
         for k, v in maxima.items():
             agg[k] = max([v] + [row[f"{phase}/{k}"] for row in self.rounds.values() if f"{phase}/{k}" in row])
@@ -78,7 +79,7 @@ class MetricsHistory:
         agg.update(fairness_from_counts(counts))
         agg.update(toxicity_from_counts(counts))
         accs = [float(rec["zs-acc"]) for rd in replies for rec in rd.metric_records.values()
-                if "zs-acc" in rec and float(rec.get("num-examples", 0)) > 0]
+                if "zs-acc" in rec and float(rec.get(protocol.NUM_EXAMPLES, 0)) > 0]
         if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
             agg["client-acc-min"], agg["client-acc-std"] = min(accs), float(np.std(accs))
         agg["num-replies"] = len(replies)

@@ -28,6 +28,7 @@ from flwr.supercore import log
 import numpy as np
 
 from fedmm.compression import decode_self_describing, encode_self_describing, layout_of, make_codec
+from fedmm import protocol
 from fedmm.protocol import is_downlink_only
 from fedmm.protocol import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
@@ -47,7 +48,7 @@ class CompressedUpdates(StrategyWrapper):
         if self.downlink.topk is not None:
             raise ValueError("downlink codec must be dense (no top-k)")
         self.error_feedback, self.seed = error_feedback, seed
-        self.key = getattr(strategy, "arrayrecord_key", "arrays")
+        self.key = self.arrays_key
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
         self.drops: list[dict[str, object]] = []  # updates that did not decode, with their reasons
@@ -68,9 +69,10 @@ class CompressedUpdates(StrategyWrapper):
         return to_record(payload), decoded
 
     def _config(self, config: ConfigRecord, train: bool) -> ConfigRecord:
-        extra = {"codec-down": self.downlink.spec}
+        extra = {protocol.CODEC_DOWN: self.downlink.spec}
         if train:
-            extra.update({"codec-up": self.uplink.spec, "error-feedback": self.error_feedback, "codec-seed": self.seed})
+            extra.update({protocol.CODEC_UP: self.uplink.spec, protocol.ERROR_FEEDBACK: self.error_feedback,
+                          protocol.CODEC_SEED: self.seed})
         return ConfigRecord({**dict(config), **extra})
 
     def configure_train(

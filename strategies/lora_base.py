@@ -21,9 +21,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmm import protocol
 from fedmm.protocol import LORA_RANK as RANK_METRIC
-from strategies import lora_factors as lf
 from fedmm.protocol import to_numpy, to_record
+from strategies import lora_factors as lf
 
 
 class LoRAFactorStrategy(FedAvg):
@@ -36,9 +37,9 @@ class LoRAFactorStrategy(FedAvg):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
+        weighted_by_key: str = protocol.NUM_EXAMPLES,
+        arrayrecord_key: str = protocol.ARRAYS,
+        configrecord_key: str = protocol.CONFIG,
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
     ) -> None:
@@ -71,7 +72,7 @@ class LoRAFactorStrategy(FedAvg):
         arrays = [to_numpy(c[self.arrayrecord_key]) for c in contents]
         metrics = [next(iter(c.metric_records.values())) for c in contents]
         weights = [float(m[self.weighted_by_key]) for m in metrics]
-        ranks = [int(m.get(RANK_METRIC, lf.rank_of(a))) for m, a in zip(metrics, arrays)]
+        ranks = [int(m[RANK_METRIC]) for m in metrics]  # the wire states it (ReplyCheck requires it), never inferred
         # components beyond a client's rank are its padding: exactly zero, whatever a lossy codec made of them
         arrays = [lf.zero_beyond_rank(a, r) for a, r in zip(arrays, ranks)]
         trainable = [k for k in self.current if not lf.is_downlink_only(k)]

@@ -54,7 +54,7 @@ class UpdateValidation(StrategyWrapper):
         if max_norm_ratio < 0 or norm_bound < 0:
             raise ValueError("UpdateValidation: max_norm_ratio and norm_bound must be >= 0 (0 = off)")
         self.max_norm_ratio, self.norm_bound = max_norm_ratio, norm_bound
-        self.key = getattr(strategy, "arrayrecord_key", "arrays")
+        self.key = self.arrays_key
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}
         self.drops: list[dict[str, object]] = []  # round, node, reason of every dropped update

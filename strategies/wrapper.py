@@ -15,10 +15,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedmm import protocol
+from fedmm.strategy_registry import innermost
+
 
 class StrategyWrapper(Strategy):
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
+
+    @property
+    def arrays_key(self) -> str:
+        """The record key the user's strategy reads the arrays of a reply from (fedmm sets it to the protocol's)."""
+        return getattr(innermost(self.strategy), "arrayrecord_key", protocol.ARRAYS)
 
     def summary(self) -> None:
         self.strategy.summary()

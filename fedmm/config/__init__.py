@@ -1,9 +1,11 @@
 """Run config -> one typed, validated settings object.
 
-Each run-config key is declared once, as a field of its concern's group in
-``config/groups.py`` (type, default, help, check); ``Settings`` joins the
-groups, and ``SPEC`` (the key table ``fedmm strategies``, the docs and the
-pyproject check read) is derived from those fields. ``Settings.from_run_config``
+Each run-config key is declared once (type, default, help, check), as a
+field of its concern's settings group, one file per concern:
+``config/model.py`` (model, base weights, LoRA, tiers), ``data.py``,
+``federation.py``, ``training.py``, ``privacy.py``, ``constraints.py``,
+``compression.py``, ``run.py``. ``Settings`` joins the groups, and ``SPEC``
+(the key table the pyproject check reads) is derived from their fields. ``Settings.from_run_config``
 rejects unknown keys (with "did you mean"), ill-typed values and
 out-of-range values with an error naming the key, then each group's
 cross-field rules, so an invalid run fails in the ServerApp before any client
@@ -22,27 +24,21 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from .declare import Check, ConfigError, run_config_name
-from .groups import (
-    DP_MODES,
-    LOCAL_OPTIMIZERS,
-    LOSSES,
-    PARTITIONERS,
-    CompressionSettings,
-    ConstraintSettings,
-    DataSettings,
-    FederationSettings,
-    ModelSettings,
-    PrivacySettings,
-    RunSettings,
-    TrainingSettings,
-)
+from .compression import CompressionSettings
+from .constraints import ConstraintSettings
+from .data import PARTITIONERS, DataSettings
+from .federation import FederationSettings
+from .model import ModelSettings
+from .privacy import DP_MODES, PrivacySettings
+from .run import RunSettings
+from .training import LOCAL_OPTIMIZERS, LOSSES, TrainingSettings
 from .tiers import PROFILE_KEYS, Profile, RankPlan, parse_profiles
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 class Key(NamedTuple):
-    """One run-config key as ``SPEC`` lists it (read off its field in config/groups.py)."""
+    """One run-config key as ``SPEC`` lists it (read off its field in its concern's file)."""
 
     type: type
     default: Any

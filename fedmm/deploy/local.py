@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import submit
+from .. import protocol
 from .app_files import stage_app
 from .credentials import make_credentials
 from .processes import Interrupted, federation_env, flower_bin, free_port, start, stop_under, wait_for_port
@@ -124,7 +125,7 @@ class LocalFederation:
 
     def node_args(self, i: int, key: Path | None = None) -> list[str]:
         """The ``fedmm supernode`` options of site ``i`` (``key`` overrides its registered key)."""
-        config = {"partition-id": i, "num-partitions": self.nodes, **self.extra_node_config}
+        config = {protocol.NODE_PARTITION_ID: i, protocol.NODE_NUM_PARTITIONS: self.nodes, **self.extra_node_config}
         args = ["--superlink", self.address, "--node-config", format_node_config(config)]
         args += ["--root-certificates", str(self.credentials / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:

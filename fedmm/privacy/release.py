@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .. import protocol
+
 # train-reply metrics a client does not send under any DP mode
-WITHHELD_UNDER_DP = ("train-loss", "contrastive-loss", "train_loss", "dp-sample-rate")
+WITHHELD_UNDER_DP = (protocol.TRAIN_LOSS, protocol.CONTRASTIVE_LOSS, protocol.GLOBAL_TRAIN_LOSS, protocol.DP_SAMPLE_RATE)
 
 # what still leaves a client under DP, not covered by the guarantee, and why it is sent
 OUTSIDE_GUARANTEE = (

@@ -1,0 +1,40 @@
+"""Run-config keys of one concern: the run itself: seed, output folder, resumption, caches.
+
+Each field is the one declaration of its key (``key(default, help, check)``; the type is the
+annotation); the rules that involve these keys are beside them (``_check_*``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .declare import (
+    ConfigError,
+    key,
+    non_negative,
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run itself: seed, output folder, resumption, caches."""
+
+    seed: int = key(0, "seed of everything random in the run", non_negative)
+    output_dir: str = key("", "report folder; empty = ~/fedmm-runs/<timestamp>")
+    resume: bool = key(False, "continue the run in output-dir after its last completed round (its checkpoint); "
+                              "the run config must be the checkpoint's, num-server-rounds and round-timeout aside")
+    cache_dir: str = key("", "base-checkpoint cache; empty = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm")
+
+    def _check_run(self) -> None:
+        if self.resume and not self.output_dir:
+            raise ConfigError("run-config 'resume' = true needs 'output-dir': the folder of the run to continue")
+
+    @property
+    def cache_path(self) -> Path:
+        """The base-checkpoint cache: the one setting read from the environment (XDG's convention)."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "fedmm"

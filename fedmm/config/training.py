@@ -1,0 +1,62 @@
+"""Run-config keys of one concern: local training and the client objective (fedmm.train, fedmm.losses).
+
+Each field is the one declaration of its key (``key(default, help, check)``; the type is the
+annotation); the rules that involve these keys are beside them (``_check_*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .declare import (
+    key,
+    non_negative,
+    one_of,
+    positive,
+)
+
+LOSSES = ("auto", "clip", "unicl", "public-negatives")
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Local training and the client objective (fedmm.train, fedmm.losses)."""
+
+    local_steps: int = key(12, "optimizer steps per client per round", positive)
+    batch_size: int = key(32, "client batch size", positive)
+    lr: float = key(3e-3, "client learning rate (the local optimizer's step size on adapter parameters)", positive)
+    local_optimizer: str = key(
+        "adamw",
+        "clients' optimizer: 'adamw', or 'sgd' (plain SGD at lr; what QFedAvg's Lipschitz estimate 1/lr assumes)",
+        one_of(*LOCAL_OPTIMIZERS),
+    )
+    weight_decay: float = key(0.0, "client weight decay (decoupled under adamw, L2 under sgd)", non_negative)
+    proximal_mu: float = key(0.0, "FedProx mu: adds mu/2 * ||w - w_global||^2", non_negative)
+    loss: str = key(
+        "auto",
+        "client objective: 'clip' (open_clip ClipLoss, in-batch negatives), 'unicl' (ClipLoss with every "
+        "in-batch pair of the same class as a positive; for label-skewed clients), 'public-negatives' (per-sample "
+        "InfoNCE against public pairs embedded each step; what DP-SGD needs), 'auto' = public-negatives under "
+        "dp-sgd, else clip",
+        one_of(*LOSSES),
+    )
+    public_captions: int = key(
+        0,
+        "captions of public pairs added, with gradient, to every step of the 'unicl' loss, so a client that "
+        "holds one class still contrasts it with the others (0 = in-batch only)",
+        non_negative,
+    )
+
+    @property
+    def objective(self) -> str:
+        """The client loss actually used: 'clip', 'unicl' or 'public-negatives'."""
+        if self.loss == "auto":
+            return "public-negatives" if self.dp == "dp-sgd" else "clip"  # type: ignore[attr-defined]
+        return self.loss
+
+    @property
+    def public_draw(self) -> int:
+        """Public pairs the client objective draws at each step (0: it uses no public data)."""
+        draws = {"unicl": self.public_captions, "public-negatives": self.dp_negatives}  # type: ignore[attr-defined]
+        return draws.get(self.objective, 0)
