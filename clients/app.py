@@ -53,16 +53,20 @@ class LocalRound:
     them); a bare instruction (no such key) falls back to the run config, which is Flower's convention for
     what the ClientApp knows of its run. Steps and batch size are the client's tier's (its own to lower)."""
 
+    server_round: int
     lr: float
     optimizer: str
     proximal_mu: float
     report_train_loss: bool
     multipliers: dict[str, float]
+    seed: int  # distinct, reproducible minibatch order and public draws per (run seed, round, client)
 
     @classmethod
     def of(cls, config: ConfigRecord, node: Node) -> LocalRound:
         s = node.settings
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
         return cls(
+            server_round=server_round,
             lr=float(config.get(protocol.LR, s.lr)),
             optimizer=str(config.get(protocol.LOCAL_OPTIMIZER, s.local_optimizer)),
             proximal_mu=float(config.get(protocol.PROXIMAL_MU, s.proximal_mu)),
@@ -70,39 +74,22 @@ class LocalRound:
             # constraint multipliers, sent by strategies/constraints.py when a constraint is on
             multipliers={c: float(config[protocol.multiplier_key(c)]) for c in protocol.CONSTRAINTS
                          if protocol.multiplier_key(c) in config},
+            seed=zlib.crc32(f"{s.seed}:{server_round}:{node.partition_id}".encode()),
         )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = node_of(context)
-    config = msg.content[protocol.CONFIG]
-    profile = node.profile
-    server_round = int(config.get(protocol.SERVER_ROUND, 0))
-    plan = LocalRound.of(config, node)
-    # Distinct, reproducible minibatch order per (run seed, round, client).
-    seed = zlib.crc32(f"{node.settings.seed}:{server_round}:{node.partition_id}".encode())
-    if profile.dropout > 0 and random.Random(seed).random() < profile.dropout:
-        return decline(msg, f"partition {node.partition_id}: profile '{profile.name}' dropped out of round "
-                            f"{server_round} (dropout {profile.dropout})")
-    if len(node.train) < 2:  # e.g. every image missing or corrupt: decline, do not fail the round
-        return decline(msg, f"partition {node.partition_id}: {len(node.train)} usable training pair(s) (image with "
-                            "caption or class prompt); contrastive training needs at least 2")
+    plan = LocalRound.of(msg.content[protocol.CONFIG], node)
+    absent = _sits_out(node, plan)
+    if absent:
+        return decline(msg, absent)
     global_arrays, global_params = load_global(node, msg)
-    global_rank = rank_of(global_arrays)
-    batch_size = profile.batch_size
-    s = node.settings
-
-    def objective():  # the run's client loss, with this round's draw of public negatives if it uses them
-        return client_objective(s, node.net, node.run.public, seed=seed)
-
-    # F_k(w_global) on the training objective before local training: QFedAvg's
-    # obligation, only when the server's strategy asks (~15% of the local training time).
+    s, profile = node.settings, node.profile
     extra = {}
-    if plan.report_train_loss:
-        extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, batch_size, objective())
-    steps = profile.local_steps
-    lr, optimizer = plan.lr, plan.optimizer
+    if plan.report_train_loss:  # F_k(w_global) before local training: QFedAvg's obligation, when it asks
+        extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, profile.batch_size, _loss(node, plan))
     terms = [proximal_term(global_params, plan.proximal_mu)] if plan.proximal_mu > 0 else []
     constraint = None
     if plan.multipliers:
@@ -110,35 +97,68 @@ def train(msg: Message, context: Context) -> Message:
         constraint = ConstraintTerm(plan.multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
                                     num_groups=run.num_groups)
         terms.append(constraint)
-    loss_fn = objective()
+    loss_fn = _loss(node, plan)
     if s.dp == "dp-sgd":
         if constraint is not None:  # Settings refuses this pairing; a foreign server's config might not
             raise ValueError("constraint terms couple the examples of a batch: DP-SGD's guarantee would not hold")
-        ledger = load_ledger(context)
-        q = sample_rate(len(node.train), batch_size)
-        refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, steps), s.dp_delta, s.max_epsilon)
-        if refusal:
-            return decline(msg, f"partition {node.partition_id}: {refusal}")
-        stats, ledger = train_dp_sgd(
-            node.net, node.train, loss_fn, steps=steps, batch_size=batch_size, lr=lr,
-            noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
-            weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
-            optimizer=optimizer,
-        )
-        store_ledger(context, ledger)
-        extra.update({protocol.DP_EPSILON: sample_epsilon(ledger, s.dp_delta), protocol.DP_SAMPLE_RATE: q})
+        outcome = _train_dp_sgd(node, context, plan, loss_fn, terms)
+        if isinstance(outcome, str):
+            return decline(msg, f"partition {node.partition_id}: {outcome}")
+        stats, ledger_metrics = outcome
+        extra.update(ledger_metrics)
     else:
         stats = train_steps(
-            node.net, node.train, steps=steps, batch_size=batch_size, lr=lr,
-            weight_decay=s.weight_decay, seed=seed, extra_terms=terms,
-            loss_fn=loss_fn, time_budget=profile.time_budget, precision=profile.precision, optimizer=optimizer,
+            node.net, node.train, steps=profile.local_steps, batch_size=profile.batch_size, lr=plan.lr,
+            weight_decay=s.weight_decay, seed=plan.seed, extra_terms=terms, loss_fn=loss_fn,
+            time_budget=profile.time_budget, precision=profile.precision, optimizer=plan.optimizer,
         )
-    # replies have the global names and shapes: a lower-rank adapter is zero-padded, and
-    # layers this profile does not adapt are returned as received (no update)
+    if constraint is not None:
+        extra.update(constraint.statistics())
+    return _train_reply(msg, node, global_arrays, stats, extra)
+
+
+def _sits_out(node: Node, plan: LocalRound) -> str | None:
+    """Why this client does not train this round (its tier's dropout, too little data), or None."""
+    profile = node.profile
+    if profile.dropout > 0 and random.Random(plan.seed).random() < profile.dropout:
+        return (f"partition {node.partition_id}: profile '{profile.name}' dropped out of round "
+                f"{plan.server_round} (dropout {profile.dropout})")
+    if len(node.train) < 2:  # e.g. every image missing or corrupt: decline, do not fail the round
+        return (f"partition {node.partition_id}: {len(node.train)} usable training pair(s) (image with "
+                "caption or class prompt); contrastive training needs at least 2")
+    return None
+
+
+def _loss(node: Node, plan: LocalRound):
+    """The run's client loss, with this round's draw of public pairs if it uses them."""
+    return client_objective(node.settings, node.net, node.run.public, seed=plan.seed)
+
+
+def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn, terms: list):
+    """DP-SGD within this client's budget: (stats, ledger metrics), or why it declines."""
+    s, profile = node.settings, node.profile
+    ledger = load_ledger(context)
+    q = sample_rate(len(node.train), profile.batch_size)
+    refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, profile.local_steps), s.dp_delta, s.max_epsilon)
+    if refusal:
+        return refusal
+    stats, ledger = train_dp_sgd(
+        node.net, node.train, loss_fn, steps=profile.local_steps, batch_size=profile.batch_size, lr=plan.lr,
+        noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
+        weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
+        optimizer=plan.optimizer,
+    )
+    store_ledger(context, ledger)
+    return stats, {protocol.DP_EPSILON: sample_epsilon(ledger, s.dp_delta), protocol.DP_SAMPLE_RATE: q}
+
+
+def _train_reply(msg: Message, node: Node, global_arrays: dict, stats, extra: dict) -> Message:
+    """The adapter with the global names and shapes (a lower rank zero-padded, layers this tier does not adapt
+    as received) and the metrics, less what DP withholds (the raw losses: the private examples' function
+    with no noise at all)."""
     reply = OrderedDict(trainable(global_arrays))
-    reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), global_rank))
+    reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), rank_of(global_arrays)))
     arrays = to_record(reply)
-    # under DP the raw losses stay here: they are the private examples' function with no noise at all
     metrics = MetricRecord(released_train_metrics(
         {
             protocol.NUM_EXAMPLES: len(node.train),
@@ -150,11 +170,10 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": stats.seconds,
             "step-seconds": stats.seconds / max(1, stats.steps),
             "steps-done": stats.steps,
-            "work-fraction": stats.steps / steps,  # < 1: the profile's time budget cut local training short
+            "work-fraction": stats.steps / node.profile.local_steps,  # < 1: the time budget cut training short
             protocol.BYTES_UPLINK: arrays.count_bytes(),
             **extra,
-            **(constraint.statistics() if constraint is not None else {}),
-        }, s.dp))
+        }, node.settings.dp))
     return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
 
 
