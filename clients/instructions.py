@@ -10,14 +10,13 @@ handler reads only instructions that passed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.messages import decline
+from clients.messages import decline, number_problem
 from fedmm import protocol
 from fedmm.compression import make_codec
 from fedmm.config import LOCAL_OPTIMIZERS
@@ -26,14 +25,7 @@ MAX_STEPS = 10**6  # local steps or batch size beyond this is no honest instruct
 
 
 def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return "must be a finite number"
-        if integer and not float(v).is_integer():
-            return "must be an integer"
-        return None if lo <= v <= hi else f"must be in [{lo:g}, {hi:g}]"
-
-    return check
+    return lambda v: number_problem(v, lo, hi, integer=integer)
 
 
 def _codec(v: Any) -> str | None:

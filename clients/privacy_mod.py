@@ -25,7 +25,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.messages import decline
+from clients.messages import decline, number_problem
 from clients.settings import run_settings
 from fedmm import protocol
 from fedmm.privacy import privatize_update, sample_epsilon, update_norm
@@ -62,9 +62,9 @@ def budget_refusal(
 def _positive_number(config, key: str, where: str, *, allow_zero: bool = False) -> float:
     """A finite number > 0 (>= 0 with ``allow_zero``) under ``key``; ValueError naming the key otherwise."""
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{where} '{key}' = {value!r} must be a finite number {'>=' if allow_zero else '>'} 0")
+    problem = number_problem(value, 0.0, math.inf, above_lo=not allow_zero)
+    if problem:
+        raise ValueError(f"{where} '{key}' = {value!r} {problem}")
     return float(value)
 
 
