@@ -25,6 +25,7 @@ requests per node and round in a deployment.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -47,8 +48,10 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=64)
 def make_codec(spec: str) -> Codec:
-    """Parse a codec spec such as ``fp32``, ``q4``, ``q8-row``, ``topk0.1+q8``."""
+    """Parse a codec spec such as ``fp32``, ``q4``, ``q8-row``, ``topk0.1+q8``: once per spec and process (the
+    settings check, the server's wrapper, the client's instruction check and its mod all ask for it)."""
     return Codec.parse(spec)
 
 
