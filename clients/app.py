@@ -167,10 +167,10 @@ def _train_reply(msg: Message, node: Node, global_arrays: dict, stats, extra: di
             protocol.LORA_RANK: node.rank,
             protocol.TRAIN_LOSS: stats.loss,
             protocol.CONTRASTIVE_LOSS: stats.clip_loss,
-            "train-seconds": stats.seconds,
-            "step-seconds": stats.seconds / max(1, stats.steps),
-            "steps-done": stats.steps,
-            "work-fraction": stats.steps / node.profile.local_steps,  # < 1: the time budget cut training short
+            protocol.TRAIN_SECONDS: stats.seconds,
+            protocol.STEP_SECONDS: stats.seconds / max(1, stats.steps),
+            protocol.STEPS_DONE: stats.steps,
+            protocol.WORK_FRACTION: stats.steps / node.profile.local_steps,  # < 1: the time budget cut training short
             protocol.BYTES_UPLINK: arrays.count_bytes(),
             **extra,
         }, node.settings.dp))
@@ -187,9 +187,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
         class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
         full = evaluate_metrics(node.net, node.test, class_emb, with_counts=True, num_groups=node.run.num_groups)
-    for key in ("zs-acc", "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding"):
+    for key in protocol.EVALUATE_SCALARS:
         metrics[key] = float(full.get(key, 0.0))
     # Counts, never predictions: the server sums them into exact federated
     # per-group accuracy, fairness gaps and toxic-retrieval rates.
-    metrics.update({k: v for k, v in full.items() if k.startswith(("fair-", "tox-"))})
+    metrics.update({k: v for k, v in full.items() if k.startswith(protocol.EVALUATE_COUNTS)})
     return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -82,6 +82,14 @@ CLIPPED = "clipped"
 DP_EPSILON = "dp-epsilon"  # the client's own ledger (dp-sgd, local)
 DP_SAMPLE_RATE = "dp-sample-rate"
 CONSTRAINT_STAT = "cstat-"  # prefix: the constraint statistics a server sums for dual ascent
+TRAIN_SECONDS = "train-seconds"
+STEP_SECONDS = "step-seconds"
+STEPS_DONE = "steps-done"
+WORK_FRACTION = "work-fraction"  # steps done / steps planned (< 1: the tier's time budget cut training short)
+# an evaluate reply: these scalars (fedmm.evaluate names them), plus the counts the server sums
+ZS_ACC = "zs-acc"
+EVALUATE_SCALARS = (ZS_ACC, "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding")
+EVALUATE_COUNTS = ("fair-", "tox-")  # prefixes: per (group, class) counts and toxic-retrieval counts
 
 # --- a site's node config (--node-config): its own, never the server's
 NODE_PARTITION_ID = "partition-id"

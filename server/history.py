@@ -78,8 +78,8 @@ class MetricsHistory:
                 agg[k.removesuffix("-total") + "-per-client"] = counts[k] / max(1, len(replies))
         agg.update(fairness_from_counts(counts))
         agg.update(toxicity_from_counts(counts))
-        accs = [float(rec["zs-acc"]) for rd in replies for rec in rd.metric_records.values()
-                if "zs-acc" in rec and float(rec.get(protocol.NUM_EXAMPLES, 0)) > 0]
+        accs = [float(rec[protocol.ZS_ACC]) for rd in replies for rec in rd.metric_records.values()
+                if protocol.ZS_ACC in rec and float(rec.get(protocol.NUM_EXAMPLES, 0)) > 0]
         if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
             agg["client-acc-min"], agg["client-acc-std"] = min(accs), float(np.std(accs))
         agg["num-replies"] = len(replies)
