@@ -11,6 +11,11 @@ Outermost first (what a reply meets on its way in):
 ``DualAscentConstraints`` multipliers (strategies/constraints.py), when constraints are on
 the user's strategy   (strategies/: registry and built-ins)
 
+Flower's central DP wrappers need FedAvg itself beneath them, so under central
+and distributed DP the constraints wrapper sits above the DP wrapper (it only
+adds multipliers to the config and reads the replies' statistics; the arrays
+pass through to the DP wrapper untouched).
+
 ``TimedStrategy`` timers around the user's strategy and around the whole
 chain price fedmm's wrappers (``wrapper-seconds``); Flower's central DP
 wrappers need FedAvg itself beneath them, so there the inner timer sits above
@@ -98,15 +103,16 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
     """Wrap the user's ``strategy`` for this run (``num_nodes`` sizes client-level DP)."""
     check_population(strategy, settings.sampled_per_round(num_nodes))
     central_dp = needs_uniform_mean(settings.dp)
-    inner: Strategy = strategy if central_dp else TimedStrategy(strategy)
+    ledger = None
+    if central_dp:  # Flower's accounted DP wrappers need FedAvg itself beneath them: constraints go above
+        strategy, ledger = make_private(strategy, settings, num_nodes=num_nodes)
+    user_timer = TimedStrategy(strategy)  # with central DP: the strategy and its DP wrapper, priced as strategy
+    inner: Strategy = user_timer
     constraints = None
     if settings.constraint_list:
-        inner = constraints = DualAscentConstraints(
-            inner, {name: Constraint(*limit) for name, limit in settings.constraint_limits.items()})
-    inner, ledger = make_private(inner, settings, num_nodes=num_nodes)
-    if central_dp:
-        inner = TimedStrategy(inner)
-    user_timer = inner if central_dp else _timer_in(inner)
+        inner = constraints = DualAscentConstraints(inner, _constraints(settings))
+    if not central_dp:  # local DP asks the clients for noise; dp-sgd and none leave the chain as it is
+        inner, ledger = make_private(inner, settings, num_nodes=num_nodes)
     # every decoded update is checked (finiteness, absurd norms) before anything below aggregates it; names,
     # dtypes and sizes are the codec's check on the payload, just above
     validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound)
@@ -117,11 +123,12 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
     # outermost: no reply reaches anything above unless it is well formed, so no client can crash or end the run
     reply_check = ReplyCheck(book, settings.global_rank)
     outer = TimedStrategy(RecordsRound(reply_check, history))
-    return Chain(outer, strategy, reply_check, book, codec, validation, constraints, ledger, user_timer)
+    return Chain(outer, strategies.innermost(user_timer), reply_check, book, codec, validation, constraints, ledger,
+                 user_timer)
 
 
-def _timer_in(strategy: Strategy) -> TimedStrategy:
-    return next(s for s in strategies.wrapper_chain(strategy) if isinstance(s, TimedStrategy))
+def _constraints(settings: Settings) -> dict[str, Constraint]:
+    return {name: Constraint(*limit) for name, limit in settings.constraint_limits.items()}
 
 
 def make_strategy(settings: Settings, history: MetricsHistory, num_nodes: int | None = None) -> Strategy:

@@ -44,7 +44,6 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase, validate_replies
 from flwr.supercore import log
 
-import strategies
 from fedmm import protocol
 from fedmm.config import Settings
 from fedmm.privacy.accounting import client_level_accountant
@@ -57,12 +56,10 @@ def check_uniform_mean(strategy: Strategy, dp: str) -> None:
     """Central/distributed DP calibrate noise to a uniform mean: refuse other aggregates."""
     if not needs_uniform_mean(dp):
         return
-    # fedmm's wrappers above the user's strategy (constraints' multipliers) leave its aggregate as it is
-    inner = strategies.innermost(strategy)
-    if not isinstance(inner, FedAvg) or type(inner).aggregate_train is not FedAvg.aggregate_train:
+    if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
         raise ValueError(
             f"run-config 'dp' = '{dp}': the noise is calibrated to a uniform mean of clipped updates "
-            f"(FedAvg's aggregate); strategy '{type(inner).__name__}' aggregates otherwise. "
+            f"(FedAvg's aggregate); strategy '{type(strategy).__name__}' aggregates otherwise. "
             "Use strategy fedavg or fedprox, or dp = local / dp-sgd, which compose with any strategy"
         )
 

@@ -360,3 +360,22 @@ def test_clip_loss_couples_samples_on_the_default_model_too(default_model_case):
         return clip(out["image_features"], out["text_features"], out["logit_scale"]) * len(out["image_features"])
 
     assert _removal_change(net, batch, clip_sum) > 0.01
+
+
+def test_central_dp_composes_with_constraints_and_still_refuses_other_aggregates():
+    """Flower's accounted DP wrapper needs FedAvg itself beneath it, so the constraints wrapper goes above it (it
+    only adds multipliers and reads statistics): the noise stays calibrated to FedAvg's uniform mean. A strategy
+    that aggregates otherwise is refused with constraints on as well."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+    from server.chain import find_wrapper
+    from strategies.constraints import DualAscentConstraints
+
+    chain = make_strategy(_settings(dp="central-server", constraints="group-gap"), MetricsHistory(), num_nodes=5)
+    duals = find_wrapper(chain, DualAscentConstraints)
+    dp = find_wrapper(chain, DifferentialPrivacyServerSideFixedClipping)
+    assert duals is not None and find_wrapper(duals, DifferentialPrivacyServerSideFixedClipping) is dp
+    assert type(dp.strategy) is FedAvg
+    with pytest.raises(ValueError, match="uniform mean.*FedMedian"):
+        make_strategy(_settings(dp="central-server", constraints="group-gap", strategy="fedmedian"),
+                      MetricsHistory(), num_nodes=5)
