@@ -1,8 +1,8 @@
 """StrategyWrapper: the pass-through base of fedmm's strategy wrappers.
 
 A wrapper holds the strategy it wraps in ``self.strategy`` (what
-``strategies.innermost`` and the server's ``find_wrapper`` walk) and hands
-every call on unchanged; subclasses override only the steps they change
+``strategies.innermost`` walks; server/chain.py names each part once it is
+built) and hands every call on unchanged; subclasses override only the steps they change
 (compression decodes replies, constraints add multipliers, local DP adds its
 parameters to the train config).
 """
