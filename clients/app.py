@@ -18,6 +18,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,11 +33,11 @@ from fedmm.constraints import ConstraintTerm
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.logs import quiet_root_logger
-from fedmm.losses import client_objective
+from fedmm.losses import LossFn, client_objective
 from fedmm.privacy import sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.privacy.release import released_train_metrics
 from fedmm.protocol import rank_of, to_record, trainable
-from fedmm.train import mean_loss, proximal_term, train_steps
+from fedmm.train import LossTerm, TrainStats, mean_loss, proximal_term, train_steps
 
 # Outermost first: the server's instruction is checked before anything reads it; compression encodes what
 # the privacy mod released (clip -> noise -> quantize); injected faults (tests, benchmarks) act on the
@@ -129,12 +130,13 @@ def _sits_out(node: Node, plan: LocalRound) -> str | None:
     return None
 
 
-def _loss(node: Node, plan: LocalRound):
+def _loss(node: Node, plan: LocalRound) -> LossFn:
     """The run's client loss, with this round's draw of public pairs if it uses them."""
     return client_objective(node.settings, node.net, node.run.public, seed=plan.seed)
 
 
-def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn, terms: list):
+def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn: LossFn,
+                  terms: list[LossTerm]) -> tuple[TrainStats, dict[str, float]] | str:
     """DP-SGD within this client's budget: (stats, ledger metrics), or why it declines."""
     s, profile = node.settings, node.profile
     ledger = load_ledger(context)
@@ -152,7 +154,8 @@ def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn, terms
     return stats, {protocol.DP_EPSILON: sample_epsilon(ledger, s.dp_delta), protocol.DP_SAMPLE_RATE: q}
 
 
-def _train_reply(msg: Message, node: Node, global_arrays: dict, stats, extra: dict) -> Message:
+def _train_reply(msg: Message, node: Node, global_arrays: dict[str, np.ndarray], stats: TrainStats,
+                 extra: dict[str, float]) -> Message:
     """The adapter with the global names and shapes (a lower rank zero-padded, layers this tier does not adapt
     as received) and the metrics, less what DP withholds (the raw losses: the private examples' function
     with no noise at all)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
+from clients.settings import run_settings
 from fedmm import lora
 from fedmm import model as models
 from fedmm import protocol
@@ -89,19 +90,20 @@ def run_state(context: Context) -> RunState:
     if key not in _RUNS:
         _RUNS.clear()  # a new run: drop the previous run's model and data
         _NODES.clear()
-        settings = Settings.from_run_config(context.run_config)
+        settings = run_settings(context)
         splits = load_splits(settings.dataset)
         base = load_base_model(settings, progress=False)
         base_id = models.fingerprint(base)
         tokenizer = models.create_tokenizer(settings.model)
         prompts = zero_shot_prompts(class_names(splits["clients"]))
         groups = splits["clients"]["group"]
+        preprocess = models.image_mean_std(base)
         public = None
         if settings.public_draw and len(splits["public"]):
             pool = public_pool(splits["public"], settings.public_draw, settings.seed)
-            public = to_batch(pool, tokenizer, *models.image_mean_std(base))
+            public = to_batch(pool, tokenizer, *preprocess)
         _RUNS[key] = RunState(
-            settings, base, prompts, tokenizer, models.image_mean_std(base),
+            settings, base, prompts, tokenizer, preprocess,
             num_groups=max(groups) + 1 if len(groups) else 1,
             base_fingerprint=base_id,
             public=public,

@@ -17,9 +17,8 @@ adds multipliers to the config and reads the replies' statistics; the arrays
 pass through to the DP wrapper untouched).
 
 ``TimedStrategy`` timers around the user's strategy and around the whole
-chain price fedmm's wrappers (``wrapper-seconds``); Flower's central DP
-wrappers need FedAvg itself beneath them, so there the inner timer sits above
-them (DP counted as strategy). ``build_chain`` returns a ``Chain`` that names
+chain price fedmm's wrappers (``wrapper-seconds``); under central DP the inner
+timer sits above the DP wrapper (DP counted as strategy). ``build_chain`` returns a ``Chain`` that names
 every part, so nothing has to look for a wrapper again.
 """
 

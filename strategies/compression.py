@@ -29,8 +29,7 @@ import numpy as np
 
 from fedmm.compression import decode_self_describing, encode_self_describing, layout_of, make_codec
 from fedmm import protocol
-from fedmm.protocol import is_downlink_only
-from fedmm.protocol import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record, trainable
 from strategies.wrapper import StrategyWrapper
 
 
@@ -96,9 +95,9 @@ class CompressedUpdates(StrategyWrapper):
         stats = self.stats.setdefault(server_round, {})
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
-        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.protocol)
-        trainable = OrderedDict((k, v) for k, v in self._reference.items() if not is_downlink_only(k))
-        layout = layout_of(trainable)
+        # replies carry the trainable arrays only, never the downlink-only ones
+        reference = trainable(self._reference)
+        layout = layout_of(reference)
         kept = []
         for msg in replies:
             if msg.has_error():
@@ -114,7 +113,7 @@ class CompressedUpdates(StrategyWrapper):
                 stats["dropped-updates"] = stats.get("dropped-updates", 0.0) + 1
                 continue
             msg.content[self.key] = to_record(
-                OrderedDict((k, trainable[k] + delta[k]) for k in trainable)
+                OrderedDict((k, reference[k] + delta[k]) for k in reference)
             )
             kept.append(msg)
         return self.strategy.aggregate_train(server_round, kept)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedmm.protocol import A_SUFFIX, B_SUFFIX, DOWNLINK_ONLY, FROZEN_A, FROZEN_B, FROZEN_W  # noqa: F401
-from fedmm.protocol import is_downlink_only, rank_of  # noqa: F401
+from fedmm.protocol import is_downlink_only  # noqa: F401
 
 
 def lora_layers(keys: Sequence[str]) -> list[str]:

@@ -30,8 +30,8 @@ in the distributed case, and the accountant's event would not match.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -49,6 +49,7 @@ from fedmm.config import Settings
 from fedmm.privacy.accounting import client_level_accountant
 from fedmm.privacy.plan import needs_uniform_mean
 from strategies.wrapper import StrategyWrapper
+
 Ledger = Callable[[], Any]  # privacy_spent() of Flower's accounted DP wrappers
 
 

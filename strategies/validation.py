@@ -35,8 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedmm.protocol import is_downlink_only
-from fedmm.protocol import to_numpy, to_record
+from fedmm.protocol import to_numpy, to_record, trainable
 from strategies.wrapper import StrategyWrapper
 
 
@@ -67,8 +66,7 @@ class UpdateValidation(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # replies carry the trainable arrays only, never the downlink-only ones (fedmm.protocol)
-        self._reference = OrderedDict((k, v) for k, v in to_numpy(arrays).items() if not is_downlink_only(k))
+        self._reference = trainable(to_numpy(arrays))  # what a reply carries: never the downlink-only arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def _drop(self, server_round: int, msg: Message, reason: str) -> None:

@@ -5,8 +5,10 @@ field of its concern's settings group, one file per concern:
 ``config/model.py`` (model, base weights, LoRA, tiers), ``data.py``,
 ``federation.py``, ``training.py``, ``privacy.py``, ``constraints.py``,
 ``compression.py``, ``run.py``. ``Settings`` joins the groups, and ``SPEC``
-(the key table the pyproject check reads) is derived from their fields. ``Settings.from_run_config``
-rejects unknown keys (with "did you mean"), ill-typed values and
+(the key table the pyproject check reads) is derived from their fields. A
+field is ``key(default, help, check)`` and its annotation is the key's type;
+the rules that involve a group's keys are its ``_check_<concern>`` methods,
+beside them. ``Settings.from_run_config`` rejects unknown keys (with "did you mean"), ill-typed values and
 out-of-range values with an error naming the key, then each group's
 cross-field rules, so an invalid run fails in the ServerApp before any client
 is contacted. No other module reads the run config or the environment.

@@ -1,7 +1,5 @@
 """Run-config keys of one concern: the run itself: seed, output folder, resumption, caches.
-
-Each field is the one declaration of its key (``key(default, help, check)``; the type is the
-annotation); the rules that involve these keys are beside them (``_check_*``).
+(How a key is declared, and how the groups join: ``fedmm/config/__init__.py``.)
 """
 
 from __future__ import annotations
