@@ -28,6 +28,8 @@ from .deploy.processes import (
     Interrupted,
     federation_env,
     flower_bin,
+    PORT_ATTEMPTS,
+    PortTaken,
     free_port,
     interruptible,
     processes_under,
@@ -86,20 +88,27 @@ class SimulationSuperLink:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> SimulationSuperLink:
-        cmd = [
-            flower_bin("flower-superlink"), "--insecure", "--simulation",
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", ":flwr-in-memory:",
-        ]
-        self.log_file.write_text("")
-        self.proc = start(cmd, self.flwr_home, self.log_file)
-        try:
-            wait_for_port(self.port, self.proc, "flower-superlink", self.log_file)
-        except RuntimeError:
-            self.stop()
-            raise
-        return self
+        for attempt in range(PORT_ATTEMPTS):
+            cmd = [
+                flower_bin("flower-superlink"), "--insecure", "--simulation",
+                "--isolation", "subprocess",
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", ":flwr-in-memory:",
+            ]
+            self.log_file.write_text("")
+            self.proc = start(cmd, self.flwr_home, self.log_file)
+            try:
+                wait_for_port(self.port, self.proc, "flower-superlink", self.log_file)
+                return self
+            except PortTaken:
+                self.stop()
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()  # another process took it between free_port and the bind
+            except RuntimeError:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def processes(self) -> list[psutil.Process]:
         """Every process this federation started (they all carry its FLWR_HOME)."""

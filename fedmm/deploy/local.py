@@ -23,7 +23,8 @@ from . import submit
 from .. import protocol
 from .app_files import stage_app
 from .credentials import make_credentials
-from .processes import Interrupted, federation_env, flower_bin, free_port, start, stop_under, wait_for_port
+from .processes import (PORT_ATTEMPTS, Interrupted, PortTaken, federation_env, flower_bin, free_port, start, stop_under,
+                        wait_for_port)
 
 CONNECTION = "fedmm-deployment"
 
@@ -49,6 +50,7 @@ class LocalFederation:
         # client its CPUs (unless given)
         self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
         self.port = port or free_port()
+        self.port_chosen = port is None  # ours to change if another process takes it first
         self.credentials = self.home / "credentials"
         self.link_home = self.home / "superlink"
         self.database = self.link_home / "state.db"
@@ -73,7 +75,7 @@ class LocalFederation:
             if self.tls or self.auth:
                 make_credentials(self.credentials, self.nodes, ["127.0.0.1", "localhost"])
             self.write_flower_config()
-            self.start_superlink()
+            self.start_superlink_on_a_free_port()
             for i in range(self.nodes):
                 if self.auth:
                     self.register(self.node_key(i).with_suffix(".pub"))
@@ -110,6 +112,18 @@ class LocalFederation:
             cmd.append("--enable-supernode-auth")
         self.superlink = start(cmd, self.link_home, self.log_file("superlink"))
         wait_for_port(self.port, self.superlink, "flower-superlink", self.log_file("superlink"))
+
+    def start_superlink_on_a_free_port(self) -> None:
+        """``start_superlink``, on a fresh port (and connection) when ours was taken before the SuperLink bound it."""
+        for attempt in range(PORT_ATTEMPTS if self.port_chosen else 1):
+            try:
+                return self.start_superlink()
+            except PortTaken:
+                stop_under(self.link_home, self.superlink)
+                if attempt == PORT_ATTEMPTS - 1 or not self.port_chosen:
+                    raise
+                self.port = free_port()
+                self.write_flower_config()
 
     def restart_superlink(self) -> None:
         """Stop the SuperLink (and the ServerApps it runs) and start it again on the same state file."""

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import psutil
 
+# how often a process whose free port was taken before it bound it is started again on a fresh one
+PORT_ATTEMPTS = 3
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,14 +65,44 @@ def start(cmd: list[str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL)
 
 
+class PortTaken(RuntimeError):
+    """The port chosen for a process was taken by another one before it could bind it."""
+
+
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether ``proc`` itself (or a child of it) holds the listening socket on 127.0.0.1:``port``.
+
+    A bare connect is not proof: between ``free_port`` releasing a port and the
+    process binding it, anything else on the machine may take it (seen in CI:
+    the SuperLink failed with "address already in use" while a connect to the
+    port, answered by the other listener, said it was up).
+    """
+    try:
+        root = psutil.Process(proc.pid)
+        owners = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for owner in owners:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in owner.net_connections(kind="tcp")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_file: Path, timeout: float = 60) -> None:
+    """Wait until ``proc`` listens on ``port``; ``PortTaken`` if another process had it first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
+            log = log_file.read_text(errors="replace") if log_file.is_file() else ""
+            if "address already in use" in log.lower():
+                raise PortTaken(f"{what}: port {port} was taken by another process; see {log_file}")
             raise RuntimeError(f"{what} exited early (code {proc.returncode}); see {log_file}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listens(proc, port):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {log_file}")
 

@@ -1,0 +1,77 @@
+"""Starting Flower's processes: a port taken by someone else between choosing and binding it is not mistaken for ours."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import fedmm.cli as cli
+from fedmm.deploy.processes import PortTaken, free_port, wait_for_port
+
+
+def _listener() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _binder(port: int) -> list[str]:
+    """A process that binds ``port`` (and prints what uvicorn prints when it cannot), then stays up."""
+    return [sys.executable, "-c", f"""
+import socket, sys, time
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", {port}))
+except OSError as exc:
+    print(f"error while attempting to bind: {{exc.strerror.lower()}}", flush=True)
+    sys.exit(1)
+s.listen()
+time.sleep(30)
+"""]
+
+
+def test_another_processs_listener_is_not_taken_for_ours(tmp_path):
+    other = _listener()
+    port = other.getsockname()[1]
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_binder(port), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with pytest.raises(PortTaken, match=str(port)):
+            wait_for_port(port, proc, "binder", log, timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        other.close()
+
+
+def test_wait_for_port_returns_once_the_process_itself_listens(tmp_path):
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_binder(port), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, "binder", log, timeout=20)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_simulation_superlink_moves_to_a_fresh_port_when_its_port_is_taken(tmp_path, monkeypatch):
+    other = _listener()
+    taken = other.getsockname()[1]
+    ports = iter([taken])
+    monkeypatch.setattr(cli, "free_port", lambda: next(ports, None) or free_port())
+    home = tmp_path / "flwr"
+    home.mkdir()
+    try:
+        with cli.SimulationSuperLink(home, home / "superlink.log") as link:
+            assert link.port != taken
+            assert "address already in use" not in (home / "superlink.log").read_text()
+            assert link.proc is not None and link.proc.poll() is None
+        assert link.processes() == []
+    finally:
+        other.close()
