@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from fedmm.data import load_splits, partition
+from fedmm.data import load_splits, partition, to_batch
 from fedmm.data.manifest import ManifestError, load_manifest
 
 
@@ -85,12 +86,12 @@ def test_manifest_skips_missing_and_corrupt_images_and_counts_them(tmp_path):
     rows += [{"image": "gone.png", "caption": "missing"}, {"image": "broken.png", "caption": "corrupt"}]
     manifest = tmp_path / "data.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
-    splits, report = load_manifest(manifest, image_size=32)
+    splits, report = load_manifest(manifest)
     assert report.rows == 8 and report.kept == 6 and len(report.skipped) == 2
     assert report.skipped[str(tmp_path / "gone.png")] == "missing"
     assert report.skipped[str(tmp_path / "broken.png")].startswith("unreadable")
     clients = splits["clients"]
-    assert len(clients) == 6 and np.asarray(clients[0]["image"]).shape == (32, 32, 3)
+    assert len(clients) == 6 and clients[0]["image"] == str(tmp_path / "img0.png")  # a path: decoded per batch
     assert clients.features["label"].names == ["cat", "dog"]
     train, test = partition(clients, "natural", 0, 3, test_fraction=0.5)
     assert len(train) + len(test) == 2
@@ -159,3 +160,50 @@ def test_csv_integer_labels_with_blanks_stay_integers(tmp_path):
     clients = splits["clients"]
     assert clients.features["label"].names == ["0", "1", "2", "3"]  # not '3.0'
     assert clients["label"] == [3, -1, 0, 1] and clients["group"] == [1, 0, 0, 0]
+
+
+def _stripes(path, size=96):
+    """Vertical one-pixel stripes: detail a 32 px stage cannot carry at 96 px."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:, ::2] = 255
+    Image.fromarray(pixels).save(path)
+
+
+def _column_contrast(images: torch.Tensor) -> float:
+    return float((images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+
+
+def test_a_manifest_image_reaches_the_model_at_its_own_resolution(tmp_path):
+    """No fixed 32 px stage: a 96 px model sees the file's 96 px stripes, through open_clip's preprocessing."""
+    _stripes(tmp_path / "stripes.png")
+    (tmp_path / "m.csv").write_text("image,caption\nstripes.png,stripes\nstripes.png,stripes again\n")
+    splits, _ = load_manifest(tmp_path / "m.csv")
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixels 0/1 -> -1/+1
+    batch = to_batch(splits["clients"], lambda texts: torch.zeros(len(texts), 4, dtype=torch.long), mean, std, 96)
+    images = batch.subset(torch.arange(2)).images
+    assert images.shape == (2, 3, 96, 96)
+    assert _column_contrast(images) > 1.9  # every neighbouring column pair differs by ~2
+    from fedmm.data.images import model_transform
+
+    with Image.open(tmp_path / "stripes.png") as im:
+        assert torch.equal(images[0], model_transform(96, mean, std)(im.convert("RGB")))
+    # what a 32 px stage (the old path) made of the same file: the stripes are gone, so the check above can fail
+    with Image.open(tmp_path / "stripes.png") as im:
+        thumb = torch.as_tensor(np.asarray(im.convert("RGB").resize((32, 32), Image.BICUBIC)), dtype=torch.float32)
+    up = torch.nn.functional.interpolate(thumb.permute(2, 0, 1)[None] / 255.0, size=(96, 96), mode="bilinear")
+    assert _column_contrast((up - 0.5) / 0.5) < 0.5
+
+
+def test_run_class_list_fixes_label_ids_and_refuses_labels_outside_it(tmp_path):
+    _write_images(tmp_path, 3)
+    (tmp_path / "m.csv").write_text("image,caption,label,group\nimg0.png,a,dog,north\nimg1.png,b,cat,south\n"
+                                    "img2.png,c,bird,north\n")
+    splits, _ = load_manifest(tmp_path / "m.csv", classes=("cat", "dog", "bird"), groups=("south", "north"))
+    clients = splits["clients"]
+    assert clients.features["label"].names == ["cat", "dog", "bird"]
+    assert clients["label"] == [1, 0, 2] and clients["group"] == [1, 0, 1]  # ids by the run's lists
+    (tmp_path / "ids.csv").write_text("image,caption,label\nimg0.png,a,2\nimg1.png,b,0\n")
+    assert load_manifest(tmp_path / "ids.csv", classes=("cat", "dog", "bird"))[0]["clients"]["label"] == [2, 0]
+    (tmp_path / "bad.csv").write_text("image,caption,label\nimg0.png,a,dog\nimg1.png,b,zebra\nimg2.png,c,7\n")
+    with pytest.raises(ManifestError, match=r"column 'label' holds '7', 'zebra', not in the run's 'classes'"):
+        load_manifest(tmp_path / "bad.csv", classes=("cat", "dog", "bird"))

@@ -7,8 +7,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, Value
 
+from .images import ImageFiles
 from .digits import CLASS_NAMES, DATA_VERSION, ZERO_SHOT_TEMPLATES, load_digits_splits
 from .manifest import ManifestError, ManifestReport, load_manifest
 from .partition import client_split, partition, train_sizes
@@ -29,12 +30,15 @@ __all__ = [
 ]
 
 
-@lru_cache(maxsize=4)
-def load_splits(dataset: str, image_size: int = 32) -> dict[str, Dataset]:
-    """``{'public', 'clients', 'server'}`` splits of 'digits' or a manifest (cached per process)."""
+@lru_cache(maxsize=8)
+def load_splits(dataset: str, classes: tuple[str, ...] = (), groups: tuple[str, ...] = ()) -> dict[str, Dataset]:
+    """``{'public', 'clients', 'server'}`` splits of 'digits' or a manifest (cached per process).
+
+    ``classes`` / ``groups``: the run's label and group names a manifest's values must belong to.
+    """
     if dataset == "digits":
         return load_digits_splits()
-    splits, _ = load_manifest(dataset, image_size)
+    splits, _ = load_manifest(dataset, classes, groups)
     return splits
 
 
@@ -66,9 +70,13 @@ def zero_shot_prompts(names: list[str]) -> list[list[str]]:
 
 @dataclass
 class Batch:
-    """A dataset as model-ready tensors (kept in memory: client data is small)."""
+    """A dataset as model-ready tensors; a manifest's images stay files until a batch indexes them.
 
-    images: torch.Tensor  # (N, 3, H, W), normalised
+    ``subset`` (what training, evaluation and the DP sampler draw batches with)
+    always returns in-memory tensors.
+    """
+
+    images: torch.Tensor | ImageFiles  # (N, 3, H, W), normalised; a manifest's files decode per batch
     tokens: torch.Tensor  # (N, context)
     labels: torch.Tensor  # (N,), -1 when unknown
     groups: torch.Tensor  # (N,)
@@ -101,15 +109,18 @@ def to_batch(ds: Dataset, tokenizer, mean, std, size: int, toxic: np.ndarray | N
         empty = torch.zeros(0, dtype=torch.long)
         return Batch(torch.zeros(0, 3, size, size), torch.zeros(0, 1, dtype=torch.long), empty, empty,
                      torch.zeros(0, dtype=torch.bool))
-    cols = ds.with_format("numpy")[:]
-    images = torch.as_tensor(np.asarray(cols["image"]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
-    if images.shape[-1] != size:
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    tokens = tokenizer(list(ds["caption"])) if len(ds) else torch.zeros(0, 1, dtype=torch.long)
+    if isinstance(ds.features["image"], Value):  # a manifest's files, at the model's own resolution
+        images: torch.Tensor | ImageFiles = ImageFiles(ds["image"], size, tuple(mean), tuple(std))
+        cols = ds.select_columns(["label", "group", "toxic"]).with_format("numpy")[:]
+    else:  # the bundled digits: their renderer's arrays, in memory
+        cols = ds.with_format("numpy")[:]
+        pixels = torch.as_tensor(np.asarray(cols["image"]), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+        if pixels.shape[-1] != size:
+            pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    tokens = tokenizer(list(ds["caption"]))  # once per dataset: batches index the tokens
     return Batch(
-        images=(images - m) / s,
+        images=images,
         tokens=tokens,
         labels=torch.as_tensor(np.asarray(cols["label"]), dtype=torch.long),
         groups=torch.as_tensor(np.asarray(cols["group"]), dtype=torch.long),

@@ -12,16 +12,24 @@ label, are skipped and counted, and the report names them.
 Labels and groups are ids when every value is an integer (a CSV column of
 integers with blanks reads as floats such as 3.0: those count as integers),
 and names otherwise; in a column that mixes names and integers, every value
-is a name ("3" among "cat" and "dog").
+is a name ("3" among "cat" and "dog"). When the run names the federation's
+class list (``classes``; likewise ``groups``), labels are looked up in it
+(a name, or an integer index into it), and a label outside it is an error
+naming the offending values: every site's label 3 must mean one class.
+
+No pixels are read here: a kept row's image is its file path, checked to
+open as an image (PIL reads only the header); batches decode the files at the
+model's own resolution (fedmm/data/images.py), so loading costs no memory per
+image and no decoding.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from datasets import Dataset
 
 from .digits import SPLITS
@@ -52,12 +60,12 @@ def _read_rows(path: Path) -> Dataset:
     raise ManifestError(f"manifest {path}: expected a .csv or .jsonl file")
 
 
-def _load_image(file: Path, size: int) -> np.ndarray:
+def _probe_image(file: Path) -> None:
+    """Raise unless ``file`` opens as an image (its header only: no pixels are decoded)."""
     from PIL import Image
 
     with Image.open(file) as im:
-        im.load()
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+        im.size  # noqa: B018 - the header is parsed on open; a non-image raises there
 
 
 def _as_int(value: object) -> int | None:
@@ -87,8 +95,31 @@ def _vocabulary(values: list[object], empty: str):
     return names, lambda v: index[text(v)]
 
 
-def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dataset], ManifestReport]:
-    """Manifest -> splits with the bundled dataset's columns, plus what was skipped."""
+def _fixed_vocabulary(values: list[object], names: list[str], column: str, key: str, path: Path):
+    """(names, value -> id) for a column whose names the run fixed: a name, or an integer index into them."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def lookup(v: object) -> int | None:
+        i = _as_int(v)
+        if i is not None and str(i) not in index:
+            return i if 0 <= i < len(names) else None
+        return index.get(str(v).strip() if i is None else str(i))
+
+    unknown = sorted({str(v) for v in values if v is not None and lookup(v) is None})
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ManifestError(f"manifest {path}: column '{column}' holds {shown}, not in the run's '{key}' "
+                            f"({len(names)} names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+    return list(names), lookup
+
+
+def load_manifest(
+    path: str | Path, classes: Sequence[str] = (), groups: Sequence[str] = ()
+) -> tuple[dict[str, Dataset], ManifestReport]:
+    """Manifest -> splits with the bundled dataset's columns (images as file paths), plus what was skipped.
+
+    ``classes`` / ``groups``: the run's names for labels and groups (empty: the manifest's own values).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ManifestError(f"manifest file not found: {path}")
@@ -100,9 +131,12 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
         raise ManifestError(f"manifest {path}: missing required column(s) {missing_cols}")
     rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()}  # CSV blanks read as NaN
             for r in table.to_list()]
-    names, to_label = _vocabulary([r.get("label") for r in rows], "unlabelled")
-    group_names, to_group = _vocabulary([r.get("group") for r in rows], "0")
-    schema = features(names, image_size, group_names)
+    labels, group_values = [r.get("label") for r in rows], [r.get("group") for r in rows]
+    names, to_label = (_fixed_vocabulary(labels, list(classes), "label", "classes", path) if classes
+                       else _vocabulary(labels, "unlabelled"))
+    group_names, to_group = (_fixed_vocabulary(group_values, list(groups), "group", "groups", path) if groups
+                             else _vocabulary(group_values, "0"))
+    schema = features(names, None, group_names)
     report = ManifestReport(rows=len(rows))
     out: dict[str, dict[str, list]] = {s: {k: [] for k in schema} for s in SPLITS}
     for i, r in enumerate(rows):
@@ -120,7 +154,7 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
             report.skipped[str(file)] = "missing"
             continue
         try:
-            image = _load_image(file, image_size)
+            _probe_image(file)
         except Exception as exc:  # PIL raises many types for corrupt files
             report.skipped[str(file)] = f"unreadable: {type(exc).__name__}"
             continue
@@ -129,7 +163,7 @@ def load_manifest(path: str | Path, image_size: int = 32) -> tuple[dict[str, Dat
             caption = CAPTION_FROM_LABEL.format(name=names[label])
             report.prompted += 1
         o = out[split]
-        o["image"].append(image)
+        o["image"].append(str(file))
         o["caption"].append(caption)
         o["label"].append(label)
         o["group"].append(to_group(r["group"]) if r.get("group") is not None else 0)
