@@ -30,6 +30,7 @@ from clients.node import Node, load_global, node_of
 from clients.privacy_mod import budget_refusal, load_ledger, privacy_mod, store_ledger
 from fedmm import lora, protocol
 from fedmm.constraints import ConstraintTerm
+from fedmm.data import ManifestError
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.logs import quiet_root_logger
@@ -79,9 +80,19 @@ class LocalRound:
         )
 
 
+def _site(context: Context) -> Node | str:
+    """This node's model and data, or why its data cannot be used (a site's unknown labels, a missing file)."""
+    try:
+        return node_of(context)
+    except ManifestError as exc:
+        return str(exc)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = node_of(context)
+    node = _site(context)
+    if isinstance(node, str):
+        return decline(msg, node)
     plan = LocalRound.of(msg.content[protocol.CONFIG], node)
     absent = _sits_out(node, plan)
     if absent:
@@ -182,7 +193,9 @@ def _train_reply(msg: Message, node: Node, global_arrays: dict[str, np.ndarray],
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    node = node_of(context)
+    node = _site(context)
+    if isinstance(node, str):
+        return decline(msg, node)
     load_global(node, msg)
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(node.test), protocol.UNIT_WEIGHT: 1,
                                  protocol.PARTITION_ID: node.partition_id}

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
 from flwr.app import Context, Message
 
 from clients.settings import run_settings
@@ -25,7 +26,8 @@ from fedmm import model as models
 from fedmm import protocol
 from fedmm.config import Profile, Settings
 from fedmm.constraints import flag_toxic
-from fedmm.data import Batch, class_names, client_split, load_splits, to_batch, zero_shot_prompts
+from fedmm.data import (Batch, ManifestError, class_names, client_rows, client_split, public_split, site_rows,
+                        site_split, to_batch, zero_shot_prompts)
 from fedmm.losses import public_pool
 from fedmm.pretrain import load_base_model
 from fedmm.protocol import to_numpy
@@ -91,35 +93,52 @@ def run_state(context: Context) -> RunState:
         _RUNS.clear()  # a new run: drop the previous run's model and data
         _NODES.clear()
         settings = run_settings(context)
-        splits = load_splits(settings.dataset)
         base = load_base_model(settings, progress=False)
         base_id = models.fingerprint(base)
         tokenizer = models.create_tokenizer(settings.model)
-        prompts = zero_shot_prompts(class_names(splits["clients"]))
-        groups = splits["clients"]["group"]
+        # the run's class and group lists when it names them; only then does a site never open 'dataset'
+        names = list(settings.class_list) or class_names(client_rows(settings))
+        num_groups = len(settings.group_list) or _num_groups(client_rows(settings))
         preprocess = models.image_mean_std(base)
         public = None
-        if settings.public_draw and len(splits["public"]):
-            pool = public_pool(splits["public"], settings.public_draw, settings.seed)
-            public = to_batch(pool, tokenizer, *preprocess)
-        _RUNS[key] = RunState(
-            settings, base, prompts, tokenizer, preprocess,
-            num_groups=max(groups) + 1 if len(groups) else 1,
-            base_fingerprint=base_id,
-            public=public,
-        )
+        if settings.public_draw:
+            pairs = public_split(settings)
+            if len(pairs):
+                public = to_batch(public_pool(pairs, settings.public_draw, settings.seed), tokenizer, *preprocess)
+        _RUNS[key] = RunState(settings, base, zero_shot_prompts(names), tokenizer, preprocess, num_groups=num_groups,
+                              base_fingerprint=base_id, public=public)
     return _RUNS[key]
 
 
+def _num_groups(rows: Dataset) -> int:
+    groups = rows["group"]
+    return max(groups) + 1 if len(groups) else 1
+
+
 def node_of(context: Context) -> Node:
-    """This node's model and data, built on first use in this process."""
+    """This node's model and data, built on first use in this process.
+
+    A node whose node config names its own manifest (``dataset``) trains and
+    evaluates on that alone; otherwise it takes partition ``partition-id`` of
+    ``num-partitions`` of the run's dataset (simulation, rehearsals that slice
+    one dataset). Raises ``ManifestError`` when a site's data cannot be used.
+    """
     run = run_state(context)
-    pid = int(context.node_config[protocol.NODE_PARTITION_ID])
-    num = int(context.node_config[protocol.NODE_NUM_PARTITIONS])
-    node_profile = context.node_config.get(protocol.NODE_PROFILE)
-    key = (id(run), pid, num, node_profile)
+    config = context.node_config
+    site = str(config.get(protocol.NODE_DATASET, "") or "")
+    # a site need not number itself: its id then only seeds its codec and names it in the report
+    pid = int(config[protocol.NODE_PARTITION_ID]) if protocol.NODE_PARTITION_ID in config or not site else (
+        context.node_id % protocol.MAX_PARTITION_ID)
+    num = int(config.get(protocol.NODE_NUM_PARTITIONS, 1))
+    node_profile = config.get(protocol.NODE_PROFILE)
+    key = (id(run), pid, num, node_profile, site)
     if key not in _NODES:
-        train_ds, test_ds = client_split(run.settings, load_splits(run.settings.dataset)["clients"], pid, num)
+        if site:
+            train_ds, test_ds = site_split(run.settings, site_rows(run.settings, site))
+        else:
+            train_ds, test_ds = client_split(run.settings, client_rows(run.settings), pid, num)
+        if site and len(train_ds) + len(test_ds) == 0:
+            raise ManifestError(f"this node's own manifest {site} has no 'clients' rows")
         # captions are flagged on-device by the classifier, not taken from the data's own labels
         _NODES[key] = Node(
             run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),

@@ -11,7 +11,8 @@ from fedmm.config import Settings
 
 @functools.lru_cache(maxsize=4)
 def _settings(run_config: tuple) -> Settings:
-    return Settings.from_run_config(dict(run_config))
+    # the server's own manifests need not exist here: a site never opens them
+    return Settings.from_run_config(dict(run_config), server_files=False)
 
 
 def run_settings(context: Context) -> Settings:

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from .config import ConfigError, Settings
+from .config.data import inline_name_file
 from .deploy.app_files import stage_app
 from .deploy.processes import (
     Interrupted,
@@ -157,6 +158,9 @@ def run_simulation(
 def _validated(run_config: str) -> tuple[dict, Settings]:
     """Run-config overrides and their settings, with ``output-dir`` filled in; fails before anything starts."""
     overrides = parse_run_config(run_config or "")
+    for name in ("classes", "groups"):  # a name list from a file here travels inline to every site
+        if isinstance(overrides.get(name), str):
+            overrides[name] = inline_name_file(overrides[name], name)
     settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
     from . import strategy_registry as strategies
 

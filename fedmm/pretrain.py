@@ -30,7 +30,7 @@ from torch import nn
 from . import model as models
 from . import towers
 from .config import Settings
-from .data import Batch, dataset_version, load_splits, to_batch
+from .data import Batch, dataset_version, public_split, to_batch
 from .train import train_steps
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def base_checkpoint_path(settings: Settings) -> Path:
     recipe = {
         "model": settings.model,
         "architecture": models.config_of(settings.model),
-        "data": dataset_version(settings.dataset),
+        "data": dataset_version(settings.public_dataset or settings.dataset),  # what it pretrains on
         "steps": settings.pretrain_steps,
         "batch": settings.pretrain_batch_size,
         "lr": settings.pretrain_lr,
@@ -87,11 +87,11 @@ def tower_features(net: nn.Module, data: Batch, chunk: int = 64) -> Batch:
 
 
 def _public_batch(settings: Settings, net: nn.Module) -> Batch:
-    public = load_splits(settings.dataset)["public"]
+    public = public_split(settings)
     if len(public) < 2:
         raise ValueError(
-            "pretrained = 'public-pretrain' needs a public split; the dataset has "
-            f"{len(public)} public rows (manifest column 'split' = public)"
+            f"pretrained = 'public-pretrain' needs public pairs; {settings.public_dataset or settings.dataset} has "
+            f"{len(public)} (set 'public-dataset', or rows with manifest column 'split' = public)"
         )
     mean, std, size = models.image_mean_std(net)
     return to_batch(public, models.create_tokenizer(settings.model), mean, std, size)

@@ -95,6 +95,7 @@ EVALUATE_COUNTS = ("fair-", "tox-")  # prefixes: per (group, class) counts and t
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_PROFILE = "profile"  # its tier in client-profiles
+NODE_DATASET = "dataset"  # the site's own manifest: the node trains and evaluates on it and opens nothing else
 NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"  # a request below it is declined
 NODE_MAX_EPSILON = "dp-max-epsilon"
 NODE_DELTA = "dp-delta"

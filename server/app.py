@@ -24,7 +24,7 @@ from flwr.supercore.logger import FLOWER_LOGGER
 
 from fedmm import protocol, report
 from fedmm.config import ConfigError, Settings
-from fedmm.data import group_names, load_splits
+from fedmm.data import class_names, group_names, public_split, server_split
 from fedmm.logs import quiet_root_logger
 from fedmm.privacy.plan import privacy_plan, privacy_summary
 from server.central import CentralModel
@@ -71,19 +71,20 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     random.seed(settings.seed)  # Flower samples nodes with Python's RNG
 
-    splits = load_splits(settings.dataset)
-    _check_public_split(settings, splits)
-    central = CentralModel.build(settings, splits["server"])
+    held_out = server_split(settings)
+    _check_public_split(settings)
+    if settings.class_list and class_names(held_out) != list(settings.class_list):  # e.g. 'classes' with the digits
+        raise ConfigError(f"run-config 'classes' names {list(settings.class_list)[:10]}, but the server's held-out "
+                          f"data ({settings.server_dataset or settings.dataset}) has {class_names(held_out)[:10]}")
+    central = CentralModel.build(settings, held_out)
     initial = central.initial_arrays()
     num_nodes = len(list(grid.get_node_ids()))
-    if num_nodes > len(splits["clients"]):
-        raise ValueError(f"{num_nodes} nodes but only {len(splits['clients'])} client samples")
     log(INFO, "fedmm: base %s; adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
         "%d server held-out samples; report -> %s", central.base_fingerprint, len(initial),
         initial.count_bytes() / 1024, 100 * initial.count_bytes() / central.base_bytes, central.base_bytes / 2**20,
         central.num_classes, len(central.held_out), out)
     chain = build_chain(settings, strategy, history, num_nodes)
-    num_rounds, privacy_notes = privacy_plan(settings, num_nodes, splits)
+    num_rounds, privacy_notes = privacy_plan(settings, num_nodes)
 
     done, arrays = 0, initial
     if checkpoint is not None:
@@ -108,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         "base-model-bytes": central.base_bytes,
         "adapter-dir": str(adapter_dir),
         "privacy": privacy_summary(settings, num_nodes, privacy_notes),
-        "group-names": group_names(splits["server"]),
+        "group-names": list(settings.group_list) or group_names(held_out),
         "failed-replies": chain.book.failures,
         "dropped-updates": recorder.dropped_updates(),
     })
@@ -130,12 +131,13 @@ def _train_config(settings: Settings, strategy: object, base_fingerprint: str) -
     })
 
 
-def _check_public_split(settings: Settings, splits: dict) -> None:
-    """A loss that draws public pairs needs a public split (known only once the data is loaded)."""
-    if settings.public_draw and len(splits["public"]) == 0:
+def _check_public_split(settings: Settings) -> None:
+    """A loss that draws public pairs needs public data (known only once the data is loaded)."""
+    if settings.public_draw and len(public_split(settings)) == 0:
         key = "public-captions" if settings.objective == "unicl" else "dp-negatives"
         raise ConfigError(
             f"run-config 'loss' = '{settings.objective}' (dp = '{settings.dp}') draws public pairs at every step "
-            f"('{key}' = {settings.public_draw}), and the dataset has no public split (manifest column "
-            f"'split' = public)" + (f"; set '{key}' = 0 to train in-batch only" if key == "public-captions" else "")
+            f"('{key}' = {settings.public_draw}), and there are none: set 'public-dataset', or give 'dataset' "
+            f"rows with manifest column 'split' = public"
+            + (f"; or set '{key}' = 0 to train in-batch only" if key == "public-captions" else "")
         )

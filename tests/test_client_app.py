@@ -273,3 +273,49 @@ def test_under_dp_a_train_reply_withholds_the_raw_losses(run_config, global_arra
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     assert not set(WITHHELD_UNDER_DP) & set(metrics) and metrics["dp-epsilon"] > 0
+
+
+def _site_folder(folder, labels, groups):
+    import json
+
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(len(labels))
+    rows = []
+    for i, (label, group) in enumerate(zip(labels, groups)):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "caption": f"a photo of a {label}", "label": label, "group": group})
+    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "manifest.jsonl"
+
+
+def test_a_site_trains_on_its_own_manifest_and_declines_labels_outside_the_runs_classes(
+        run_config, base_settings, global_arrays, tmp_path):
+    """Node config 'dataset': the node's own rows, string labels and groups by the run's lists; no 'classes' or
+    an unknown label: it declines, naming why."""
+    from fedmm.pretrain import ensure_base_checkpoint
+
+    arrays, _ = global_arrays
+    good = _site_folder(tmp_path / "site-a", ["cat", "dog", "cat", "bird", "dog", "cat"],
+                        ["north", "south", "north", "north", "south", "north"])
+    bad = _site_folder(tmp_path / "site-b", ["cat", "zebra", "dog"], ["north", "north", "south"])
+    config = {**run_config, "classes": "cat,dog,bird", "groups": "south,north", "test-fraction": 0.34,
+              "pretrained": str(ensure_base_checkpoint(base_settings, progress=False))}
+
+    def call(manifest, kind=MessageType.TRAIN, cfg=config):
+        context = Context(run_id=1, node_id=7, node_config={"dataset": str(manifest)}, state=RecordDict(),
+                          run_config=cfg)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+        return client_app(Message(content=content, dst_node_id=7, message_type=kind), context)
+
+    reply = call(good)
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-examples"] == 3  # its 6 rows, a third held out
+    assert reply.content["metrics"]["partition-id"] == 7  # no partition-id: its node id names it
+    evaluated = call(good, MessageType.EVALUATE).content["metrics"]
+    assert evaluated["num-examples"] == 3
+    declined = call(bad)
+    assert declined.has_error() and "'zebra'" in declined.error.reason and "'classes'" in declined.error.reason
+    unnamed = call(good, cfg={k: v for k, v in config.items() if k not in ("classes", "groups")})
+    assert unnamed.has_error() and "names no 'classes'" in unnamed.error.reason

@@ -306,15 +306,14 @@ def test_invalid_privacy_combinations_are_rejected_with_the_key():
 
 
 def test_privacy_plan_limits_rounds_and_warns_about_delta():
-    splits = load_splits("digits")
     s = _settings(dp="central-server", **{"max-epsilon": gaussian_epsilon(1.0, 4, 1e-5) + 1e-9})
-    rounds, notes = privacy_plan(s, 10, splits)
+    rounds, notes = privacy_plan(s, 10)
     assert rounds == 4 and any("allows 4 of 10 rounds" in n for n in notes)
     with pytest.raises(ConfigError, match="one round at noise multiplier"):
-        privacy_plan(_settings(dp="distributed", **{"max-epsilon": 0.1}), 10, splits)
-    _, notes = privacy_plan(_settings(dp="central-server", **{"dp-delta": 0.2}), 10, splits)
+        privacy_plan(_settings(dp="distributed", **{"max-epsilon": 0.1}), 10)
+    _, notes = privacy_plan(_settings(dp="central-server", **{"dp-delta": 0.2}), 10)
     assert any("dp-delta 0.2 >= 1/10" in n for n in notes)
-    _, notes = privacy_plan(_settings(dp="dp-sgd", **{"dp-delta": 0.1}), 10, splits)
+    _, notes = privacy_plan(_settings(dp="dp-sgd", **{"dp-delta": 0.1}), 10)
     assert any("smallest client's examples" in n for n in notes)
 
 

@@ -56,8 +56,12 @@ class Settings(RunSettings, CompressionSettings, ConstraintSettings, PrivacySett
     """Validated run settings; attribute names are the run-config keys in snake_case."""
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any] | None = None) -> Settings:
-        """Validate a flat run config (missing keys take their defaults)."""
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None, *, server_files: bool = True) -> Settings:
+        """Validate a flat run config (missing keys take their defaults).
+
+        ``server_files`` = False (a ClientApp): the manifests only the server opens ('dataset' as the default
+        of a site that brings its own, 'server-dataset') need not exist on this machine.
+        """
         run_config = dict(run_config or {})
         unknown = sorted(set(run_config) - set(SPEC))
         if unknown:
@@ -76,6 +80,8 @@ class Settings(RunSettings, CompressionSettings, ConstraintSettings, PrivacySett
             values[name.replace("-", "_")] = value
         settings = cls(**values)
         settings._check_cross_field()
+        if server_files:
+            settings._check_server_files()
         return settings
 
     def _check_cross_field(self) -> None:
@@ -84,7 +90,6 @@ class Settings(RunSettings, CompressionSettings, ConstraintSettings, PrivacySett
         self._check_privacy()
         self._check_tiers()
         self._check_run()
-        self._check_data()
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config form (round-trips through ``from_run_config``)."""

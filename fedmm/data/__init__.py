@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset, Value
+from datasets import Dataset, Value, concatenate_datasets
 
 from .images import ImageFiles
 from .digits import CLASS_NAMES, DATA_VERSION, ZERO_SHOT_TEMPLATES, load_digits_splits
 from .manifest import ManifestError, ManifestReport, load_manifest
-from .partition import client_split, partition, train_sizes
+from .partition import client_split, partition, site_split, train_sizes
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 __all__ = [
     "Batch",
@@ -22,7 +26,12 @@ __all__ = [
     "group_names",
     "dataset_version",
     "load_splits",
+    "client_rows",
     "client_split",
+    "public_split",
+    "server_split",
+    "site_rows",
+    "site_split",
     "partition",
     "train_sizes",
     "to_batch",
@@ -42,8 +51,47 @@ def load_splits(dataset: str, classes: tuple[str, ...] = (), groups: tuple[str, 
     return splits
 
 
+def _all_rows(path: str, classes: tuple[str, ...], groups: tuple[str, ...]) -> Dataset:
+    splits = load_splits(path, classes, groups)
+    return concatenate_datasets([splits[name] for name in ("public", "clients", "server")])
+
+
+def server_split(settings: Settings) -> Dataset:
+    """The server's held-out data: every row of 'server-dataset', else the 'server' split of 'dataset'."""
+    s = settings
+    if s.server_dataset:
+        return _all_rows(s.server_dataset, s.class_list, s.group_list)
+    return load_splits(s.dataset, s.class_list, s.group_list)["server"]
+
+
+def public_split(settings: Settings) -> Dataset:
+    """The public pairs (base pretraining, public negatives and captions): every row of 'public-dataset', else
+    the 'public' split of 'dataset'."""
+    s = settings
+    if s.public_dataset:
+        return _all_rows(s.public_dataset, s.class_list, s.group_list)
+    return load_splits(s.dataset, s.class_list, s.group_list)["public"]
+
+
+def client_rows(settings: Settings) -> Dataset:
+    """What simulated clients (and SuperNodes without data of their own) partition: the 'clients' split of
+    'dataset'."""
+    return load_splits(settings.dataset, settings.class_list, settings.group_list)["clients"]
+
+
+def site_rows(settings: Settings, manifest: str) -> Dataset:
+    """A site's own data: the 'clients' rows (every row without a 'split') of the manifest its node config
+    names, its labels and groups looked up in the run's name lists, which a site must have."""
+    if not settings.class_list:
+        raise ManifestError(
+            f"this node's own manifest {manifest} (node config 'dataset'): the run config names no 'classes', so "
+            "its labels could mean other classes than the other sites'; the run must set 'classes'")
+    return load_splits(manifest, settings.class_list, settings.group_list)["clients"]
+
+
 def dataset_version(dataset: str) -> str:
-    return DATA_VERSION if dataset == "digits" else f"manifest:{dataset}"
+    # manifest-v2: images at the model's own resolution (v1 went through a 32 px stage)
+    return DATA_VERSION if dataset == "digits" else f"manifest-v2:{dataset}"
 
 
 def class_names(ds: Dataset) -> list[str]:

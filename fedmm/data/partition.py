@@ -126,6 +126,15 @@ def client_split(settings: Settings, dataset: Dataset, partition_id: int, num_pa
                      group_sites=s.group_sites, seed=s.seed)
 
 
+def site_split(settings: Settings, dataset: Dataset) -> tuple[Dataset, Dataset]:
+    """A site's own rows as (train, test): held out as ``partition`` holds out a partition's, so a site whose
+    folder holds exactly partition i's rows (``fedmm data export``) trains and tests on what partition i would."""
+    if len(dataset) < 2:
+        return dataset, dataset.select([])
+    split = dataset.train_test_split(test_size=settings.test_fraction, seed=settings.seed)
+    return split["train"], split["test"]
+
+
 def train_sizes(settings: Settings, dataset: Dataset, num_partitions: int) -> list[int]:
     """Training examples of every client, by partition id."""
     return [len(client_split(settings, dataset, pid, num_partitions)[0]) for pid in range(num_partitions)]

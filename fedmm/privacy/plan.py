@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from ..config import ConfigError, Settings
-from ..data import train_sizes
+from ..data import client_rows, train_sizes
 from .accounting import gaussian_epsilon, rounds_allowed
 from .release import OUTSIDE_GUARANTEE
 
@@ -71,7 +71,7 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
     }
 
 
-def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int, list[str]]:
+def privacy_plan(settings: Settings, num_nodes: int) -> tuple[int, list[str]]:
     """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
     notes: list[str] = []
     rounds = settings.num_server_rounds
@@ -92,7 +92,8 @@ def privacy_plan(settings: Settings, num_nodes: int, splits: dict) -> tuple[int,
                 notes.append(f"max-epsilon {settings.max_epsilon:g} allows {rounds} of "
                              f"{settings.num_server_rounds} rounds: the run stops after round {rounds}")
     if settings.dp == "dp-sgd":
-        small = min(train_sizes(settings, splits["clients"], num_nodes))
+        # the run dataset's partitions: sites that bring their own data are not seen from here
+        small = min(train_sizes(settings, client_rows(settings), num_nodes))
         if small and settings.dp_delta >= 1 / small:
             notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{small} (the smallest client's examples): "
                          "a guarantee that may fail for one example is weak; lower dp-delta")
