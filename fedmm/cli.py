@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from .config import ConfigError, Settings
+from . import cli_data
 from .config.data import inline_name_file
 from .deploy.app_files import stage_app
 from .deploy.processes import (
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--no-run", action="store_true", help="only register the keys")
     job.set_defaults(fn=cmd_submit)
     sub.add_parser("strategies", help="list installed strategies and their arguments").set_defaults(fn=cmd_strategies)
+    cli_data.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -207,3 +207,50 @@ def test_run_class_list_fixes_label_ids_and_refuses_labels_outside_it(tmp_path):
     (tmp_path / "bad.csv").write_text("image,caption,label\nimg0.png,a,dog\nimg1.png,b,zebra\nimg2.png,c,7\n")
     with pytest.raises(ManifestError, match=r"column 'label' holds '7', 'zebra', not in the run's 'classes'"):
         load_manifest(tmp_path / "bad.csv", classes=("cat", "dog", "bird"))
+
+
+def test_exported_site_folders_hold_what_the_partitions_do(tmp_path):
+    """``fedmm data export``: a site given its folder trains and tests on exactly partition i's pairs."""
+    from fedmm.config import Settings
+    from fedmm.data import client_rows, client_split, site_rows, site_split
+    from fedmm.data.sites import export_sites, inspect_manifest
+
+    settings = Settings.from_run_config({"model": "fedmm-tiny-vit", "partitioner": "iid"})
+    written = export_sites(settings, tmp_path, 3)
+    classes = (tmp_path / "classes.txt").read_text().split()
+    site = Settings.from_run_config({**settings.to_run_config(), "classes": ",".join(classes),
+                                     "server-dataset": str(tmp_path / "server" / "manifest.jsonl")})
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    tokens = lambda texts: torch.zeros(len(texts), 2, dtype=torch.long)  # noqa: E731
+    for i in range(3):
+        expected = client_split(settings, client_rows(settings), i, 3)
+        got = site_split(site, site_rows(site, str(tmp_path / f"site-{i}" / "manifest.jsonl")))
+        assert written[f"site-{i}"] == len(expected[0]) + len(expected[1])
+        for want, have in zip(expected, got):
+            assert have["caption"] == want["caption"] and have["label"] == want["label"]
+            assert have["group"] == want["group"] and have["toxic"] == want["toxic"]
+            n = torch.arange(min(8, len(want)))
+            assert torch.equal(to_batch(have, tokens, mean, std, 32).subset(n).images,
+                               to_batch(want, tokens, mean, std, 32).subset(n).images)
+    found = inspect_manifest(tmp_path / "site-0" / "manifest.jsonl", tuple(classes), decode=True)
+    assert found["kept"] == written["site-0"] and not found["skipped"] and found["classes"] == classes
+    from fedmm.data import server_split
+
+    assert len(server_split(site)) == written["server"] == len(load_splits("digits")["server"])
+
+
+def test_fedmm_data_inspect_names_what_it_skips(tmp_path, capsys):
+    from fedmm.cli import main
+
+    _write_images(tmp_path, 3, size=64)
+    whole = (tmp_path / "img2.png").read_bytes()
+    (tmp_path / "img2.png").write_bytes(whole[: len(whole) // 2])  # a header that opens, pixels that do not
+    (tmp_path / "m.csv").write_text("image,caption,label,client\nimg0.png,a,cat,s1\nimg1.png,b,dog,s2\n"
+                                    "img2.png,c,dog,s2\ngone.png,d,cat,s1\n")
+    assert main(["data", "inspect", str(tmp_path / "m.csv"), "--decode", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["rows"] == 4 and found["kept"] == 2
+    assert found["skipped"] == {str(tmp_path / "gone.png"): "missing",
+                                str(tmp_path / "img2.png"): found["skipped"][str(tmp_path / "img2.png")]}
+    assert found["skipped"][str(tmp_path / "img2.png")].startswith("does not decode")
+    assert found["per-client"] == {"s1": 1, "s2": 1} and found["per-class"] == {"cat": 1, "dog": 1}

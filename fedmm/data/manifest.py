@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, disable_progress_bars
 
 from .digits import SPLITS
 from .schema import features
@@ -53,6 +53,7 @@ class ManifestReport:
 
 
 def _read_rows(path: Path) -> Dataset:
+    disable_progress_bars()  # a progress bar per manifest read is noise in every client's log
     if path.suffix.lower() == ".csv":
         return Dataset.from_csv(str(path), keep_in_memory=True)
     if path.suffix.lower() in (".jsonl", ".json"):

@@ -72,6 +72,31 @@ def partition(
     seed: int = 0,
 ) -> tuple[Dataset, Dataset]:
     """The (train, test) split of one client's partition."""
+    part = partition_rows(dataset, kind, partition_id, num_partitions, alpha=alpha,
+                          classes_per_client=classes_per_client, group_sites=group_sites, seed=seed)
+    return hold_out(part, test_fraction, seed)
+
+
+def hold_out(part: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, test) of one client's rows: a seeded ``test_fraction`` held out (nothing with fewer than 2 rows)."""
+    if len(part) < 2:
+        return part, part.select([])
+    split = part.train_test_split(test_size=test_fraction, seed=seed)
+    return split["train"], split["test"]
+
+
+def partition_rows(
+    dataset: Dataset,
+    kind: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    alpha: float = 0.3,
+    classes_per_client: int = 2,
+    group_sites: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """One client's partition, before its held-out split (``fedmm data export`` writes these, in order)."""
     if num_partitions > len(dataset):
         raise ValueError(
             f"num-partitions={num_partitions} exceeds the {len(dataset)} client samples"
@@ -106,10 +131,7 @@ def partition(
         if partition_id in sites:
             rows += rows_of(groups != majority, sites.index(partition_id), len(sites))
         part = dataset.select(rows)
-    if len(part) < 2:
-        return part, part.select([])
-    split = part.train_test_split(test_size=test_fraction, seed=seed)
-    return split["train"], split["test"]
+    return part
 
 
 def minority_sites(num_partitions: int, group_sites: float, seed: int) -> list[int]:
@@ -118,21 +140,23 @@ def minority_sites(num_partitions: int, group_sites: float, seed: int) -> list[i
     return sorted(np.random.default_rng(seed).choice(num_partitions, size=k, replace=False).tolist())
 
 
-def client_split(settings: Settings, dataset: Dataset, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
-    """``partition`` with the run's partitioning settings: what client ``partition_id`` trains and tests on."""
+def client_partition(settings: Settings, dataset: Dataset, partition_id: int, num_partitions: int) -> Dataset:
+    """``partition_rows`` with the run's partitioning settings."""
     s = settings
-    return partition(dataset, s.partitioner, partition_id, num_partitions, alpha=s.dirichlet_alpha,
-                     classes_per_client=s.classes_per_client, test_fraction=s.test_fraction,
-                     group_sites=s.group_sites, seed=s.seed)
+    return partition_rows(dataset, s.partitioner, partition_id, num_partitions, alpha=s.dirichlet_alpha,
+                          classes_per_client=s.classes_per_client, group_sites=s.group_sites, seed=s.seed)
+
+
+def client_split(settings: Settings, dataset: Dataset, partition_id: int, num_partitions: int) -> tuple[Dataset, Dataset]:
+    """What client ``partition_id`` trains and tests on under the run's partitioning settings."""
+    return hold_out(client_partition(settings, dataset, partition_id, num_partitions), settings.test_fraction,
+                    settings.seed)
 
 
 def site_split(settings: Settings, dataset: Dataset) -> tuple[Dataset, Dataset]:
     """A site's own rows as (train, test): held out as ``partition`` holds out a partition's, so a site whose
     folder holds exactly partition i's rows (``fedmm data export``) trains and tests on what partition i would."""
-    if len(dataset) < 2:
-        return dataset, dataset.select([])
-    split = dataset.train_test_split(test_size=settings.test_fraction, seed=settings.seed)
-    return split["train"], split["test"]
+    return hold_out(dataset, settings.test_fraction, settings.seed)
 
 
 def train_sizes(settings: Settings, dataset: Dataset, num_partitions: int) -> list[int]:
