@@ -156,9 +156,10 @@ def run_simulation(
         return proc.returncode
 
 
-def _validated(run_config: str) -> tuple[dict, Settings]:
-    """Run-config overrides and their settings, with ``output-dir`` filled in; fails before anything starts."""
-    overrides = parse_run_config(run_config or "")
+def _validated(run_config: str, defaults: dict | None = None) -> tuple[dict, Settings]:
+    """Run-config overrides (over ``defaults``) and their settings, with ``output-dir`` filled in; fails before
+    anything starts."""
+    overrides = {**(defaults or {}), **parse_run_config(run_config or "")}
     for name in ("classes", "groups"):  # a name list from a file here travels inline to every site
         if isinstance(overrides.get(name), str):
             overrides[name] = inline_name_file(overrides[name], name)
@@ -188,8 +189,26 @@ def _report(settings: Settings, code: int) -> int:
     return 0
 
 
+def _site_manifests(args: argparse.Namespace) -> tuple[list[Path] | None, dict]:
+    """``--sites FOLDER`` (``fedmm data export``'s layout): each SuperNode's manifest, and the name lists."""
+    if not args.sites:
+        return None, {}
+    if not args.deployment:
+        raise ConfigError("--sites gives each SuperNode its own folder: it needs --deployment")
+    folder = Path(args.sites).expanduser().resolve()
+    sites = [folder / f"site-{i}" / "manifest.jsonl" for i in range(args.clients)]
+    missing = [str(m) for m in sites if not m.is_file()]
+    if missing:
+        raise ConfigError(f"--sites {folder}: no site manifest {missing[0]} (fedmm data export {folder} "
+                          f"--sites {args.clients})")
+    names = {key: f"@{folder / f'{key}.txt'}" for key in ("classes", "groups") if (folder / f"{key}.txt").is_file()}
+    return sites, names
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides, settings = _validated(args.run_config)
+    sites, names = _site_manifests(args)
+    overrides, settings = _validated(args.run_config, names)
+    args.site_manifests = sites
     try:
         with interruptible():
             return _run(args, overrides, settings)
@@ -202,7 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if done:
             again = format_run_config({**overrides, "resume": True})
             print(f"fedmm: continue with: fedmm run --clients {args.clients} --run-config '{again}'"
-                  + (" --deployment" if args.deployment else ""), file=sys.stderr)
+                  + (" --deployment" if args.deployment else "") + (f" --sites {args.sites}" if args.sites else ""),
+                  file=sys.stderr)
         return 130
 
 
@@ -218,7 +238,8 @@ def _run(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
         log.info("fedmm: deployment engine, SuperLink + %d SuperNodes on 127.0.0.1 (%s; logs in %s); report -> %s",
                  args.clients, "insecure" if args.insecure else "TLS, node authentication",
                  home / "logs", settings.output_dir)
-        with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure) as federation:
+        with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure,
+                             sites=args.site_manifests) as federation:
             code = federation.run(Path(args.app), format_run_config(overrides))
     else:
         log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
@@ -318,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--deployment", action="store_true",
                      help="Flower's deployment engine: a real SuperLink and one SuperNode process per client on 127.0.0.1")
     run.add_argument("--insecure", action="store_true", help="with --deployment: no TLS and no node authentication")
+    run.add_argument("--sites", default="", help="with --deployment: SuperNode i trains on FOLDER/site-<i>/manifest.jsonl "
+                     "(fedmm data export's folders; its classes.txt and groups.txt become the run's lists)")
     run.set_defaults(fn=cmd_run)
     link = sub.add_parser("superlink", help="Flower's SuperLink with message payloads in memory (state in --database)",
                           description="Everything after -- goes to flower-superlink, e.g. --database state.db "

@@ -1,16 +1,21 @@
 """Flower's deployment engine on 127.0.0.1: a real SuperLink and SuperNode processes.
 
 One federation (TLS and SuperNode authentication on, state in a file) runs a
-short job, then is probed for what a consortium relies on: the job's result
-matches the simulation of the same config, ClientApp tasks ran in one warm
-process per node, an unregistered node is refused, plain HTTP is refused,
-and a restarted SuperLink still knows the run.
+short job, each SuperNode on its own site folder (``fedmm data export`` of
+the run's partitions; node config ``dataset``), then is probed for what a
+consortium relies on: each node read its own folder and nothing else, the
+job's result matches the simulation of the same config (which slices the
+bundled data instead), ClientApp tasks ran in one warm process per node, an
+unregistered node is refused, plain HTTP is refused, and a restarted
+SuperLink still knows the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import ssl
 import time
@@ -19,6 +24,9 @@ from pathlib import Path
 import pytest
 
 from fedmm.cli import format_run_config, run_simulation
+from fedmm.config import Settings
+from fedmm.data.digits import CLASS_NAMES
+from fedmm.data.sites import export_sites
 from fedmm.deploy.credentials import certificate_hosts, make_node_key
 from fedmm.deploy.local import CONNECTION, LocalFederation
 from fedmm.deploy.processes import processes_under
@@ -31,7 +39,12 @@ pytestmark = pytest.mark.integration
 
 def _job(base_settings, out: Path) -> dict:
     return {**base_settings.to_run_config(), "num-server-rounds": 2, "local-steps": 6,
-            "partitioner": "iid", "min-nodes": NODES, "output-dir": str(out)}
+            "partitioner": "iid", "min-nodes": NODES, "output-dir": str(out),
+            "classes": ",".join(CLASS_NAMES)}  # the run's label space, which every site's labels must be in
+
+
+def _reads(folder: Path) -> dict[Path, float]:
+    return {f: f.stat().st_atime for f in folder.rglob("*.png")}
 
 
 def _rounds(out: Path) -> dict[int, dict]:
@@ -42,16 +55,40 @@ def _rounds(out: Path) -> dict[int, dict]:
 def federation(base_settings, tmp_path_factory):
     ensure_base_checkpoint(base_settings, progress=False)
     home = tmp_path_factory.mktemp("deployment")
-    with LocalFederation(home, NODES, threads=1) as fed:  # one torch thread per client, as in simulation
-        out = home / "report"
-        code = fed.run(ROOT, format_run_config(_job(base_settings, out)), stream=False, timeout=900)
+    job = _job(base_settings, home / "report")
+    # one folder per site, and a sibling no node is given (a copy of site 0's): nothing may open it
+    sites = export_sites(Settings.from_run_config(job), home / "sites", NODES)
+    shutil.copytree(home / "sites" / "site-0", home / "sites" / f"site-{NODES}")
+    manifests = [home / "sites" / f"site-{i}" / "manifest.jsonl" for i in range(NODES)]
+    for f in (home / "sites").rglob("*.png"):  # access times before the mtimes: the next read moves them (relatime)
+        os.utime(f, ns=(f.stat().st_mtime_ns - 10**9, f.stat().st_mtime_ns))
+    before = _reads(home / "sites")
+    with LocalFederation(home, NODES, threads=1, sites=manifests) as fed:  # one torch thread per client
+        code = fed.run(ROOT, format_run_config(job), stream=False, timeout=900)
         assert code == 0, (home / "logs" / "run.log").read_text()[-3000:]
-        yield fed, out
+        yield fed, home / "report", sites, before
     assert processes_under(home) == []  # every process it started is gone
 
 
+def test_each_site_read_its_own_folder_and_nothing_else(federation):
+    fed, out, sites, before = federation
+    after = _reads(fed.home / "sites")
+    clients = json.loads((out / "metrics.json").read_text())["clients"]
+    for i in range(NODES + 1):
+        files = [f for f in before if f"site-{i}" in f.parts]
+        read = [f for f in files if after[f] > before[f]]
+        if i == NODES:  # the sibling folder, given to no node, was never opened
+            assert read == [], read[:3]
+            continue
+        # what node i reports it trained and tested on is its own folder's rows, and it decoded its images:
+        # every held-out one (evaluation), and the training ones its minibatches drew
+        rows = {c["phase"]: c["num-examples"] for c in clients if c["round"] == 1 and c["partition-id"] == i}
+        assert rows["train"] + rows["evaluate"] == sites[f"site-{i}"] == len(files)
+        assert len(read) >= rows["evaluate"] + 0.9 * rows["train"], (i, len(read), rows)
+
+
 def test_deployment_job_matches_simulation(federation, base_settings, tmp_path):
-    fed, out = federation
+    fed, out, _, _ = federation
     deployed = _rounds(out)
     assert sorted(deployed) == [0, 1, 2]
     assert deployed[2]["train/num-replies"] == NODES and deployed[2]["evaluate/num-replies"] == NODES
@@ -70,7 +107,7 @@ def test_deployment_job_matches_simulation(federation, base_settings, tmp_path):
 
 
 def test_each_node_runs_its_tasks_in_one_warm_process(federation):
-    fed, _ = federation
+    fed, *_ = federation
     for i in range(NODES):
         log = fed.log_file(f"supernode-{i}").read_text()
         assert log.count("serving ClientApp tasks") == 1  # one worker process, started once
@@ -79,7 +116,7 @@ def test_each_node_runs_its_tasks_in_one_warm_process(federation):
 
 
 def test_superlink_serves_tls_only(federation):
-    fed, _ = federation
+    fed, *_ = federation
     ca = fed.credentials / "ca.crt"
     assert set(certificate_hosts(fed.credentials / "server.crt")) >= {"127.0.0.1", "localhost"}
     context = ssl.create_default_context(cafile=str(ca))
@@ -102,7 +139,7 @@ def test_superlink_serves_tls_only(federation):
 
 
 def test_unregistered_node_is_refused(federation, tmp_path):
-    fed, _ = federation
+    fed, *_ = federation
     before = fed.online_nodes()
     rogue_key = make_node_key(tmp_path, "rogue")  # valid key pair, never registered
     proc = fed.start_supernode(0, key=rogue_key, name="rogue")
@@ -114,7 +151,7 @@ def test_unregistered_node_is_refused(federation, tmp_path):
 
 
 def test_restarted_superlink_keeps_its_runs(federation):
-    fed, _ = federation
+    fed, *_ = federation
 
     def runs() -> list[dict]:
         out = fed.flwr("ls", CONNECTION, "--format", "json").stdout

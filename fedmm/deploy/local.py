@@ -38,7 +38,7 @@ class LocalFederation:
 
     def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
                  node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, sites: list[Path] | None = None):
         if nodes < 1:
             raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
         self.home = home.resolve()
@@ -46,6 +46,9 @@ class LocalFederation:
         # False: Flower's stock SuperNode, a fresh ClientApp process per message (the benchmarks' baseline)
         self.warm_clientapps = warm_clientapps
         self.extra_node_config = node_config or {}
+        if sites is not None and len(sites) != nodes:
+            raise ValueError(f"LocalFederation: {len(sites)} site manifests for {nodes} SuperNodes")
+        self.sites = sites  # node i's own manifest (node config 'dataset'), if the sites bring their data
         # torch threads per SuperNode: the machine's cores shared out, as the simulation engine gives each
         # client its CPUs (unless given)
         self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
@@ -140,6 +143,8 @@ class LocalFederation:
     def node_args(self, i: int, key: Path | None = None) -> list[str]:
         """The ``fedmm supernode`` options of site ``i`` (``key`` overrides its registered key)."""
         config = {protocol.NODE_PARTITION_ID: i, protocol.NODE_NUM_PARTITIONS: self.nodes, **self.extra_node_config}
+        if self.sites is not None:
+            config[protocol.NODE_DATASET] = str(self.sites[i])
         args = ["--superlink", self.address, "--node-config", format_node_config(config)]
         args += ["--root-certificates", str(self.credentials / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:
