@@ -201,7 +201,8 @@ def _site_manifests(args: argparse.Namespace) -> tuple[list[Path] | None, dict]:
     if missing:
         raise ConfigError(f"--sites {folder}: no site manifest {missing[0]} (fedmm data export {folder} "
                           f"--sites {args.clients})")
-    names = {key: f"@{folder / f'{key}.txt'}" for key in ("classes", "groups") if (folder / f"{key}.txt").is_file()}
+    names = {key: f"@{folder / 'run' / f'{key}.txt'}" for key in ("classes", "groups")
+             if (folder / "run" / f"{key}.txt").is_file()}
     return sites, names
 
 
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="Flower's deployment engine: a real SuperLink and one SuperNode process per client on 127.0.0.1")
     run.add_argument("--insecure", action="store_true", help="with --deployment: no TLS and no node authentication")
     run.add_argument("--sites", default="", help="with --deployment: SuperNode i trains on FOLDER/site-<i>/manifest.jsonl "
-                     "(fedmm data export's folders; its classes.txt and groups.txt become the run's lists)")
+                     "(fedmm data export's folders; its run/classes.txt and run/groups.txt become the run's lists)")
     run.set_defaults(fn=cmd_run)
     link = sub.add_parser("superlink", help="Flower's SuperLink with message payloads in memory (state in --database)",
                           description="Everything after -- goes to flower-superlink, e.g. --database state.db "

@@ -36,8 +36,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     written = export_sites(settings, Path(args.out), args.sites)
     for folder, rows in written.items():
         print(f"{Path(args.out) / folder}: {rows} rows")
-    print(f"run config for these folders: classes='@{Path(args.out) / 'classes.txt'}' "
-          f"groups='@{Path(args.out) / 'groups.txt'}' server-dataset='{Path(args.out) / 'server' / 'manifest.jsonl'}'"
+    print(f"run config for these folders: classes='@{Path(args.out) / 'run' / 'classes.txt'}' "
+          f"groups='@{Path(args.out) / 'run' / 'groups.txt'}' server-dataset='{Path(args.out) / 'server' / 'manifest.jsonl'}'"
           f" public-dataset='{Path(args.out) / 'public' / 'manifest.jsonl'}'; each SuperNode: "
           f"--node-config \"dataset='{Path(args.out) / 'site-<i>' / 'manifest.jsonl'}'\"")
     return 0
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     look.add_argument("--json", action="store_true")
     look.set_defaults(fn=cmd_inspect)
     export = actions.add_parser("export", help="the run's partitions of its dataset as site folders "
-                                "(plus server/, public/, classes.txt, groups.txt)")
+                                "(plus server/, public/ and run/ with the class and group lists)")
     export.add_argument("out")
     export.add_argument("--sites", type=int, required=True, help="one folder per site: the run's partitions")
     export.add_argument("--run-config", default="", help="dataset and partitioning, e.g. \"partitioner='iid' seed=1\"")

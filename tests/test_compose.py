@@ -3,7 +3,8 @@
 Starts a local Docker engine with ../shared/tools/local-docker.sh (images are
 built locally; nothing is pulled), builds the project's image, runs the
 compose file's ``job`` (SuperLink with TLS and node authentication, three
-SuperNodes, 2 rounds of the tiny model) and checks the report it wrote. The
+SuperNodes each on its own site folder, 2 rounds of the tiny model) and
+checks the report it wrote. The
 federation is taken down afterwards, and the engine too if this test started
 it, also when the test fails. Deselect with ``-m "not docker"`` on a machine
 without root or Docker.
@@ -55,6 +56,7 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
         "FEDMM_CACHE": base_settings.cache_dir,
         "FEDMM_CREDENTIALS": str(tmp_path / "credentials"),
         "FEDMM_RUNS": str(tmp_path / "runs"),
+        "FEDMM_SITES": str(tmp_path / "sites"),
         "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6",
     }
     compose = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
@@ -71,6 +73,12 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
     rounds = {int(k): v for k, v in json.loads(reports[0].read_text())["rounds"].items()}
     assert sorted(rounds) == [0, 1, 2]
     assert rounds[2]["train/num-replies"] == 3 and rounds[2]["evaluate/num-replies"] == 3
+    # each SuperNode trained and tested on its own mounted site folder (exported by the `sites` service)
+    clients = json.loads(reports[0].read_text())["clients"]
+    for i in range(3):
+        rows = len((tmp_path / "sites" / f"site-{i}" / "manifest.jsonl").read_text().splitlines())
+        seen = {c["phase"]: c["num-examples"] for c in clients if c["round"] == 1 and c["partition-id"] == i}
+        assert seen["train"] + seen["evaluate"] == rows, (i, seen, rows)
     assert "fedmm: report folder /runs/compose-" in job.stdout
     # node authentication was on: the three keys were registered before the nodes joined,
     # over TLS to a certificate issued for the service name

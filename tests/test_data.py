@@ -217,7 +217,7 @@ def test_exported_site_folders_hold_what_the_partitions_do(tmp_path):
 
     settings = Settings.from_run_config({"model": "fedmm-tiny-vit", "partitioner": "iid"})
     written = export_sites(settings, tmp_path, 3)
-    classes = (tmp_path / "classes.txt").read_text().split()
+    classes = (tmp_path / "run" / "classes.txt").read_text().split()
     site = Settings.from_run_config({**settings.to_run_config(), "classes": ",".join(classes),
                                      "server-dataset": str(tmp_path / "server" / "manifest.jsonl")})
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -3,10 +3,11 @@
 ``export_sites`` writes the run's partitions of a dataset (the bundled digits
 or any manifest) as one folder per site, each a manifest over its own image
 files, plus the server's held-out and the public pairs as folders of their
-own and the name lists (``classes.txt``, ``groups.txt``) the run config must
-carry. A site's rows are written in the partition's order, so a SuperNode
-given ``dataset = <site>/manifest.jsonl`` holds out exactly what partition i
-would (``site_split``): a deployment on exported folders trains on what the
+own and, in ``run/``, the name lists (``classes.txt``, ``groups.txt``) the
+run config must carry (``classes='@<out>/run/classes.txt'``). A site's rows
+are written in the partition's order, so a SuperNode given ``dataset =
+<site>/manifest.jsonl`` holds out exactly what partition i would
+(``site_split``): a deployment on exported folders trains on what the
 simulation of the same run does.
 """
 
@@ -58,7 +59,7 @@ def _write_folder(folder: Path, rows: Dataset, classes: list[str], groups: list[
 
 def export_sites(settings: Settings, out: Path, num_sites: int) -> dict[str, int]:
     """The run's ``num_sites`` partitions of its dataset as ``out``/site-<i>/, plus ``out``/server/,
-    ``out``/public/, classes.txt and groups.txt; returns the rows written per folder."""
+    ``out``/public/ and ``out``/run/{classes,groups}.txt; returns the rows written per folder."""
     from . import class_names, client_rows, group_names, public_split, server_split
 
     clients = client_rows(settings)
@@ -71,8 +72,9 @@ def export_sites(settings: Settings, out: Path, num_sites: int) -> dict[str, int
         written[f"site-{i}"] = _write_folder(out / f"site-{i}", rows, classes, groups)
     written["server"] = _write_folder(out / "server", server_split(settings), classes, groups)
     written["public"] = _write_folder(out / "public", public_split(settings), classes, groups)
-    (out / "classes.txt").write_text("\n".join(classes) + "\n")
-    (out / "groups.txt").write_text("\n".join(groups) + "\n")
+    (out / "run").mkdir(exist_ok=True)
+    (out / "run" / "classes.txt").write_text("\n".join(classes) + "\n")
+    (out / "run" / "groups.txt").write_text("\n".join(groups) + "\n")
     return written
 
 
