@@ -25,6 +25,7 @@ from flwr.supercore.logger import FLOWER_LOGGER
 from fedmm import protocol, report
 from fedmm.config import ConfigError, Settings
 from fedmm.data import class_names, group_names, public_split, server_split
+from fedmm.deploy.polling import polled
 from fedmm.logs import quiet_root_logger
 from fedmm.privacy.plan import privacy_plan, privacy_summary
 from server.central import CentralModel
@@ -97,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RoundRecorder(settings, out, central, chain, history, num_rounds, done)
     if done < num_rounds:
         result = (ResumedRounds(chain.outer, done) if done else chain.outer).start(
-            grid=grid, initial_arrays=arrays, num_rounds=num_rounds - done, timeout=settings.round_timeout,
+            grid=polled(grid), initial_arrays=arrays, num_rounds=num_rounds - done, timeout=settings.round_timeout,
             train_config=_train_config(settings, chain.user, central.base_fingerprint),
             evaluate_config=ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint}),
             evaluate_fn=recorder,

@@ -75,3 +75,53 @@ def test_the_simulation_superlink_moves_to_a_fresh_port_when_its_port_is_taken(t
         assert link.processes() == []
     finally:
         other.close()
+
+
+class _SlowGrid:
+    """A grid whose replies arrive one per pull (what the ServerApp's HttpGrid sees on a busy federation)."""
+
+    def __init__(self):
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        first = sorted(ids)[:1]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in first]
+
+
+def test_the_servers_grid_pulls_replies_every_quarter_second(monkeypatch):
+    from fedmm.deploy import polling
+
+    waits = []
+    monkeypatch.setattr(polling.time, "sleep", waits.append)
+    grid = _SlowGrid()
+    replies = polling.PolledGrid(grid).send_and_receive(["a", "b", "c"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert grid.pulls == 3 and waits == [polling.SERVER_PULL_INTERVAL] * 2
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    assert polling.polled(grid).__class__ is polling.PolledGrid
+    in_memory = InMemoryGrid.__new__(InMemoryGrid)
+    in_memory.pull_interval = 0.1  # the simulation polls often already: left as it is
+    assert polling.polled(in_memory) is in_memory
+
+
+def test_a_supernode_started_by_fedmm_waits_half_a_second_between_empty_pulls(monkeypatch):
+    import time as real_time
+
+    from flwr.supernode import start_client_internal
+
+    from fedmm.deploy import polling
+
+    monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
+    module = polling.shorten_idle_poll()
+    waits = []
+    monkeypatch.setattr(real_time, "sleep", waits.append)
+    module.time.sleep(polling.FLOWER_IDLE_WAIT)  # the loop's wait after a pull that found nothing
+    module.time.sleep(0.5)  # its other waits are left as they are
+    assert waits == [polling.NODE_IDLE_POLL, 0.5] and module.time.time is real_time.time
