@@ -285,7 +285,8 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 def cmd_supernode(args: argparse.Namespace) -> int:
     from .deploy.supernode import run_supernode
 
-    return run_supernode(_passed_through(args), args.runtime_port, args.threads)
+    return run_supernode(_passed_through(args), args.runtime_port, args.threads,
+                         Path(args.core_slots) if args.core_slots else None)
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "--node-config 'partition-id=0 num-partitions=3'")
     node.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's Runtime API port (loopback)")
     node.add_argument("--threads", type=int, default=None, help="torch threads of the ClientApp (default: torch's)")
+    node.add_argument("--core-slots", default="", help="a folder of slot files shared by the SuperNodes of one "
+                      "machine: at most that many ClientApp tasks run at once (rehearsals on one machine)")
     node.add_argument("flower_args", nargs=argparse.REMAINDER)
     node.set_defaults(fn=cmd_supernode)
     cred = sub.add_parser("credentials", help="TLS certificates and SuperNode keys for a deployment")

@@ -125,3 +125,32 @@ def test_a_supernode_started_by_fedmm_waits_half_a_second_between_empty_pulls(mo
     module.time.sleep(polling.FLOWER_IDLE_WAIT)  # the loop's wait after a pull that found nothing
     module.time.sleep(0.5)  # its other waits are left as they are
     assert waits == [polling.NODE_IDLE_POLL, 0.5] and module.time.time is real_time.time
+
+
+def test_core_slots_let_k_clientapp_calls_run_at_once(tmp_path):
+    import threading
+    import time
+
+    from fedmm.deploy.core_slots import core_slot, make_core_slots
+
+    slots = make_core_slots(tmp_path / "slots", 2)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def task():
+        with core_slot(slots):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.2)
+            with lock:
+                running[0] -= 1
+
+    threads = [threading.Thread(target=task) for _ in range(5)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 2 and time.perf_counter() - start >= 0.55  # 5 tasks of 0.2 s, two at a time: 3 waves
+    with core_slot(None) as waited:  # no folder: no limit
+        assert waited == 0.0

@@ -31,6 +31,8 @@ from typing import Any
 
 from fedmm.logs import quiet_root_logger
 
+from .core_slots import core_slot
+
 log = logging.getLogger("fedmm.worker")
 
 PULL_BACKOFF = (0.05, 0.5)  # first retry, longest wait (s) while the SuperNode still fetches a message
@@ -46,11 +48,12 @@ WARM_MODULES = ("torch", "open_clip", "peft", "opacus", "fedmm.model", "fedmm.tr
 class ClientAppWorker:
     """Acquire and run ClientApp tasks from one SuperNode's Runtime API, forever or until stopped."""
 
-    def __init__(self, runtime_api_address: str, *, warm: bool = True):
+    def __init__(self, runtime_api_address: str, *, warm: bool = True, core_slots: Path | None = None):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address = runtime_api_address
+        self.core_slots = core_slots  # shared with the machine's other workers: K ClientApp calls at a time
         self.stopped = threading.Event()
         self.tasks_run = 0
         self._app_dir: Path | None = None
@@ -117,6 +120,7 @@ class ClientAppWorker:
         message = reply = context = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         started = pulled = ran = time.perf_counter()
+        waited = 0.0
         try:
             heartbeat.start()
             message, context, fab = pull_task_input(client)
@@ -125,7 +129,8 @@ class ClientAppWorker:
                 self._fab_hash = fab.hash_str
             client_app = self._app
             pulled = time.perf_counter()
-            reply = client_app(message=message, context=context)
+            with core_slot(self.core_slots) as waited:
+                reply = client_app(message=message, context=context)
             ran = time.perf_counter()
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # pylint: disable=broad-exception-caught
@@ -149,8 +154,9 @@ class ClientAppWorker:
                 heartbeat.stop()
             client.close()
         kind = message.metadata.message_type if message is not None else "?"
-        log.info("fedmm worker: %s task in %.2f s (pull %.2f, ClientApp %.2f, push %.2f; %s)", kind,
-                 time.perf_counter() - started, pulled - started, max(ran - pulled, 0), time.perf_counter() - max(ran, pulled), status)
+        log.info("fedmm worker: %s task in %.2f s (pull %.2f, core slot %.2f, ClientApp %.2f, push %.2f; %s)", kind,
+                 time.perf_counter() - started, pulled - started, waited, max(ran - pulled - waited, 0),
+                 time.perf_counter() - max(ran, pulled), status)
 
     def _load(self, app_dir: Path):
         """The app's ClientApp; a different app version first drops the previous one's modules."""

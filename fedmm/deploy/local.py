@@ -22,6 +22,7 @@ from pathlib import Path
 from . import submit
 from .. import protocol
 from .app_files import stage_app
+from .core_slots import make_core_slots
 from .credentials import make_credentials
 from .processes import (PORT_ATTEMPTS, Interrupted, PortTaken, federation_env, flower_bin, free_port, start, stop_under,
                         wait_for_port)
@@ -38,7 +39,7 @@ class LocalFederation:
 
     def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
                  node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True,
-                 threads: int | None = None, sites: list[Path] | None = None):
+                 threads: int | None = None, sites: list[Path] | None = None, core_slots: int | None = None):
         if nodes < 1:
             raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
         self.home = home.resolve()
@@ -49,9 +50,11 @@ class LocalFederation:
         if sites is not None and len(sites) != nodes:
             raise ValueError(f"LocalFederation: {len(sites)} site manifests for {nodes} SuperNodes")
         self.sites = sites  # node i's own manifest (node config 'dataset'), if the sites bring their data
-        # torch threads per SuperNode: the machine's cores shared out, as the simulation engine gives each
-        # client its CPUs (unless given)
-        self.threads = threads or max(1, (os.cpu_count() or 1) // nodes)
+        # As the simulation engine gives each client its CPUs: at most one ClientApp task per core at a time
+        # (core slots, shared by this machine's SuperNodes), each with the cores shared out as torch threads
+        cores = os.cpu_count() or 1
+        self.core_slots = core_slots or min(nodes, cores)
+        self.threads = threads or max(1, cores // self.core_slots)
         self.port = port or free_port()
         self.port_chosen = port is None  # ours to change if another process takes it first
         self.credentials = self.home / "credentials"
@@ -155,6 +158,7 @@ class LocalFederation:
         name = name or f"supernode-{i}"
         if self.warm_clientapps:
             cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(self.threads),
+                   "--core-slots", str(make_core_slots(self.home / "core-slots", self.core_slots)),
                    "--", *self.node_args(i, key)]
         else:
             cmd = [flower_bin("flower-supernode"), *self.node_args(i, key), "--isolation", "subprocess",

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from .clientapp_worker import ClientAppWorker
 
@@ -33,10 +34,12 @@ _OWNED = ("--isolation", "--host", "--port")
 WORKER_NICENESS = 5
 
 
-def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None = None) -> int:
+def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None = None,
+                  core_slots: Path | None = None) -> int:
     """Run ``flower-supernode <flower_args>`` with a ClientAppWorker until either exits.
 
-    ``threads`` caps torch's intra-op threads, for several SuperNodes sharing one machine.
+    ``threads`` caps torch's intra-op threads and ``core_slots`` (fedmm/deploy/core_slots.py) how many
+    ClientApp calls run at once, for several SuperNodes sharing one machine.
     """
     for arg in flower_args:
         if arg.split("=")[0] in _OWNED:
@@ -47,7 +50,7 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     node = subprocess.Popen(cmd)
     os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
-    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}")
+    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots)
     if threads:
         import torch
 
