@@ -27,6 +27,11 @@ def test_pyproject_defaults_equal_the_spec():
         ({"lora-rnak": 4}, "unknown run-config key(s): 'lora-rnak' (did you mean 'lora-rank'?)"),
         ({"pretrained": "/no/such/base.safetensors"}, "'pretrained': checkpoint file not found: /no/such"),
         ({"dataset": "/no/such/manifest.csv"}, "'dataset': manifest file not found"),
+        ({"server-dataset": "/no/held-out.csv"}, "'server-dataset': manifest file not found: /no/held-out.csv"),
+        ({"public-dataset": "/no/public.jsonl"}, "'public-dataset': manifest file not found"),
+        ({"classes": "cat,,dog"}, "'classes' = 'cat,,dog': has an empty name"),
+        ({"groups": "a,b,a"}, "'groups' = 'a,b,a': names ['a'] more than once"),
+        ({"classes": "@classes.txt"}, "names a file: 'fedmm run' and 'fedmm submit' inline it"),
         ({"model": "ViT-B-33"}, "'model': unknown open_clip model 'ViT-B-33' (did you mean ViT-B-32"),
         ({"client-profiles": "phone: rank=2"}, "profile 'phone': unknown setting 'rank=2'"),
         ({"client-profiles": "phone: dropout=1"}, "profile 'phone': dropout = '1' must be a number in [0, 1)"),
@@ -79,3 +84,21 @@ def test_profiles_fill_unset_keys_from_the_run_and_rank_the_global_adapter():
     assert s.profile_for(0, node_profile="big").name == "big"  # a SuperNode's node config wins
     with pytest.raises(ConfigError, match="node config 'profile' = 'tablet'"):
         s.profile_for(0, node_profile="tablet")
+
+
+def test_a_clientapp_does_not_need_the_servers_manifests(tmp_path):
+    """A site never opens the server's 'dataset' or 'server-dataset': its settings validate without them."""
+    config = {"dataset": "/server/only/manifest.csv", "server-dataset": "/server/held-out.csv", "classes": "a,b"}
+    with pytest.raises(ConfigError, match="'dataset': manifest file not found"):
+        Settings.from_run_config(config)
+    assert Settings.from_run_config(config, server_files=False).class_list == ("a", "b")
+
+
+def test_the_cli_inlines_a_name_file(tmp_path):
+    from fedmm.config.data import inline_name_file
+
+    (tmp_path / "classes.txt").write_text("# the consortium's classes\nnormal\n\npneumonia\n")
+    assert inline_name_file(f"@{tmp_path / 'classes.txt'}", "classes") == "normal,pneumonia"
+    assert inline_name_file("cat,dog", "classes") == "cat,dog"
+    with pytest.raises(ConfigError, match="'classes' = '@/no/file.txt': file not found"):
+        inline_name_file("@/no/file.txt", "classes")

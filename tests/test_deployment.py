@@ -40,7 +40,8 @@ pytestmark = pytest.mark.integration
 def _job(base_settings, out: Path) -> dict:
     return {**base_settings.to_run_config(), "num-server-rounds": 2, "local-steps": 6,
             "partitioner": "iid", "min-nodes": NODES, "output-dir": str(out),
-            "classes": ",".join(CLASS_NAMES)}  # the run's label space, which every site's labels must be in
+            # the run's label space and group names: every site's labels and groups are these strings
+            "classes": ",".join(CLASS_NAMES), "groups": "ink,paper"}
 
 
 def _reads(folder: Path) -> dict[Path, float]:
@@ -85,6 +86,10 @@ def test_each_site_read_its_own_folder_and_nothing_else(federation):
         rows = {c["phase"]: c["num-examples"] for c in clients if c["round"] == 1 and c["partition-id"] == i}
         assert rows["train"] + rows["evaluate"] == sites[f"site-{i}"] == len(files)
         assert len(read) >= rows["evaluate"] + 0.9 * rows["train"], (i, len(read), rows)
+    # string labels and groups end to end: the site manifests hold names, the report shows the groups' names
+    first = json.loads((fed.home / "sites" / "site-0" / "manifest.jsonl").read_text().splitlines()[0])
+    assert first["label"] in CLASS_NAMES and first["group"] in ("ink", "paper")
+    assert json.loads((out / "metrics.json").read_text())["extra"]["group-names"] == ["ink", "paper"]
 
 
 def test_deployment_job_matches_simulation(federation, base_settings, tmp_path):
