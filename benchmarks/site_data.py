@@ -3,7 +3,8 @@
 Two measurements (docs/benchmarks.md, "Site data"):
 
 - ``--images 5000,20000,100000``: a site manifest of that many distinct
-  small images; a fresh process runs the ClientApp's train handler on it
+  small images; a fresh process (``CHILD``, which tests/test_site_memory.py
+  runs too) runs the ClientApp's train handler on it
   (node config ``dataset``, tiny model) and reports the seconds to build the
   node (read the manifest, check each file's header, tokenise the captions)
   and its peak RSS;
@@ -61,6 +62,7 @@ msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-roun
 reply = app(msg, context)
 assert not reply.has_error(), reply.error
 print(json.dumps({"node-build-seconds": built - imported, "train-seconds": time.perf_counter() - built,
+                  "examples": reply.content["metrics"]["num-examples"],
                   "rss-mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import psutil
 
-from .config import ConfigError, Settings
 from . import cli_data
+from .config import ConfigError, Settings
 from .config.data import inline_name_file
+from .config.text import format_run_config, parse_run_config
 from .deploy.app_files import stage_app
 from .deploy.processes import (
     Interrupted,
@@ -42,28 +43,6 @@ from .deploy.processes import (
 
 log = logging.getLogger("fedmm")
 CONNECTION = "fedmm-local"
-
-
-def parse_run_config(text: str) -> dict:
-    """``"k=v k2='s'"`` -> dict, with Flower's own parser (the ``flwr run --run-config`` syntax)."""
-    import click
-    from flwr.common.config import parse_config_args
-
-    try:
-        return parse_config_args([text]) if text.strip() else {}
-    except click.ClickException as exc:
-        raise ConfigError(f"--run-config {text!r}: {exc.message}") from exc
-
-
-def format_run_config(values: dict) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace('"', '\\"') + '"'
-        return repr(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
 def write_flower_config(flwr_home: Path, port: int) -> None:

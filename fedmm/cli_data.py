@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import Settings
 from .config.data import inline_name_file, name_list
+from .config.text import parse_run_config
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -29,7 +30,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .cli import parse_run_config
     from .data.sites import export_sites
 
     settings = Settings.from_run_config(parse_run_config(args.run_config or ""))

@@ -17,6 +17,7 @@ from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
+from datasets import Dataset
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -74,9 +75,7 @@ def main(grid: Grid, context: Context) -> None:
 
     held_out = server_split(settings)
     _check_public_split(settings)
-    if settings.class_list and class_names(held_out) != list(settings.class_list):  # e.g. 'classes' with the digits
-        raise ConfigError(f"run-config 'classes' names {list(settings.class_list)[:10]}, but the server's held-out "
-                          f"data ({settings.server_dataset or settings.dataset}) has {class_names(held_out)[:10]}")
+    _check_name_lists(settings, held_out)
     central = CentralModel.build(settings, held_out)
     initial = central.initial_arrays()
     num_nodes = len(list(grid.get_node_ids()))
@@ -130,6 +129,18 @@ def _train_config(settings: Settings, strategy: object, base_fingerprint: str) -
         # QFedAvg reads each client's loss of the global model; others do not pay for it.
         protocol.REPORT_TRAIN_LOSS: hasattr(strategy, "train_loss_key"),
     })
+
+
+def _check_name_lists(settings: Settings, held_out: Dataset) -> None:
+    """The run's class and group lists must be the server's data's (e.g. not 'classes' with the bundled digits)."""
+    where = settings.server_dataset or settings.dataset
+    if settings.class_list and class_names(held_out) != list(settings.class_list):
+        raise ConfigError(f"run-config 'classes' names {list(settings.class_list)[:10]}, but the server's held-out "
+                          f"data ({where}) has {class_names(held_out)[:10]}")
+    groups = held_out["group"]
+    if settings.group_list and len(groups) and max(groups) >= len(settings.group_list):
+        raise ConfigError(f"run-config 'groups' names {len(settings.group_list)} groups, but the server's held-out "
+                          f"data ({where}) has group id {max(groups)}")
 
 
 def _check_public_split(settings: Settings) -> None:

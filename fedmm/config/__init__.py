@@ -4,7 +4,7 @@ Each run-config key is declared once (type, default, help, check), as a
 field of its concern's settings group, one file per concern:
 ``config/model.py`` (model, base weights, LoRA, tiers), ``data.py``,
 ``federation.py``, ``training.py``, ``privacy.py``, ``constraints.py``,
-``compression.py``, ``run.py``. ``Settings`` joins the groups, and ``SPEC``
+``compression.py``, ``run.py`` (``text.py``: the ``k=v`` text form). ``Settings`` joins the groups, and ``SPEC``
 (the key table the pyproject check reads) is derived from their fields. A
 field is ``key(default, help, check)`` and its annotation is the key's type;
 the rules that involve a group's keys are its ``_check_<concern>`` methods,
