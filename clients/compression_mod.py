@@ -42,7 +42,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     delta = OrderedDict((k, local[k] - v) for k, v in trainable(global_arrays).items())
     # seeded by the client's partition where it has one: Flower draws node ids at random, so a run seeded by
     # them would not be reproducible (stochastic rounding is no secret: it hides nothing)
-    client = int(context.node_config.get(protocol.NODE_PARTITION_ID, context.node_id))
+    client = protocol.partition_id_of(context.node_config, context.node_id)
     seed = [int(config.get(protocol.CODEC_SEED, 0)), int(config.get(protocol.SERVER_ROUND, 0)), client]
     rng = np.random.default_rng(seed)
     residual = None

@@ -24,12 +24,13 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
         return call_next(msg, context)
     settings = run_settings(context)
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)) if protocol.CONFIG in msg.content else 0
-    kind = fault_of(settings.fault_fractions, int(context.node_config[protocol.NODE_PARTITION_ID]),
-                    int(context.node_config[protocol.NODE_NUM_PARTITIONS]), settings.seed, server_round)
+    client = protocol.partition_id_of(context.node_config, context.node_id)
+    kind = fault_of(settings.fault_fractions, client, int(context.node_config.get(protocol.NODE_NUM_PARTITIONS, 1)),
+                    settings.seed, server_round)
     if kind is None:
         return call_next(msg, context)
     if kind == "crash":
-        raise RuntimeError(f"injected fault: crash (partition {context.node_config[protocol.NODE_PARTITION_ID]}, "
+        raise RuntimeError(f"injected fault: crash (partition {client}, "
                            f"round {server_round})")
     if kind == "timeout":
         time.sleep(settings.round_timeout + 5.0)  # the server has stopped waiting for this reply

@@ -126,9 +126,9 @@ def node_of(context: Context) -> Node:
     run = run_state(context)
     config = context.node_config
     site = str(config.get(protocol.NODE_DATASET, "") or "")
-    # a site need not number itself: its id then only seeds its codec and names it in the report
-    pid = int(config[protocol.NODE_PARTITION_ID]) if protocol.NODE_PARTITION_ID in config or not site else (
-        context.node_id % protocol.MAX_PARTITION_ID)
+    if not site and protocol.NODE_PARTITION_ID not in config:
+        raise KeyError(f"node config: '{protocol.NODE_PARTITION_ID}' is required without a 'dataset' of its own")
+    pid = protocol.partition_id_of(config, context.node_id)  # a site need not number itself
     num = int(config.get(protocol.NODE_NUM_PARTITIONS, 1))
     node_profile = config.get(protocol.NODE_PROFILE)
     key = (id(run), pid, num, node_profile, site)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,6 +104,14 @@ NODE_DELTA = "dp-delta"
 MAX_EXAMPLES = 10**9  # an honest site holds fewer; more is a weight meant to swamp the mean
 MAX_PARTITION_ID = 2**31 - 1
 MAX_METRIC_MAGNITUDE = 1e15  # every honest metric (counts, bytes, seconds, losses) is far below
+
+
+def partition_id_of(node_config: Mapping[str, Any], node_id: int) -> int:
+    """The id a client goes by (in its replies, its codec seed, its tier): its node config's ``partition-id``;
+    a site that gives none (it brings its own data) goes by its node id, folded into the replies' range."""
+    if NODE_PARTITION_ID in node_config:
+        return int(node_config[NODE_PARTITION_ID])
+    return int(node_id) % MAX_PARTITION_ID
 
 # --- LoRA tensors on the wire (peft's state-dict keys)
 # <layer>.lora_A.weight: A, (r, in) or (r, in, 1, 1) for a 1x1 conv; <layer>.lora_B.weight: B, (out, r) or

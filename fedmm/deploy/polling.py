@@ -4,12 +4,14 @@ Flower 1.41 moves messages by polling: a SuperNode with nothing to do asks
 the SuperLink for a message every 3 s, and the ServerApp's ``HttpGrid`` asks
 for replies every 3 s. Each exchange (the train messages out, their replies
 back; then the evaluate ones) waits about half of each interval on average,
-so a deployment round spent ~6 s (up to ~12 s) idle where the simulation's
-in-memory grid polls every 0.1 s (docs/benchmarks.md). Both waits are
-fedmm's to shorten without touching Flower's protocol:
+so a deployment round spent ~6 s (up to ~12 s) idle. Both waits are fedmm's
+to shorten without touching Flower's protocol:
 
 - ``PolledGrid`` wraps the ServerApp's grid and pulls replies every
-  ``interval`` seconds (the same loop as Flower's ``send_and_receive``);
+  ``interval`` seconds (the same loop as Flower's ``send_and_receive``). Under
+  ``flwr run`` the ServerApp gets an ``HttpGrid`` in the simulation engine
+  too, so both engines poll at 0.25 s; only the ``InMemoryGrid`` of Flower's
+  deprecated ``run_simulation`` (0.1 s) is left as it is;
 - ``shorten_idle_poll`` makes a SuperNode started in this process wait
   ``interval`` seconds instead of 3 between empty pulls (``fedmm supernode``).
 
@@ -75,7 +77,7 @@ class PolledGrid(Grid):
 
 
 def polled(grid: Grid) -> Grid:
-    """``grid`` with short reply polling, unless it already polls often (the simulation's in-memory grid)."""
+    """``grid`` with short reply polling, unless it already polls often (Flower's ``InMemoryGrid``)."""
     interval = getattr(grid, "pull_interval", None)
     return grid if interval is not None and interval <= SERVER_PULL_INTERVAL else PolledGrid(grid)
 
