@@ -111,7 +111,7 @@ def test_the_servers_grid_pulls_replies_every_quarter_second(monkeypatch):
     assert polling.polled(in_memory) is in_memory
 
 
-def test_a_supernode_started_by_fedmm_waits_half_a_second_between_empty_pulls(monkeypatch):
+def test_a_supernode_started_by_fedmm_backs_off_between_empty_pulls_and_is_quick_after_work(monkeypatch):
     import time as real_time
 
     from flwr.supernode import start_client_internal
@@ -120,11 +120,63 @@ def test_a_supernode_started_by_fedmm_waits_half_a_second_between_empty_pulls(mo
 
     monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
     module = polling.shorten_idle_poll()
-    waits = []
-    monkeypatch.setattr(real_time, "sleep", waits.append)
-    module.time.sleep(polling.FLOWER_IDLE_WAIT)  # the loop's wait after a pull that found nothing
+    clock, waits = [100.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(real_time, "sleep", sleep)
+    monkeypatch.setattr(real_time, "monotonic", lambda: clock[0])
+    for _ in range(5):  # the loop's wait after each pull that found nothing
+        module.time.sleep(polling.FLOWER_IDLE_WAIT)
+    assert waits == [0.5, 1.0, 2.0, 3, 3]
+    clock[0] += 4.0  # the loop ran a message between two empty pulls: quick again
+    module.time.sleep(polling.FLOWER_IDLE_WAIT)
+    module.time.sleep(polling.FLOWER_IDLE_WAIT)
     module.time.sleep(0.5)  # its other waits are left as they are
-    assert waits == [polling.NODE_IDLE_POLL, 0.5] and module.time.time is real_time.time
+    assert waits[5:] == [0.5, 1.0, 0.5] and module.time.time is real_time.time
+
+
+def test_a_worker_polls_for_tasks_quickly_after_one_and_backs_off_when_idle():
+    import threading
+
+    from fedmm.deploy import clientapp_worker
+
+    class Reply:
+        def __init__(self, task: bool):
+            self.token = "t" if task else ""
+
+        def HasField(self, name: str) -> bool:
+            return bool(self.token)
+
+    class Runtime:
+        def __init__(self, tasks: list[bool]):
+            self.tasks = tasks
+
+        def AcquireTask(self, request):
+            return Reply(self.tasks.pop(0))
+
+        def close(self):
+            pass
+
+    class Waits(threading.Event):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[float] = []
+
+        def wait(self, timeout=None):
+            self.seen.append(timeout)
+            return False
+
+    worker = clientapp_worker.ClientAppWorker.__new__(clientapp_worker.ClientAppWorker)
+    worker.address, worker.stopped, worker.tasks_run = "127.0.0.1:0", Waits(), 0
+    worker._client = Runtime([False] * 7 + [True, False, True])
+    ran = []
+    worker.run_task = ran.append
+    worker.serve(max_tasks=2)
+    assert ran == ["t", "t"]
+    assert worker.stopped.seen == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 0.1]
 
 
 def test_core_slots_let_k_clientapp_calls_run_at_once(tmp_path):

@@ -12,11 +12,17 @@ to shorten without touching Flower's protocol:
   ``flwr run`` the ServerApp gets an ``HttpGrid`` in the simulation engine
   too, so both engines poll at 0.25 s; only the ``InMemoryGrid`` of Flower's
   deprecated ``run_simulation`` (0.1 s) is left as it is;
-- ``shorten_idle_poll`` makes a SuperNode started in this process wait
-  ``interval`` seconds instead of 3 between empty pulls (``fedmm supernode``).
+- ``shorten_idle_poll`` makes a SuperNode started in this process back off
+  from ``NODE_IDLE_POLL`` (0.5 s) to Flower's 3 s between empty pulls,
+  doubling the wait after each empty pull and starting again at 0.5 s once
+  a pull brought work (``fedmm supernode``).
 
-Each poll is one small HTTPS request to the SuperLink; at 0.5 s a SuperNode
-costs the SuperLink 2 requests per second while idle.
+Each poll is one small HTTPS request to the SuperLink, and it is not cheap:
+ten idle SuperNodes polling every 0.5 s kept 33% of a core busy in the
+SuperLink and 17% in the SuperNodes (docs/benchmarks.md, "Deployment"),
+CPU a rehearsal's training on the same two cores lost. Backing off keeps the
+quick pickup right after a message (the next one of a round is often near)
+and costs an idle node what Flower's own 3 s poll costs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from flwr.serverapp import Grid
 FLOWER_IDLE_WAIT = 3  # flwr/supernode/start_client_internal.py: the sleep after a pull that found no message
 SERVER_PULL_INTERVAL = 0.25
 NODE_IDLE_POLL = 0.5
+WORK_GAP = 0.5  # s between two idle waits beyond which the loop did work (an empty pull takes ~20 ms)
 
 
 class PolledGrid(Grid):
@@ -83,20 +90,31 @@ def polled(grid: Grid) -> Grid:
 
 
 class _ShortIdleWait:
-    """The ``time`` module as Flower's SuperNode loop sees it, its idle wait shortened."""
+    """The ``time`` module as Flower's SuperNode loop sees it: its idle wait backs off from ``idle`` to 3 s."""
 
     def __init__(self, idle: float) -> None:
         self.idle = idle
+        self.wait = idle
+        self.last = float("-inf")  # when the previous idle wait ended
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.idle if seconds == FLOWER_IDLE_WAIT else seconds)
+        if seconds != FLOWER_IDLE_WAIT:
+            time.sleep(seconds)
+            return
+        # An empty pull follows the previous idle wait at once; a longer gap means the loop handled a
+        # message in between: poll quickly again.
+        now = time.monotonic()
+        self.wait = self.idle if now - self.last > WORK_GAP else min(2 * self.wait, FLOWER_IDLE_WAIT)
+        time.sleep(self.wait)
+        self.last = time.monotonic()
 
 
 def shorten_idle_poll(idle: float = NODE_IDLE_POLL) -> ModuleType:
-    """Make the SuperNode loop of this process wait ``idle`` s between empty pulls; returns the patched module."""
+    """Make the SuperNode loop of this process back off from ``idle`` s to 3 s between empty pulls; returns
+    the patched module."""
     from flwr.supernode import start_client_internal
 
     start_client_internal.time = _ShortIdleWait(idle)  # only that module's name: time itself is untouched
