@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.fedmm_cli = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # a handler a library gave the root (Opacus's basicConfig) printed each line twice
     parser = argparse.ArgumentParser(prog="fedmm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated job in Flower's simulation engine")
