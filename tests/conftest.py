@@ -21,6 +21,10 @@ from fedmm.config import Settings
 from fedmm.pretrain import load_base_model
 
 TEST_PRETRAIN_STEPS = 400
+# client-resources-num-cpus for a federation test that needs no concurrency: one Ray actor runs the clients
+# in turn. A second actor's imports and client build cost ~16 s of CPU in a 2-round tiny run (96 s -> 80 s
+# measured), and the suite's two workers keep both cores busy anyway.
+ONE_ACTOR = 2
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,18 +35,36 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+BASE_FIXTURES = {"base_settings", "base_model", "_base_model", "default_model_settings"}
+# Seconds per federation file in a suite run (--durations, 2026-12-01): longest first, so that no long
+# file starts last on one worker while the other idles. A file not listed counts as short.
+FEDERATION_SECONDS = {
+    "test_deployment.py": 300, "test_resume.py": 260, "test_integration.py": 230,
+    "test_privacy_federation.py": 180, "test_default_model_federation.py": 170,
+    "test_hetero_rank_federation.py": 140, "test_faults.py": 130, "test_strategy_plugin.py": 95,
+    "test_qfedavg_federation.py": 90,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with the longest tests first (the Docker rehearsal, then the federations), each file's tests
-    kept together: xdist hands whole files to the two workers in this order, so no long file starts last
-    on one worker while the other idles."""
+    """The order xdist hands whole files to the two workers: the Docker rehearsal, then the files that need
+    no base model (they keep the second worker busy while the first pretrains the session's base; a base
+    test would wait on its lock), then the federations longest first, then the rest, each file's tests
+    kept together."""
 
     def rank(item: pytest.Item) -> int:
-        return 0 if item.get_closest_marker("docker") else 1 if item.get_closest_marker("integration") else 2
+        return 0 if item.get_closest_marker("docker") else 2 if item.get_closest_marker("integration") else 3
 
     file_rank: dict[object, int] = {}
+    needs_base: set[object] = set()
     for item in items:
-        file_rank[item.path] = min(file_rank.get(item.path, 2), rank(item))
-    items.sort(key=lambda item: file_rank[item.path])
+        file_rank[item.path] = min(file_rank.get(item.path, 3), rank(item))
+        if BASE_FIXTURES & set(item.fixturenames):
+            needs_base.add(item.path)
+    for path, r in file_rank.items():
+        if r == 3 and path not in needs_base:
+            file_rank[path] = 1
+    items.sort(key=lambda item: (file_rank[item.path], -FEDERATION_SECONDS.get(item.path.name, 0)))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ONE_ACTOR
 from fedmm.cli import run_simulation
 from fedmm.pretrain import ensure_base_checkpoint
 
@@ -31,7 +32,8 @@ def test_heterogeneous_ranks_run_in_simulation(strategy, extra, base_settings, t
         "num-server-rounds": 2, "local-steps": 8, "fraction-evaluate": 0.34, "partitioner": "iid",
         "lora-ranks": "2,4,8", "strategy": strategy, **extra, "output-dir": str(out),
     }
-    code = run_simulation(ROOT, run_config, num_supernodes=3, flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    code = run_simulation(ROOT, run_config, num_supernodes=3, cpus_per_client=ONE_ACTOR,
+                          flwr_home=tmp_path / "flwr", stream=False, timeout=900)
     assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = {int(k): v for k, v in metrics["rounds"].items()}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ONE_ACTOR
 from fedmm.cli import run_simulation
 from fedmm.pretrain import ensure_base_checkpoint
 
@@ -30,8 +31,8 @@ def test_dp_sgd_federation_accounts_per_client_and_stops_spent_clients(base_sett
     out = tmp_path / "report"
     run_config = {**s.to_run_config(), "num-server-rounds": 3, "local-steps": steps, "output-dir": str(out),
                   "dp": "dp-sgd", "dp-noise-multiplier": 1.0, "max-epsilon": budget}
-    code = run_simulation(ROOT, run_config, num_supernodes=nodes, flwr_home=tmp_path / "flwr", stream=False,
-                          timeout=900)
+    code = run_simulation(ROOT, run_config, num_supernodes=nodes, cpus_per_client=ONE_ACTOR,
+                          flwr_home=tmp_path / "flwr", stream=False, timeout=900)
     assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = {int(k): v for k, v in metrics["rounds"].items()}
@@ -59,7 +60,8 @@ def test_central_dp_uses_flowers_accountant_and_stops_at_the_budget(base_setting
     run_config = {**base_settings.to_run_config(), "num-server-rounds": 3, "local-steps": 4, "output-dir": str(out),
                   "dp": "central-server", "dp-noise-multiplier": sigma, "dp-clip-norm": 0.5,
                   "max-epsilon": gaussian_epsilon(sigma, 2, delta) + 1e-6}
-    code = run_simulation(ROOT, run_config, num_supernodes=4, flwr_home=tmp_path / "flwr", stream=False, timeout=900)
+    code = run_simulation(ROOT, run_config, num_supernodes=4, cpus_per_client=ONE_ACTOR,
+                          flwr_home=tmp_path / "flwr", stream=False, timeout=900)
     assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = {int(k): v for k, v in metrics["rounds"].items()}

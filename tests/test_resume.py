@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 import strategies
+from conftest import ONE_ACTOR
 from fedmm.cli import run_simulation
 from fedmm.config import ConfigError, Settings
 from fedmm.pretrain import ensure_base_checkpoint
@@ -137,8 +138,8 @@ def _ctrl_c_after_round(config: dict, out: Path, after: int, log_file: Path) -> 
     checking that every process it started is gone."""
     from fedmm.cli import format_run_config
 
-    cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "3", "--app", str(ROOT),
-           "--run-config", format_run_config({**config, "output-dir": str(out)})]
+    cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "3", "--cpus-per-client", str(ONE_ACTOR),
+           "--app", str(ROOT), "--run-config", format_run_config({**config, "output-dir": str(out)})]
     latest = out / "checkpoint" / "latest.json"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=log_file.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -172,7 +173,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_pat
 
     def run(name: str, **extra) -> int:
         return run_simulation(ROOT, {**config, "output-dir": str(tmp_path / name), **extra}, num_supernodes=3,
-                              flwr_home=tmp_path / f"flwr-{name}", stream=False, timeout=900)
+                              cpus_per_client=ONE_ACTOR, flwr_home=tmp_path / f"flwr-{name}", stream=False,
+                              timeout=900)
 
     assert run("clean") == 0
     home = tmp_path / "flwr-killed"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import strategies
+from conftest import ONE_ACTOR
 from fedmm import cli
 from fedmm.cli import run_simulation
 from fedmm.pretrain import ensure_base_checkpoint
@@ -48,7 +49,8 @@ def test_federation_runs_the_plugin_selected_by_name(installed_plugin, base_sett
         "strategy": installed_plugin, "strategy-args": "server_lr=0.0",
         "output-dir": str(out),
     }
-    code = run_simulation(ROOT, run_config, num_supernodes=3, flwr_home=tmp_path / "flwr", stream=False)
+    code = run_simulation(ROOT, run_config, num_supernodes=3, cpus_per_client=ONE_ACTOR,
+                          flwr_home=tmp_path / "flwr", stream=False)
     assert code == 0, (tmp_path / "flwr" / "run.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["strategy"] == installed_plugin
