@@ -19,7 +19,7 @@ to shorten without touching Flower's protocol:
 
 Each poll is one small HTTPS request to the SuperLink, and it is not cheap:
 ten idle SuperNodes polling every 0.5 s kept 33% of a core busy in the
-SuperLink and 17% in the SuperNodes (docs/benchmarks.md, "Deployment"),
+SuperLink and 17% in the SuperNodes (docs/benchmarks.md, "Polls that back off"),
 CPU a rehearsal's training on the same two cores lost. Backing off keeps the
 quick pickup right after a message (the next one of a round is often near)
 and costs an idle node what Flower's own 3 s poll costs.
@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 FLOWER_IDLE_WAIT = 3  # flwr/supernode/start_client_internal.py: the sleep after a pull that found no message
 SERVER_PULL_INTERVAL = 0.25
 NODE_IDLE_POLL = 0.5
-WORK_GAP = 0.5  # s between two idle waits beyond which the loop did work (an empty pull takes ~20 ms)
+WORK_GAP = 0.5  # s between two idle waits beyond which the loop did work (an empty pull is one small request)
 
 
 class PolledGrid(Grid):
