@@ -166,6 +166,9 @@ def to_batch(ds: Dataset, tokenizer, mean, std, size: int, toxic: np.ndarray | N
         if pixels.shape[-1] != size:
             pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
         images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        # channels-last (the arrays' own NHWC order): the CPU convolutions run ~20-30% faster on it than on
+        # NCHW, so a manifest's decoded batches are made the same (images.py)
+        images = images.contiguous(memory_format=torch.channels_last)
     tokens = tokenizer(list(ds["caption"]))  # once per dataset: batches index the tokens
     return Batch(
         images=images,

@@ -63,4 +63,5 @@ class ImageFiles:
             chosen = [self.paths[i] for i in rows]
         if not chosen:
             return torch.zeros(0, 3, self.size, self.size)
-        return torch.stack([self._decode(p) for p in chosen])
+        # channels-last, as the bundled digits' tensors are: the CPU convolutions run ~20-30% faster on it
+        return torch.stack([self._decode(p) for p in chosen]).contiguous(memory_format=torch.channels_last)
