@@ -1,0 +1,323 @@
+"""SecAgg+ (Bell et al. 2020) for one round, apart from any transport: what each stage computes on each side.
+
+Flower's primitives do the cryptography: key pairs (``flwr.supercore.primitives.asymmetric``, ECDH on
+SECP384R1), shared keys (``generate_shared_key``: ECDH + HKDF), authenticated encryption (Fernet) and t-of-n
+Shamir shares (pycryptodome), all from ``flwr.common.secure_aggregation.crypto``. A mask is the ChaCha20
+keystream of ``cryptography`` under a 32-byte seed, not Flower's ``pseudo_rand_gen``: that one folds the seed
+into 32 bits for numpy's RandomState (a 2^32 search finds it) and draws from [0, 2^b - 2], so one ring value
+never appears and a masked value is not uniform.
+
+The stages (server -> each client -> server); every client has a neighbourhood (itself and its neighbours in
+a random ring graph, as in SecAgg+; the complete graph when it is small), threshold t:
+
+0. keys: each client makes two key pairs, one to encrypt shares (c), one to agree masks (s).
+1. share: given its neighbours' public keys, a client draws a self-mask seed b, splits b and its s secret
+   key into t-of-|neighbourhood| Shamir shares, encrypts each for its holder, and commits to b (SHA-256)
+   so that a wrong reconstruction is caught.
+2. mask: given the ciphertexts addressed to it, a client sends y = x + PRG(b) + sum_v +-PRG(KA(s, s_v))
+   mod 2^b over the neighbours v that shared (+ when its id is the larger).
+3. unmask: the server names to each client which neighbours sent y (their b is needed) and which shared
+   but sent no y (their s key is needed); a client answers with its shares, never both kinds for one
+   client and only once (the double-masking rule, enforced here on the client side).
+
+The server rebuilds each contributor's b and each dropped client's s key from >= t shares, removes the
+masks and holds the exact ring sum of the contributors' vectors. Semi-honest server: it follows the
+protocol; a server that tells clients different stories about who dropped is not detected (SecAgg's
+consistency round with signatures is not run). A hostile client can spoil the sum (its y is not
+checked) but not crash the server: malformed replies drop their sender with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import random
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+_NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot complete (too few clients left at some stage); the reason names the stage."""
+
+
+def ring_dtype(bits: int) -> type:
+    return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+
+
+def prg_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """``length`` values uniform over Z_{2^b} from a 32-byte seed (ChaCha20 keystream)."""
+    dtype = ring_dtype(bits)
+    stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update(
+        bytes(length * np.dtype(dtype).itemsize))
+    return np.frombuffer(stream, dtype=dtype) & dtype((1 << bits) - 1)
+
+
+def _agreed_seed(private_key: bytes, public_key: bytes) -> bytes:
+    return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(private_key),
+                                                        bytes_to_public_key(public_key)))
+
+
+def _pack(src: int, dst: int, b_share: bytes, s_share: bytes) -> bytes:
+    return b"".join([src.to_bytes(8, "little"), dst.to_bytes(8, "little"), len(b_share).to_bytes(4, "little"),
+                     b_share, s_share])
+
+
+def _unpack(plain: bytes) -> tuple[int, int, bytes, bytes]:
+    cut = 20 + int.from_bytes(plain[16:20], "little")
+    return int.from_bytes(plain[:8], "little"), int.from_bytes(plain[8:16], "little"), plain[20:cut], plain[cut:]
+
+
+def neighbourhoods(node_ids: list[int], size: int, rng: random.Random) -> dict[int, tuple[int, ...]]:
+    """Each node with its size-1 neighbours: its neighbours on a ring over a random order (SecAgg+'s graph)."""
+    size = min(size | 1, len(node_ids))  # odd: as many neighbours on each side
+    order = sorted(node_ids)
+    rng.shuffle(order)
+    half = size // 2
+    out = {}
+    for i, nid in enumerate(order):
+        around = {order[(i + k) % len(order)] for k in range(-half, half + 1)}
+        if size == len(node_ids):
+            around = set(node_ids)
+        out[nid] = tuple(sorted(around))
+    return out
+
+
+@dataclass
+class SecAggClient:
+    """One client's side of one round; it keeps its secrets between the stages."""
+
+    node_id: int
+    neighbourhood: tuple[int, ...]  # itself included
+    threshold: int
+    bits: int
+    length: int
+    _own: tuple[bytes, bytes] = (b"", b"")
+    _c_sk: bytes = b""
+    _s_sk: bytes = b""
+    _seed: bytes = b""
+    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    _b_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of its self-mask seed
+    _s_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of its mask key
+    _unmasked: bool = False
+
+    def public_keys(self) -> tuple[bytes, bytes]:
+        """Stage 0: (encryption key, mask-agreement key), PEM."""
+        if self.node_id not in self.neighbourhood or not 1 <= self.threshold <= len(self.neighbourhood):
+            raise ValueError(f"node {self.node_id}: neighbourhood {self.neighbourhood}, threshold {self.threshold}")
+        c_sk, c_pk = generate_key_pairs()
+        s_sk, s_pk = generate_key_pairs()
+        self._c_sk, self._s_sk = private_key_to_bytes(c_sk), private_key_to_bytes(s_sk)
+        self._own = (public_key_to_bytes(c_pk), public_key_to_bytes(s_pk))
+        return self._own
+
+    def share(self, keys: dict[int, tuple[bytes, bytes]]) -> tuple[dict[int, bytes], bytes]:
+        """Stage 1: ciphertexts of my shares by holder, and my commitment to b."""
+        if not set(keys) <= set(self.neighbourhood) or keys.get(self.node_id) != self._own:
+            raise ValueError(f"node {self.node_id}: keys for {sorted(keys)} do not fit its neighbourhood")
+        if len(keys) < self.threshold:
+            raise ValueError(f"node {self.node_id}: {len(keys)} neighbours left, threshold {self.threshold}")
+        flat = [k for pair in keys.values() for k in pair]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"node {self.node_id}: repeated public keys")
+        self._keys = dict(keys)
+        self._seed = secrets.token_bytes(32)
+        holders = sorted(keys)
+        b_shares = create_shares(self._seed, self.threshold, len(holders))
+        s_shares = create_shares(self._s_sk, self.threshold, len(holders))
+        out = {}
+        for holder, b_share, s_share in zip(holders, b_shares, s_shares):
+            if holder == self.node_id:
+                self._b_shares[holder], self._s_shares[holder] = b_share, s_share
+            else:
+                key = generate_shared_key(bytes_to_private_key(self._c_sk), bytes_to_public_key(keys[holder][0]))
+                out[holder] = encrypt(key, _pack(self.node_id, holder, b_share, s_share))
+        return out, hashlib.sha256(self._seed).digest()
+
+    def mask(self, ciphertexts: dict[int, bytes], vector: np.ndarray) -> np.ndarray:
+        """Stage 2: my ring vector, masked."""
+        if vector.shape != (self.length,) or vector.dtype != ring_dtype(self.bits):
+            raise ValueError(f"node {self.node_id}: vector {vector.shape} {vector.dtype}, expected ({self.length},)")
+        if not set(ciphertexts) <= set(self._keys) - {self.node_id} or len(ciphertexts) + 1 < self.threshold:
+            raise ValueError(f"node {self.node_id}: ciphertexts from {sorted(ciphertexts)}")
+        for src, ciphertext in ciphertexts.items():
+            key = generate_shared_key(bytes_to_private_key(self._c_sk), bytes_to_public_key(self._keys[src][0]))
+            real_src, dst, b_share, s_share = _unpack(decrypt(key, ciphertext))
+            if (real_src, dst) != (src, self.node_id):
+                raise ValueError(f"node {self.node_id}: a share from {real_src} to {dst} came as from {src}")
+            self._b_shares[src], self._s_shares[src] = b_share, s_share
+        total = vector.astype(np.uint64) + prg_mask(self._seed, self.length, self.bits)
+        for other in ciphertexts:
+            pairwise = prg_mask(_agreed_seed(self._s_sk, self._keys[other][1]), self.length, self.bits)
+            total = total + pairwise if self.node_id > other else total - pairwise.astype(np.uint64)
+        return (total & np.uint64((1 << self.bits) - 1)).astype(ring_dtype(self.bits))
+
+    def unmask(self, contributors: list[int], dropped: list[int]) -> dict[int, bytes]:
+        """Stage 3: my share of b for each contributor and of the mask key for each dropped client."""
+        if self._unmasked:
+            raise ValueError(f"node {self.node_id}: a second unmask request in one round")
+        both = set(contributors) & set(dropped)
+        if both:  # both secrets of one client would let the server strip all of its masks
+            raise ValueError(f"node {self.node_id}: asked for both shares of {sorted(both)}")
+        if not (set(contributors) <= set(self._b_shares) and set(dropped) <= set(self._s_shares)):
+            raise ValueError(f"node {self.node_id}: asked for shares it does not hold")
+        if len(contributors) < self.threshold:
+            raise ValueError(f"node {self.node_id}: {len(contributors)} contributors, threshold {self.threshold}")
+        self._unmasked = True
+        return {**{o: self._b_shares[o] for o in contributors}, **{o: self._s_shares[o] for o in dropped}}
+
+
+@dataclass
+class SecAggServer:
+    """The server's side of one round: forwards what the clients exchange and removes the masks."""
+
+    node_ids: list[int]
+    threshold: int
+    bits: int
+    length: int
+    neighbourhood_size: int
+    rng: random.Random = field(default_factory=lambda: random.Random(secrets.randbits(64)))
+    dropped: dict[int, str] = field(default_factory=dict)  # node -> stage and reason it left the round
+
+    def __post_init__(self) -> None:
+        self.groups = neighbourhoods(self.node_ids, self.neighbourhood_size, self.rng)
+        smallest = min(len(g) for g in self.groups.values())
+        if not 2 <= self.threshold <= smallest:
+            raise ValueError(f"secure aggregation: threshold {self.threshold} must be in 2..{smallest} (the "
+                             f"neighbourhood size of {len(self.node_ids)} clients)")
+        self.alive: set[int] = set(self.node_ids)
+        self.keys: dict[int, tuple[bytes, bytes]] = {}
+        self.commitments: dict[int, bytes] = {}
+        self.shared: set[int] = set()
+        self.masked: dict[int, np.ndarray] = {}
+
+    def _drop(self, nid: int, why: str) -> None:
+        self.dropped.setdefault(nid, why)
+        self.alive.discard(nid)
+
+    def _settle(self, stage: str, answered: set[int]) -> None:
+        for nid in sorted(self.alive - answered):
+            self._drop(nid, f"{stage}: no reply")
+        if len(self.alive) < self.threshold:
+            raise SecAggAbort(f"secure aggregation, {stage}: {len(self.alive)} clients left, threshold "
+                              f"{self.threshold}; dropped: {self.dropped}")
+
+    def collect_keys(self, replies: dict[int, object]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+        """Stage 0 replies -> each live client's neighbours' public keys (stage 1 requests)."""
+        for nid, keys in replies.items():
+            if nid not in self.alive:
+                continue
+            if (not isinstance(keys, tuple) or len(keys) != 2 or not all(isinstance(k, bytes) for k in keys)
+                    or len(set(keys)) != 2 or any(k in flat for k in keys for flat in self.keys.values())):
+                self._drop(nid, "keys: malformed or repeated public keys")
+                continue
+            self.keys[nid] = keys
+        self._settle("keys", set(self.keys))
+        return {nid: {o: self.keys[o] for o in self.groups[nid] if o in self.alive} for nid in self.alive}
+
+    def collect_shares(self, replies: dict[int, object]) -> dict[int, dict[int, bytes]]:
+        """Stage 1 replies -> the ciphertexts addressed to each live client, by source (stage 2 requests)."""
+        inbox: dict[int, dict[int, bytes]] = {nid: {} for nid in self.alive}
+        for nid, reply in replies.items():
+            if nid not in self.alive:
+                continue
+            expected = {o for o in self.groups[nid] if o in self.keys} - {nid}
+            try:
+                ciphertexts, commitment = reply  # type: ignore[misc]
+                ok = (isinstance(ciphertexts, dict) and set(ciphertexts) == expected and isinstance(commitment, bytes)
+                      and len(commitment) == 32 and all(isinstance(c, bytes) for c in ciphertexts.values()))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                self._drop(nid, "share: malformed ciphertexts or commitment")
+                continue
+            self.commitments[nid] = commitment
+            for dst, ciphertext in ciphertexts.items():
+                inbox.setdefault(dst, {})[nid] = ciphertext
+        self._settle("share", set(self.commitments))
+        self.shared = set(self.alive)
+        return {nid: {src: c for src, c in inbox.get(nid, {}).items() if src in self.shared} for nid in self.alive}
+
+    def collect_masked(self, replies: dict[int, object]) -> dict[int, tuple[list[int], list[int]]]:
+        """Stage 2 replies -> to each contributor, its neighbours that contributed and that dropped (stage 3)."""
+        for nid, y in replies.items():
+            if nid not in self.alive:
+                continue
+            if not isinstance(y, np.ndarray) or y.shape != (self.length,) or y.dtype != ring_dtype(self.bits):
+                self._drop(nid, f"mask: not a ({self.length},) vector of {np.dtype(ring_dtype(self.bits))}")
+                continue
+            self.masked[nid] = y
+        self._settle("mask", set(self.masked))
+        out = {}
+        for nid in self.alive:
+            group = [o for o in self.groups[nid] if o in self.shared]
+            out[nid] = ([o for o in group if o in self.masked], [o for o in group if o not in self.masked])
+        return out
+
+    def collect_unmask(self, replies: dict[int, object]) -> np.ndarray:
+        """Stage 3 replies -> the exact ring sum of the contributors' vectors (uint64, reduced mod 2^b)."""
+        shares: dict[int, list[bytes]] = {nid: [] for nid in self.shared}
+        for nid in sorted(self.alive - set(replies)):
+            self.dropped.setdefault(nid, "unmask: no reply (its vector still counts)")
+        for nid, reply in replies.items():
+            if nid not in self.alive:
+                continue
+            if not isinstance(reply, dict) or not all(isinstance(s, bytes) and o in shares for o, s in reply.items()):
+                self._drop(nid, "unmask: malformed shares")
+                continue
+            for owner, share in reply.items():
+                shares[owner].append(share)
+        modulus = np.uint64((1 << self.bits) - 1)
+        total = np.zeros(self.length, dtype=np.uint64)
+        for y in self.masked.values():
+            total += y.astype(np.uint64)
+        for owner in sorted(self.shared):
+            if owner in self.masked:  # a contributor: remove its self-mask
+                seed = self._rebuild(owner, shares[owner], lambda s, o=owner: hashlib.sha256(s).digest()
+                                     == self.commitments[o])
+                total -= prg_mask(seed, self.length, self.bits).astype(np.uint64)
+            else:  # shared keys but sent no vector: remove the pairwise masks its neighbours added
+                s_sk = self._rebuild(owner, shares[owner], lambda s, o=owner: _public_of(s) == self.keys[o][1])
+                for other in self.groups[owner]:
+                    if other in self.masked:
+                        pairwise = prg_mask(_agreed_seed(s_sk, self.keys[other][1]), self.length, self.bits)
+                        total = total - pairwise.astype(np.uint64) if other > owner else total + pairwise
+        self.contributors = sorted(self.masked)
+        return total & modulus
+
+    def _rebuild(self, owner: int, got: list[bytes], valid) -> bytes:
+        """A secret from >= t shares, checked against its commitment; one bad share is tolerated."""
+        if len(got) < self.threshold:
+            raise SecAggAbort(f"secure aggregation, unmask: {len(got)} shares of node {owner}'s secret, threshold "
+                              f"{self.threshold}; dropped: {self.dropped}")
+        for subset in itertools.chain([got], itertools.combinations(got, len(got) - 1)):
+            if len(subset) < self.threshold:
+                break
+            try:
+                secret = combine_shares(list(subset))
+            except (ValueError, IndexError):
+                continue
+            if valid(secret):
+                return secret
+        raise SecAggAbort(f"secure aggregation, unmask: node {owner}'s secret does not rebuild from its shares")
+
+
+def _public_of(private_key: bytes) -> bytes | None:
+    try:
+        return public_key_to_bytes(bytes_to_private_key(private_key).public_key())
+    except (ValueError, TypeError):
+        return None
