@@ -15,6 +15,8 @@ the cohort is the party the guarantee is against, so it knows who took part.
 
 from __future__ import annotations
 
+from opacus.accountants.analysis.rdp import get_privacy_spent
+
 ORDERS = tuple(range(2, 257))
 
 
@@ -32,8 +34,6 @@ def skellam_epsilon(l1: float, l2: float, variance: float, releases: int, delta:
     """Epsilon after ``releases`` rounds of the same summed Skellam release (integer units throughout)."""
     if releases <= 0:
         return 0.0
-    from opacus.accountants.analysis.rdp import get_privacy_spent  # Opacus on first use (its imports are slow)
-
     rdp = [releases * skellam_rdp(a, l1, l2, variance) for a in ORDERS]
     eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
     return float(eps)
