@@ -57,7 +57,6 @@ def one_round(n: int, dim: int, bits: int, drop: float, noise: float, seed: int 
         return out
 
     vectors = {i: timed("encode", encode_integer, u, code, rng) for i, u in zip(ids, updates)}
-    seconds["keys"] = []
     keys = {}
     for i in ids:
         keys[i] = timed("keys", clients[i].public_keys)

@@ -25,8 +25,7 @@ from fedmm.secagg import (
     skellam_epsilon,
     skellam_rdp,
 )
-from fedmm.secagg.integer import IntegerCode, bernstein_tail, round_stochastic, skellam_noise
-from fedmm.secagg.masking import ring_dtype
+from fedmm.secagg.integer import IntegerCode, bernstein_tail, ring_dtype, round_stochastic, skellam_noise
 
 STAGES = ("keys", "share", "mask", "unmask")
 

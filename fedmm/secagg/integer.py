@@ -32,6 +32,11 @@ CLAMP_PROBABILITY = 1e-3  # a rotated coordinate exceeds the clamp L with at mos
 RING_BITS = range(8, 33)  # ring widths supported: values travel as uint8/uint16/uint32
 
 
+def ring_dtype(bits: int) -> type:
+    """The narrowest unsigned integer type that holds Z_{2^b}: what a ring element travels as."""
+    return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+
+
 def padded_length(dim: int) -> int:
     """D: the rotation works on the next power of two (the extra coordinates travel too)."""
     return 1 << max(0, (dim - 1).bit_length())
@@ -112,7 +117,7 @@ class IntegerCode:
 
     @property
     def dtype(self) -> type:
-        return np.uint8 if self.bits <= 8 else np.uint16 if self.bits <= 16 else np.uint32
+        return ring_dtype(self.bits)
 
     def l2_sensitivity(self) -> float:
         """||v||_2 of one client's integer vector (without its noise): the Skellam accountant's Delta_2."""

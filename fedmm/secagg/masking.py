@@ -48,15 +48,13 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from .integer import ring_dtype, ring_sum
+
 _NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
 
 
 class SecAggAbort(RuntimeError):
     """The round cannot complete (too few clients left at some stage); the reason names the stage."""
-
-
-def ring_dtype(bits: int) -> type:
-    return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
 
 
 def prg_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
@@ -90,10 +88,7 @@ def neighbourhoods(node_ids: list[int], size: int, rng: random.Random) -> dict[i
     half = size // 2
     out = {}
     for i, nid in enumerate(order):
-        around = {order[(i + k) % len(order)] for k in range(-half, half + 1)}
-        if size == len(node_ids):
-            around = set(node_ids)
-        out[nid] = tuple(sorted(around))
+        out[nid] = tuple(sorted({order[(i + k) % len(order)] for k in range(-half, half + 1)}))
     return out
 
 
@@ -204,6 +199,7 @@ class SecAggServer:
         self.commitments: dict[int, bytes] = {}
         self.shared: set[int] = set()
         self.masked: dict[int, np.ndarray] = {}
+        self.contributors: list[int] = []  # whose vectors the sum holds (set by collect_unmask)
 
     def _drop(self, nid: int, why: str) -> None:
         self.dropped.setdefault(nid, why)
@@ -282,9 +278,7 @@ class SecAggServer:
             for owner, share in reply.items():
                 shares[owner].append(share)
         modulus = np.uint64((1 << self.bits) - 1)
-        total = np.zeros(self.length, dtype=np.uint64)
-        for y in self.masked.values():
-            total += y.astype(np.uint64)
+        total = ring_sum(list(self.masked.values()), self.bits)
         for owner in sorted(self.shared):
             if owner in self.masked:  # a contributor: remove its self-mask
                 seed = self._rebuild(owner, shares[owner], lambda s, o=owner: hashlib.sha256(s).digest()
