@@ -18,7 +18,6 @@ beyond (SecAgg+). No federation: transport costs are not in these numbers.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -30,21 +29,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmm.secagg import SecAggClient, SecAggServer, decode_sum, derive_code, encode_integer  # noqa: E402
-
-
-def neighbourhood_size(n: int) -> int:
-    return n if n <= 15 else 2 * math.ceil(math.log2(n)) + 1
+from fedmm.secagg.masking import default_threshold, neighbourhood_size  # noqa: E402
 
 
 def one_round(n: int, dim: int, bits: int, drop: float, noise: float, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     size = neighbourhood_size(n)
-    threshold = max(2, (2 * size) // 3)
+    threshold = default_threshold(size)
     code = derive_code(dim, 1.0, bits, n, noise_multiplier=noise, threshold=threshold, seed=seed)
     updates = [rng.normal(0, 1e-3, dim) for _ in range(n)]
     ids = [int(i) for i in rng.choice(10**12, n, replace=False)]
     server = SecAggServer(ids, threshold, bits, code.length, size, rng=random.Random(seed))
-    clients = {i: SecAggClient(i, server.groups[i], threshold, bits, code.length) for i in ids}
+    clients = {i: SecAggClient(i) for i in ids}
     gone = set(random.Random(seed).sample(ids, int(drop * n)))
     sent = {i: 0 for i in ids}
     got = {i: 0 for i in ids}
@@ -66,7 +62,7 @@ def one_round(n: int, dim: int, bits: int, drop: float, noise: float, seed: int 
     for i, k in forward.items():
         got[i] += sum(len(a) + len(b) for a, b in k.values())
         start = time.perf_counter()
-        shares[i] = clients[i].share(k)
+        shares[i] = clients[i].share(k, threshold, bits, code.length)
         seconds["keys"][ids.index(i)] += time.perf_counter() - start
         sent[i] += sum(map(len, shares[i][0].values())) + len(shares[i][1])
     inbox = server.collect_shares(shares)

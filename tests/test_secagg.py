@@ -38,7 +38,7 @@ def _round(vectors: dict[int, np.ndarray], bits: int, threshold: int, size: int 
     ids = sorted(vectors)
     length = len(next(iter(vectors.values())))
     server = SecAggServer(ids, threshold, bits, length, size or len(ids), rng=random.Random(seed))
-    clients = {i: SecAggClient(i, server.groups[i], server.threshold, bits, length) for i in ids}
+    clients = {i: SecAggClient(i) for i in ids}
     received: dict[str, dict] = {}
 
     def gather(stage: str, ask: dict[int, object], answer) -> dict[int, object]:
@@ -49,7 +49,8 @@ def _round(vectors: dict[int, np.ndarray], bits: int, threshold: int, size: int 
         return replies
 
     requests = server.collect_keys(gather("keys", {i: None for i in ids}, lambda i, _: clients[i].public_keys()))
-    inbox = server.collect_shares(gather("share", requests, lambda i, keys: clients[i].share(keys)))
+    inbox = server.collect_shares(gather("share", requests,
+                                         lambda i, keys: clients[i].share(keys, server.threshold, bits, length)))
     asks = server.collect_masked(gather("mask", inbox, lambda i, c: clients[i].mask(c, vectors[i])))
     total = server.collect_unmask(gather("unmask", asks, lambda i, a: clients[i].unmask(*a)))
     return total, server, clients, received

@@ -22,8 +22,11 @@ refuses a code that could wrap, with the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -118,6 +121,24 @@ class IntegerCode:
     @property
     def dtype(self) -> type:
         return ring_dtype(self.bits)
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """The code as plain values (the server announces it in the mask request)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> IntegerCode:
+        """The code announced in ``values``; ValueError when a field is missing, ill-typed or out of range."""
+        try:
+            code = cls(int(values["dim"]), float(values["clip"]), float(values["scale"]), int(values["bits"]),
+                       int(values["bound"]), float(values["noise_variance"]), int(values["seed"]),
+                       bool(values["rotate"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"integer code: {type(exc).__name__}: {exc}") from None
+        if not (code.dim >= 1 and code.bits in RING_BITS and 0 < code.clip < math.inf and 0 < code.scale < math.inf
+                and 1 <= code.bound < code.modulus // 2 and 0 <= code.noise_variance < math.inf):
+            raise ValueError(f"integer code out of range: {code}")
+        return code
 
     def l2_sensitivity(self) -> float:
         """||v||_2 of one client's integer vector (without its noise): the Skellam accountant's Delta_2."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import math
 import random
 import secrets
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from .integer import ring_dtype, ring_sum
+from .integer import RING_BITS, ring_dtype, ring_sum
 
 _NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
 
@@ -80,6 +81,21 @@ def _unpack(plain: bytes) -> tuple[int, int, bytes, bytes]:
     return int.from_bytes(plain[:8], "little"), int.from_bytes(plain[8:16], "little"), plain[20:cut], plain[cut:]
 
 
+def ids_of(raw: bytes) -> list[int]:
+    """Node ids from ``ids_bytes`` (Flower's node ids use all 64 bits; a record's ints are signed)."""
+    if not isinstance(raw, bytes) or len(raw) % 8 or len(raw) < 8:
+        raise ValueError("node ids: not a count and whole uint64 values")
+    values = np.frombuffer(raw, dtype=np.uint64)
+    if int(values[0]) != len(values) - 1:
+        raise ValueError("node ids: the count does not match")
+    return [int(i) for i in values[1:]]
+
+
+def ids_bytes(ids: list[int]) -> bytes:
+    """Node ids as uint64 bytes after their count (never empty: a record holds no empty bytes)."""
+    return np.asarray([len(ids), *ids], dtype=np.uint64).tobytes()
+
+
 def neighbourhoods(node_ids: list[int], size: int, rng: random.Random) -> dict[int, tuple[int, ...]]:
     """Each node with its size-1 neighbours: its neighbours on a ring over a random order (SecAgg+'s graph)."""
     size = min(size | 1, len(node_ids))  # odd: as many neighbours on each side
@@ -92,15 +108,24 @@ def neighbourhoods(node_ids: list[int], size: int, rng: random.Random) -> dict[i
     return out
 
 
+def neighbourhood_size(clients: int) -> int:
+    """SecAgg+'s graph: everyone when few, else a ring neighbourhood of 2 ceil(log2 n) + 1 (Bell et al.)."""
+    return clients if clients <= 15 else 2 * math.ceil(math.log2(clients)) + 1
+
+
+def default_threshold(size: int) -> int:
+    """Two thirds of a neighbourhood: a third of it may drop at any stage, and fewer than t never rebuild."""
+    return max(2, (2 * size) // 3)
+
+
 @dataclass
 class SecAggClient:
-    """One client's side of one round; it keeps its secrets between the stages."""
+    """One client's side of one round; it keeps its secrets between the stages (``state`` / ``from_state``)."""
 
     node_id: int
-    neighbourhood: tuple[int, ...]  # itself included
-    threshold: int
-    bits: int
-    length: int
+    threshold: int = 0  # set by the server's share request, with the ring and the vector length
+    bits: int = 0
+    length: int = 0
     _own: tuple[bytes, bytes] = (b"", b"")
     _c_sk: bytes = b""
     _s_sk: bytes = b""
@@ -110,25 +135,35 @@ class SecAggClient:
     _s_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of its mask key
     _unmasked: bool = False
 
+    @property
+    def neighbourhood(self) -> tuple[int, ...]:
+        """Who I share with (myself included), as the server's share request named them."""
+        return tuple(sorted(self._keys))
+
     def public_keys(self) -> tuple[bytes, bytes]:
         """Stage 0: (encryption key, mask-agreement key), PEM."""
-        if self.node_id not in self.neighbourhood or not 1 <= self.threshold <= len(self.neighbourhood):
-            raise ValueError(f"node {self.node_id}: neighbourhood {self.neighbourhood}, threshold {self.threshold}")
         c_sk, c_pk = generate_key_pairs()
         s_sk, s_pk = generate_key_pairs()
         self._c_sk, self._s_sk = private_key_to_bytes(c_sk), private_key_to_bytes(s_sk)
         self._own = (public_key_to_bytes(c_pk), public_key_to_bytes(s_pk))
         return self._own
 
-    def share(self, keys: dict[int, tuple[bytes, bytes]]) -> tuple[dict[int, bytes], bytes]:
-        """Stage 1: ciphertexts of my shares by holder, and my commitment to b."""
-        if not set(keys) <= set(self.neighbourhood) or keys.get(self.node_id) != self._own:
-            raise ValueError(f"node {self.node_id}: keys for {sorted(keys)} do not fit its neighbourhood")
-        if len(keys) < self.threshold:
-            raise ValueError(f"node {self.node_id}: {len(keys)} neighbours left, threshold {self.threshold}")
+    def share(self, keys: dict[int, tuple[bytes, bytes]], threshold: int, bits: int,
+              length: int) -> tuple[dict[int, bytes], bytes]:
+        """Stage 1: given my neighbourhood's public keys (mine included), the ciphertexts of my shares by
+        holder and my commitment to b."""
+        if self._seed or not self._own[0]:
+            raise ValueError(f"node {self.node_id}: a share request before its keys, or a second one")
+        if keys.get(self.node_id) != self._own:
+            raise ValueError(f"node {self.node_id}: the neighbourhood's keys do not hold its own")
+        if not 2 <= threshold <= len(keys):
+            raise ValueError(f"node {self.node_id}: threshold {threshold} for a neighbourhood of {len(keys)}")
+        if bits not in RING_BITS or length < 1:
+            raise ValueError(f"node {self.node_id}: ring Z_2^{bits}, vector length {length}")
         flat = [k for pair in keys.values() for k in pair]
         if len(set(flat)) != len(flat):
             raise ValueError(f"node {self.node_id}: repeated public keys")
+        self.threshold, self.bits, self.length = threshold, bits, length
         self._keys = dict(keys)
         self._seed = secrets.token_bytes(32)
         holders = sorted(keys)
@@ -142,6 +177,33 @@ class SecAggClient:
                 key = generate_shared_key(bytes_to_private_key(self._c_sk), bytes_to_public_key(keys[holder][0]))
                 out[holder] = encrypt(key, _pack(self.node_id, holder, b_share, s_share))
         return out, hashlib.sha256(self._seed).digest()
+
+    def state(self) -> dict[str, int | bool | bytes | list[bytes]]:
+        """My secrets and what I hold, as plain values (node ids as uint64 bytes), for the client's own state."""
+        state = {
+            "node": ids_bytes([self.node_id]), "threshold": self.threshold, "bits": self.bits,
+            "length": self.length, "own": list(self._own), "c-sk": self._c_sk, "s-sk": self._s_sk,
+            "seed": self._seed, "key-ids": ids_bytes(list(self._keys)),
+            "key-c": [k[0] for k in self._keys.values()], "key-s": [k[1] for k in self._keys.values()],
+            "b-ids": ids_bytes(list(self._b_shares)), "b-shares": list(self._b_shares.values()),
+            "s-ids": ids_bytes(list(self._s_shares)), "s-shares": list(self._s_shares.values()),
+            "unmasked": self._unmasked,
+        }
+        return {k: v for k, v in state.items() if v != b""}  # a record holds no empty bytes: absent = empty
+
+    @classmethod
+    def from_state(cls, state) -> SecAggClient:
+        """The client ``state`` stored (a mapping of the values ``state`` returns)."""
+        client = cls(ids_of(state["node"])[0], int(state["threshold"]), int(state["bits"]), int(state["length"]))
+        client._own = (bytes(state["own"][0]), bytes(state["own"][1]))
+        client._c_sk, client._s_sk = bytes(state.get("c-sk", b"")), bytes(state.get("s-sk", b""))
+        client._seed = bytes(state.get("seed", b""))
+        client._keys = {i: (bytes(c), bytes(s)) for i, c, s in zip(ids_of(state["key-ids"]), state["key-c"],
+                                                                    state["key-s"])}
+        client._b_shares = dict(zip(ids_of(state["b-ids"]), map(bytes, state["b-shares"])))
+        client._s_shares = dict(zip(ids_of(state["s-ids"]), map(bytes, state["s-shares"])))
+        client._unmasked = bool(state["unmasked"])
+        return client
 
     def mask(self, ciphertexts: dict[int, bytes], vector: np.ndarray) -> np.ndarray:
         """Stage 2: my ring vector, masked."""
@@ -254,7 +316,7 @@ class SecAggServer:
             if nid not in self.alive:
                 continue
             if not isinstance(y, np.ndarray) or y.shape != (self.length,) or y.dtype != ring_dtype(self.bits):
-                self._drop(nid, f"mask: not a ({self.length},) vector of {np.dtype(ring_dtype(self.bits))}")
+                self._drop(nid, f"mask: malformed: not a ({self.length},) vector of {np.dtype(ring_dtype(self.bits))}")
                 continue
             self.masked[nid] = y
         self._settle("mask", set(self.masked))

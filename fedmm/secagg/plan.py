@@ -1,0 +1,48 @@
+"""A run's secure-aggregation plan, fixed before round 1: who shares with whom, the threshold, the integer code.
+
+The code is derived for the most clients a round can sum (the sampled cohort), so it is the same every round
+(only the public rotation seed changes) and a ring sum of any surviving subset cannot wrap. With DP noise
+(``dp = distributed``) each client adds a Skellam share of variance mu / t, so any t contributors together
+carry the whole mu = (sigma Delta_2)^2 in integer units; the accountant charges exactly that mu, which holds
+as long as at least t of a round's contributors are honest (a dishonest one may leave its share out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .accounting import skellam_epsilon
+from .integer import IntegerCode, derive_code
+from .masking import default_threshold, neighbourhood_size
+
+
+@dataclass(frozen=True)
+class SecAggPlan:
+    clients: int  # sampled per round: the most vectors one ring sum holds
+    neighbourhood: int  # SecAgg+'s neighbourhood size (itself included)
+    threshold: int  # t
+    bits: int  # b
+    clip: float  # C: the L2 bound of one (weighted) update
+    noise_multiplier: float  # sigma of the summed Skellam noise; 0: none
+
+    @classmethod
+    def of(cls, clients: int, bits: int, threshold: int, clip: float, noise_multiplier: float) -> SecAggPlan:
+        """The plan for ``clients`` per round; ``threshold`` 0 takes the default. ValueError names the problem."""
+        if clients < 2:
+            raise ValueError(f"secure aggregation needs at least 2 clients per round, the run samples {clients}")
+        size = neighbourhood_size(clients)
+        t = threshold or default_threshold(size)
+        if not 2 <= t <= size:
+            raise ValueError(f"'secagg-threshold' = {threshold}: must be in 2..{size} (a neighbourhood of "
+                             f"{clients} clients per round has {size})")
+        return cls(clients, size, t, bits, clip, noise_multiplier)
+
+    def code(self, dim: int, seed: int = 0) -> IntegerCode:
+        """The round's integer code for ``dim`` values (ValueError with the numbers when the ring could wrap)."""
+        return derive_code(dim, self.clip, self.bits, self.clients, self.noise_multiplier, self.threshold, seed)
+
+    def epsilon(self, dim: int, releases: int, delta: float) -> float:
+        """Epsilon after ``releases`` rounds: the Skellam mechanism with the noise of t honest contributors."""
+        code = self.code(dim)
+        return skellam_epsilon(code.l1_sensitivity(), code.l2_sensitivity(), self.threshold * code.noise_variance,
+                               releases, delta)
