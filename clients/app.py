@@ -28,6 +28,7 @@ from clients.instructions import instruction_check_mod
 from clients.messages import decline
 from clients.node import Node, load_global, node_of
 from clients.privacy_mod import budget_refusal, load_ledger, privacy_mod, store_ledger
+from clients.secagg_mod import answer_stage, secagg_mod
 from fedmm import lora, protocol
 from fedmm.constraints import ConstraintTerm
 from fedmm.data import ManifestError
@@ -40,10 +41,11 @@ from fedmm.privacy.release import released_train_metrics
 from fedmm.protocol import rank_of, to_record, trainable
 from fedmm.train import LossTerm, TrainStats, mean_loss, proximal_term, train_steps
 
-# Outermost first: the server's instruction is checked before anything reads it; compression encodes what
+# Outermost first: the server's instruction is checked before anything reads it; secure aggregation keeps
+# the encoded update and masks it in the stages that follow (clients/secagg_mod.py); compression encodes what
 # the privacy mod released (clip -> noise -> quantize); injected faults (tests, benchmarks) act on the
 # released update, as a client that skips clipping would.
-app = ClientApp(mods=[instruction_check_mod, compression_mod, fault_injection_mod, privacy_mod])
+app = ClientApp(mods=[instruction_check_mod, secagg_mod, compression_mod, fault_injection_mod, privacy_mod])
 
 # Every Flower record printed once: no root handler from a library's basicConfig (fedmm/logs.py).
 quiet_root_logger()
@@ -189,6 +191,12 @@ def _train_reply(msg: Message, node: Node, global_arrays: dict[str, np.ndarray],
             **extra,
         }, node.settings.dp))
     return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
+
+
+@app.query(protocol.SECAGG_ACTION)
+def secure_aggregation_stage(msg: Message, context: Context) -> Message:
+    """One stage of the round's secure aggregation (share, mask, unmask): clients/secagg_mod.py."""
+    return answer_stage(msg, context)
 
 
 @app.evaluate()

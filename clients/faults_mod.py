@@ -2,7 +2,8 @@
 ``inject-faults`` in the run config, the clients it picks crash, time out or
 send a NaN, sign-flipped, scaled or noise update. It sits between
 compression and privacy: a Byzantine client sends what it likes, past any
-clipping, but still in the wire format. A no-op without ``inject-faults``.
+clipping, but still in the wire format. With secure aggregation a client
+may vanish at one of its stages instead. A no-op without ``inject-faults``.
 """
 
 from __future__ import annotations
@@ -19,19 +20,37 @@ from fedmm.faults import corrupt_update, fault_of
 from fedmm.protocol import to_numpy, to_record
 
 
+def _stage_fault(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A secure-aggregation stage: a ``vanish-<stage>`` client crashes there (it trained and shared keys)."""
+    record = msg.content[protocol.SECAGG] if protocol.SECAGG in msg.content else {}
+    kind = _fault(context, int(record.get(protocol.SA_ROUND, 0)))
+    if kind == f"vanish-{record.get(protocol.SA_STAGE)}":
+        raise RuntimeError(f"injected fault: {kind} (round {record.get(protocol.SA_ROUND)})")
+    return call_next(msg, context)
+
+
+def _fault(context: Context, server_round: int) -> str | None:
+    settings = run_settings(context)
+    client = protocol.partition_id_of(context.node_config, context.node_id)
+    return fault_of(settings.fault_fractions, client, int(context.node_config.get(protocol.NODE_NUM_PARTITIONS, 1)),
+                    settings.seed, server_round)
+
+
 def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    if msg.metadata.message_type != MessageType.TRAIN or not context.run_config.get("inject-faults"):
+    if not context.run_config.get("inject-faults"):
+        return call_next(msg, context)
+    if msg.metadata.message_type == protocol.SECAGG_STAGES:
+        return _stage_fault(msg, context, call_next)
+    if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     settings = run_settings(context)
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)) if protocol.CONFIG in msg.content else 0
-    client = protocol.partition_id_of(context.node_config, context.node_id)
-    kind = fault_of(settings.fault_fractions, client, int(context.node_config.get(protocol.NODE_NUM_PARTITIONS, 1)),
-                    settings.seed, server_round)
-    if kind is None:
+    kind = _fault(context, server_round)
+    if kind is None or kind.startswith("vanish-"):
         return call_next(msg, context)
     if kind == "crash":
-        raise RuntimeError(f"injected fault: crash (partition {client}, "
-                           f"round {server_round})")
+        raise RuntimeError(f"injected fault: crash (partition "
+                           f"{protocol.partition_id_of(context.node_config, context.node_id)}, round {server_round})")
     if kind == "timeout":
         time.sleep(settings.round_timeout + 5.0)  # the server has stopped waiting for this reply
         return call_next(msg, context)

@@ -2,8 +2,8 @@
 train reply. With Flower's clipping-norm key in the config (central DP with
 client-side clipping) it runs Flower's ``fixedclipping_mod``; with fedmm's
 ``dp-mode`` (local or distributed DP, keys in ``fedmm.protocol``) it clips the
-update to C and adds noise it computes itself from the multiplier sigma:
-N(0, sigma^2 C^2) for local, the 1/n share for distributed. Local DP is the
+update to C and, for local DP, adds N(0, sigma^2 C^2) it computes itself from the multiplier sigma
+(distributed DP's share is integer noise, added under secure aggregation by ``secagg_mod``). Local DP is the
 client's: its ledger follows from the noise it adds (multiplier sigma / 2,
 sensitivity 2C), it is kept in ``context.state``, and the client declines a
 round, with the reason, once the next release would exceed its budget (the
@@ -149,7 +149,9 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     delta_arrays = OrderedDict((k, local[k] - global_arrays[k]) for k in local)
     norm = update_norm(delta_arrays)
     # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
-    private = privatize_update(delta_arrays, clip, sigma * clip / shares**0.5, np.random.default_rng())
+    # distributed: the noise share is integer (Skellam), added inside the masked sum by secagg_mod
+    std = 0.0 if mode == "distributed" else sigma * clip
+    private = privatize_update(delta_arrays, clip, std, np.random.default_rng())
     reply.content[protocol.ARRAYS] = to_record(OrderedDict((k, global_arrays[k] + private[k]) for k in local))
     metrics = reply.content[protocol.METRICS]
     metrics[protocol.UPDATE_NORM] = norm

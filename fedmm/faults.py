@@ -5,7 +5,8 @@ misbehave in their training replies. Kinds:
 
 - transient, drawn again every round: ``crash`` (the ClientApp raises),
   ``timeout`` (it answers only after the round's timeout), ``nan`` (its
-  update is NaN);
+  update is NaN), ``vanish-share`` / ``vanish-mask`` / ``vanish-unmask`` (it trains,
+  then crashes at that stage of secure aggregation);
 - Byzantine, the same clients every round: ``signflip`` (sends -update),
   ``scale`` (sends 100 x update), ``noise`` (sends N(0, 1) noise as update).
 
@@ -22,7 +23,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-TRANSIENT = ("crash", "timeout", "nan")
+SECAGG_STAGES = ("share", "mask", "unmask")
+TRANSIENT = ("crash", "timeout", "nan") + tuple(f"vanish-{stage}" for stage in SECAGG_STAGES)
 BYZANTINE = ("signflip", "scale", "noise")
 KINDS = TRANSIENT + BYZANTINE
 SCALE = 100.0

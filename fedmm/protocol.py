@@ -67,6 +67,26 @@ DP_DELTA = "dp-delta"
 DP_MAX_EPSILON = "dp-max-epsilon"  # local: the client's ledger must stay within it (0 = none)
 CLIENT_DP_MODES = ("local", "distributed")
 
+# secure aggregation (strategies/secure_aggregation.py asks, clients/secagg_mod.py answers; fedmm.secagg computes):
+# with SECAGG true in the train config a client keeps its encoded update and replies with two public keys
+# under the SECAGG record instead of ARRAYS; then three stage messages of type SECAGG_STAGES follow, each
+# with a SECAGG record naming its SA_STAGE. Node ids travel as uint64 bytes (fedmm.secagg.masking.ids_bytes).
+SECAGG = "secagg"  # train config flag, and the ConfigRecord of every secure-aggregation request and reply
+SECAGG_ACTION = "secagg"  # the ClientApp's query handler for the stages
+SECAGG_STAGES = f"query.{SECAGG_ACTION}"  # message type of the stages
+SA_STAGE = "stage"  # "share" | "mask" | "unmask"
+SA_ROUND = "round"
+SA_C_KEY, SA_S_KEY = "c-pk", "s-pk"  # train reply: the encryption and mask-agreement public keys
+SA_IDS, SA_C_KEYS, SA_S_KEYS = "ids", "c-pks", "s-pks"  # share request: the neighbourhood's keys
+SA_THRESHOLD, SA_BITS, SA_LENGTH = "threshold", "bits", "length"  # share request
+SA_TO, SA_FROM, SA_CIPHERTEXTS = "to", "from", "ciphertexts"  # share reply / mask request: shares by holder / source
+SA_COMMITMENT = "commitment"  # share reply: SHA-256 of the self-mask seed
+SA_WEIGHT = "weight"  # mask request: the factor in [0, 1] the client scales its update by
+SA_CODE = "code-"  # prefix of the mask request's integer code fields (fedmm.secagg.IntegerCode.as_dict)
+SA_MASKED = "masked"  # mask reply, under ARRAYS: the masked ring vector
+SA_CONTRIBUTORS, SA_DROPPED = "contributors", "dropped"  # unmask request
+SA_OWNERS, SA_SHARES = "owners", "shares"  # unmask reply
+
 # --- metric keys of a reply (client -> server)
 NUM_EXAMPLES = "num-examples"  # examples the client trained (train) or evaluated (evaluate) on
 UNIT_WEIGHT = "unit-weight"  # always 1: the weight of a uniform mean (client-level DP)

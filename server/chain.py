@@ -5,6 +5,7 @@ Outermost first (what a reply meets on its way in):
 ``RecordsRound``      files every record under its round (server/history.py)
 ``ReplyCheck``        drops every malformed reply (strategies/replies.py)
 ``ReplyBook``         counts failed and missing replies, orders replies by partition (strategies/reply_book.py)
+[``SecureAggregation``] runs SecAgg+'s stages and hands on the contributors' mean (strategies/secure_aggregation.py)
 ``CompressedUpdates`` downlink encoding, uplink decoding (strategies/compression.py)
 ``UpdateValidation``  finiteness, absurd norms, norm bound (strategies/validation.py)
 [DP wrapper]          the dp mode's (strategies/privacy.py: ``make_private``)
@@ -34,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 import strategies
 from fedmm import protocol
 from fedmm.config import ConfigError, Settings
+from fedmm.secagg.plan import SecAggPlan
 from server.history import MetricsHistory, RecordsRound
 from strategies.builtin import RANGES, check_local_optimizer, check_population
 from strategies.compression import CompressedUpdates
@@ -41,6 +43,7 @@ from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import make_private, needs_uniform_mean
 from strategies.replies import ReplyCheck
 from strategies.reply_book import ReplyBook
+from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation
 from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation
 
@@ -75,6 +78,11 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
             "noise), so clients do not send it under DP; use another strategy, or dp = 'none'"
         )
     make_private(strategy, settings, num_nodes=None)  # refuses a strategy the dp mode cannot wrap
+    if settings.secure_aggregation:
+        try:
+            check_secure_aggregation(strategy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return strategy
 
 
@@ -91,6 +99,7 @@ class Chain:
     constraints: DualAscentConstraints | None
     ledger: Callable[[], Any] | None  # privacy_spent() of the DP wrapper that accounts the run, if any
     user_timer: TimedStrategy  # the user's strategy alone (with central DP: and its wrapper)
+    secagg: SecureAggregation | None = None
 
     @property
     def stateful(self) -> Strategy:
@@ -101,10 +110,11 @@ class Chain:
 def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory, num_nodes: int) -> Chain:
     """Wrap the user's ``strategy`` for this run (``num_nodes`` sizes client-level DP)."""
     check_population(strategy, settings.sampled_per_round(num_nodes))
+    plan = secagg_plan(settings, num_nodes)
     central_dp = needs_uniform_mean(settings.dp)
     ledger = None
     if central_dp:  # Flower's accounted DP wrappers need FedAvg itself beneath them: constraints go above
-        strategy, ledger = make_private(strategy, settings, num_nodes=num_nodes)
+        strategy, ledger = make_private(strategy, settings, num_nodes=num_nodes, secagg=plan)
     user_timer = TimedStrategy(strategy)  # with central DP: the strategy and its DP wrapper, priced as strategy
     inner: Strategy = user_timer
     constraints = None
@@ -118,12 +128,38 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
     # always wrapped: with fp32 both ways the codec is the identity, and every run gets the same decoding checks
     codec = CompressedUpdates(validation, settings.codec, settings.codec_downlink, settings.error_feedback,
                               settings.seed)
-    book = ReplyBook(codec)
+    secagg = None
+    if plan is not None:  # the replies hold keys, then the stages' sum: every contributor's reply carries the mean
+        secagg = SecureAggregation(codec, plan, settings.round_timeout, settings.seed)
+    book = ReplyBook(secagg or codec)
     # outermost: no reply reaches anything above unless it is well formed, so no client can crash or end the run
-    reply_check = ReplyCheck(book, settings.global_rank)
+    reply_check = ReplyCheck(book, settings.global_rank, settings.secure_aggregation)
     outer = TimedStrategy(RecordsRound(reply_check, history))
     return Chain(outer, strategies.innermost(user_timer), reply_check, book, codec, validation, constraints, ledger,
-                 user_timer)
+                 user_timer, secagg)
+
+
+def secagg_plan(settings: Settings, num_nodes: int) -> SecAggPlan | None:
+    """The run's secure-aggregation plan (None without it); ConfigError names the key that does not fit."""
+    if not settings.secure_aggregation:
+        return None
+    distributed = settings.dp == "distributed"  # then the ring's bound is the one the noise is calibrated to
+    sigma, clip = (settings.dp_noise_multiplier, settings.dp_clip_norm) if distributed else \
+        (0.0, settings.secagg_clip_norm)
+    try:
+        return SecAggPlan.of(settings.sampled_per_round(num_nodes), settings.secagg_bits, settings.secagg_threshold,
+                             clip, sigma)
+    except ValueError as exc:
+        raise ConfigError(f"run-config 'secure-aggregation': {exc}") from None
+
+
+def check_ring(chain: Chain, dim: int) -> None:
+    """Before round 1: refuse a ring that the sum of a round's clients could wrap (with the numbers)."""
+    if chain.secagg is not None:
+        try:
+            chain.secagg.plan.code(dim)
+        except ValueError as exc:
+            raise ConfigError(f"run-config 'secagg-bits' = {chain.secagg.plan.bits}: {exc}") from None
 
 
 def _constraints(settings: Settings) -> dict[str, Constraint]:

@@ -71,6 +71,9 @@ class RoundRecorder:
             record(server_round, key, value)
         for key, value in chain.validation.stats.get(server_round, {}).items():
             record(server_round, f"validation/{key}", value)
+        if chain.secagg is not None:
+            for key, value in chain.secagg.stats.get(server_round, {}).items():
+                record(server_round, key, value)
         if chain.constraints is not None:
             for key, value in chain.constraints.history.get(server_round, {}).items():
                 record(server_round, key, value)
@@ -80,4 +83,5 @@ class RoundRecorder:
 
     def dropped_updates(self) -> list[dict[str, object]]:
         """Every update dropped before aggregation, with its round, node and reason."""
-        return self.chain.reply_check.drops + self.chain.codec.drops + self.chain.validation.drops
+        secagg = self.chain.secagg.drops if self.chain.secagg is not None else []
+        return self.chain.reply_check.drops + secagg + self.chain.codec.drops + self.chain.validation.drops

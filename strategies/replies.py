@@ -9,7 +9,9 @@ integer in [0, 2^31), and a train reply's ``lora-rank`` an integer in
 [1, the global rank]. The arrays must be readable numeric arrays; their
 names, dtypes and sizes are the codec's to check (``CompressedUpdates``
 decodes the payload against the global adapter's layout, and drops what does
-not decode).
+not decode). Under secure aggregation a train reply holds the client's two
+public keys under ``secagg`` instead of the arrays (``SecureAggregation``
+checks its later stages).
 
 A reply that breaks any of this is dropped here, with the node, the round
 and what was wrong, logged and kept in ``drops``; it never reaches the
@@ -29,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
@@ -38,6 +40,7 @@ from fedmm.protocol import LORA_RANK as RANK_METRIC
 from strategies.wrapper import StrategyWrapper
 
 TRAIN, EVALUATE = "train", "evaluate"
+MAX_KEY_BYTES = 4096  # a PEM public key of SECP384R1 is ~215 bytes
 
 
 def _integer(value: float) -> bool:
@@ -84,18 +87,34 @@ def array_problem(arrays: ArrayRecord) -> str | None:
     return None
 
 
-def reply_problem(msg: Message, phase: str, max_rank: int) -> str | None:
-    """Why ``msg`` is not a well-formed ``phase`` reply, or None. Never raises."""
+def keys_problem(record: object) -> str | None:
+    """Why a secure-aggregation train reply's record is not two public keys, or None."""
+    if not isinstance(record, ConfigRecord):
+        return f"'{protocol.SECAGG}' holds a {type(record).__name__}, expected a ConfigRecord"
+    if set(record) != {protocol.SA_C_KEY, protocol.SA_S_KEY} or not all(
+            isinstance(v, bytes) and 0 < len(v) <= MAX_KEY_BYTES for v in record.values()):
+        return f"'{protocol.SECAGG}' must hold exactly two public keys ({protocol.SA_C_KEY}, {protocol.SA_S_KEY})"
+    return None
+
+
+def reply_problem(msg: Message, phase: str, max_rank: int, secure_aggregation: bool = False) -> str | None:
+    """Why ``msg`` is not a well-formed ``phase`` reply, or None. Never raises. Under secure aggregation a
+    train reply carries the client's public keys (``secagg``) instead of its update."""
     try:
         content = msg.content
-        expected = {protocol.ARRAYS, protocol.METRICS} if phase == TRAIN else {protocol.METRICS}
+        payload = protocol.SECAGG if secure_aggregation else protocol.ARRAYS
+        expected = {payload, protocol.METRICS} if phase == TRAIN else {protocol.METRICS}
         keys = set(content.keys())
         if keys != expected:
             return f"records {sorted(map(str, keys))}, expected {sorted(expected)}"
         metrics = content[protocol.METRICS]
         if not isinstance(metrics, MetricRecord):
             return f"'{protocol.METRICS}' holds a {type(metrics).__name__}, expected a MetricRecord"
-        if phase == TRAIN:
+        if phase == TRAIN and secure_aggregation:
+            problem = keys_problem(content[protocol.SECAGG])
+            if problem:
+                return problem
+        elif phase == TRAIN:
             arrays = content[protocol.ARRAYS]
             if not isinstance(arrays, ArrayRecord):
                 return f"'{protocol.ARRAYS}' holds a {type(arrays).__name__}, expected an ArrayRecord"
@@ -116,9 +135,9 @@ def round_key_set(replies: list[Message]) -> frozenset[str]:
 class ReplyCheck(StrategyWrapper):
     """Drops malformed train and evaluate replies, and makes the round's metric keys consistent."""
 
-    def __init__(self, strategy: Strategy, max_rank: int) -> None:
+    def __init__(self, strategy: Strategy, max_rank: int, secure_aggregation: bool = False) -> None:
         super().__init__(strategy)
-        self.max_rank = max_rank
+        self.max_rank, self.secure_aggregation = max_rank, secure_aggregation
         self.drops: list[dict[str, object]] = []  # round, phase, node, reason of every rejected reply
         self.stats: dict[int, dict[str, float]] = {}  # round -> rejected-replies (train and evaluate)
 
@@ -149,7 +168,7 @@ class ReplyCheck(StrategyWrapper):
             if failed:
                 errors.append(msg)
                 continue
-            problem = reply_problem(msg, phase, self.max_rank)
+            problem = reply_problem(msg, phase, self.max_rank, self.secure_aggregation and phase == TRAIN)
             if problem:
                 self._drop(server_round, phase, msg, problem)
             else:

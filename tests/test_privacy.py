@@ -13,6 +13,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from clients.privacy_mod import load_ledger, privacy_mod, store_ledger
 from fedmm import lora
 from fedmm import protocol
+from fedmm.secagg.plan import SecAggPlan
 from fedmm.config import ConfigError, Settings
 from fedmm.data import load_splits, to_batch
 from fedmm.privacy import (
@@ -201,22 +202,16 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
 
 
-def test_distributed_noise_shares_sum_to_central_noise(task_identity):
-    """n clients each add N(0, sigma^2 C^2 / n): their mean carries std sigma C / n, as central DP's."""
-    sigma, clip, n = 0.8, 0.5, 4
-    config = {protocol.DP_MODE: "distributed", protocol.DP_CLIP_NORM: clip, protocol.DP_NOISE_MULTIPLIER: sigma,
-              protocol.DP_NOISE_SHARES: n}
-    updates = []
-    for _ in range(n):
-        reply, _ = _mod_call(config, np.full(100_000, 3.0, np.float32))
-        w = reply.content["arrays"]["w"].numpy()
-        updates.append(w)
-        assert reply.content["metrics"]["clipped"] == 1.0
-    mean = np.mean(updates, axis=0)
-    # signal: each update clipped to norm C along (1, .., 1)/sqrt(d)
-    signal = clip / np.sqrt(mean.size)
-    assert abs(mean.mean() - signal) < 5 * (sigma * clip / n) / np.sqrt(mean.size)  # 5 standard errors
-    assert abs((mean - signal).std() / (sigma * clip / n) - 1) < 0.02
+def test_distributed_dp_clips_and_leaves_the_noise_to_the_integer_share(task_identity):
+    """Under dp = distributed the privacy mod clips to C and adds no float noise: the noise is the Skellam
+    share secagg_mod adds inside the masked sum (tests/test_secagg_rounds.py measures it)."""
+    clip = 0.5
+    config = {protocol.DP_MODE: "distributed", protocol.DP_CLIP_NORM: clip, protocol.DP_NOISE_MULTIPLIER: 0.8,
+              protocol.DP_NOISE_SHARES: 4}
+    reply, _ = _mod_call(config, np.full(100_000, 3.0, np.float32))
+    w = reply.content["arrays"]["w"].numpy()
+    assert reply.content["metrics"]["clipped"] == 1.0
+    assert np.allclose(w, clip / np.sqrt(w.size), rtol=1e-5)  # clipped along (1, .., 1), nothing added
 
 
 def test_local_dp_keeps_a_ledger_and_declines_when_the_budget_is_spent(task_identity):
@@ -310,7 +305,15 @@ def test_privacy_plan_limits_rounds_and_warns_about_delta():
     rounds, notes = privacy_plan(s, 10)
     assert rounds == 4 and any("allows 4 of 10 rounds" in n for n in notes)
     with pytest.raises(ConfigError, match="one round at noise multiplier"):
-        privacy_plan(_settings(dp="distributed", **{"max-epsilon": 0.1}), 10)
+        privacy_plan(_settings(dp="distributed", **{"max-epsilon": 0.1, "secure-aggregation": True}), 10,
+                     SecAggPlan.of(10, 16, 0, 1.0, 1.0), 1000)
+    # distributed DP plans with the Skellam bound of its integer code: never below the Gaussian epsilon
+    skellam = SecAggPlan.of(10, 12, 0, 1.0, 1.0)
+    budget = skellam.epsilon(1000, 3, 1e-5) + 1e-9
+    assert budget > gaussian_epsilon(1.0, 3, 1e-5)
+    rounds, _ = privacy_plan(_settings(dp="distributed", **{"max-epsilon": budget, "secure-aggregation": True}),
+                             10, skellam, 1000)
+    assert rounds == 3
     _, notes = privacy_plan(_settings(dp="central-server", **{"dp-delta": 0.2}), 10)
     assert any("dp-delta 0.2 >= 1/10" in n for n in notes)
     _, notes = privacy_plan(_settings(dp="dp-sgd", **{"dp-delta": 0.1}), 10)

@@ -4,7 +4,7 @@ Each run-config key is declared once (type, default, help, check), as a
 field of its concern's settings group, one file per concern:
 ``config/model.py`` (model, base weights, LoRA, tiers), ``data.py``,
 ``federation.py``, ``training.py``, ``privacy.py``, ``constraints.py``,
-``compression.py``, ``run.py`` (``text.py``: the ``k=v`` text form). ``Settings`` joins the groups, and ``SPEC``
+``compression.py``, ``secagg.py``, ``run.py`` (``text.py``: the ``k=v`` text form). ``Settings`` joins the groups, and ``SPEC``
 (the key table the pyproject check reads) is derived from their fields. A
 field is ``key(default, help, check)`` and its annotation is the key's type;
 the rules that involve a group's keys are its ``_check_<concern>`` methods,
@@ -33,6 +33,7 @@ from .federation import FederationSettings
 from .model import ModelSettings
 from .privacy import DP_MODES, PrivacySettings
 from .run import RunSettings
+from .secagg import SecureAggregationSettings
 from .training import LOCAL_OPTIMIZERS, LOSSES, TrainingSettings
 from .tiers import PROFILE_KEYS, Profile, RankPlan, parse_profiles
 
@@ -51,8 +52,8 @@ class Key(NamedTuple):
 
 # Bases in reverse: a dataclass takes its bases' fields last-first, so the keys keep pyproject's order.
 @dataclass(frozen=True)
-class Settings(RunSettings, CompressionSettings, ConstraintSettings, PrivacySettings, TrainingSettings,
-               FederationSettings, DataSettings, ModelSettings):
+class Settings(RunSettings, SecureAggregationSettings, CompressionSettings, ConstraintSettings, PrivacySettings,
+               TrainingSettings, FederationSettings, DataSettings, ModelSettings):
     """Validated run settings; attribute names are the run-config keys in snake_case."""
 
     @classmethod
@@ -88,6 +89,7 @@ class Settings(RunSettings, CompressionSettings, ConstraintSettings, PrivacySett
         self._check_model()
         self._check_compression()
         self._check_privacy()
+        self._check_secagg()
         self._check_tiers()
         self._check_run()
 

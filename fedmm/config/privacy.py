@@ -98,6 +98,6 @@ class PrivacySettings:
             raise ConfigError(
                 f"run-config 'codec' = '{codec}' with 'dp' = 'distributed': each client's noise share would be "
                 "encoded on its own by a lossy codec whose error is not bounded by the clipping norm, so the sum is "
-                "not the Gaussian mechanism the accountant charges (an integer mechanism under secure aggregation "
-                "is what makes this valid); use codec = 'fp32', or dp = 'central-server' or 'local'"
+                "not the mechanism the accountant charges; use codec = 'fp32' with 'secure-aggregation' = true "
+                "(which rounds to integers itself), or dp = 'central-server' or 'local'"
             )

@@ -17,6 +17,7 @@ from ..config import ConfigError, Settings
 from ..data import client_rows, train_sizes
 from .accounting import gaussian_epsilon, rounds_allowed
 from .release import OUTSIDE_GUARANTEE
+from ..secagg.plan import SecAggPlan
 
 log = logging.getLogger("fedmm.privacy")
 
@@ -49,12 +50,24 @@ PRIVACY_LEVELS = {
              "each release is a Gaussian mechanism of multiplier sigma/2; the client derives its ledger from the "
              "noise it adds and keeps it itself, and declines requests below its own floor (node config "
              "dp-min-noise-multiplier, dp-max-epsilon, dp-delta)",
-    "distributed": "client level, central-equivalent: each of the n sampled clients adds N(0, sigma^2 C^2 / n), "
-                   "so the mean carries the noise of central DP; Flower's RDP accountant, add/remove one "
-                   "client, no amplification claimed; against those who see the global models, not against the "
-                   "server, which sees each update with 1/sqrt(n) of the noise (secure aggregation is not in fedmm "
-                   "yet). Only with codec fp32: a lossy codec would encode each noise share separately",
+    "distributed": "client level, central-equivalent, against everyone the server included: each client clips "
+                   "its update to C, rounds it to integers and adds a Skellam share of the noise inside the "
+                   "secure-aggregation sum (SecAgg+), so the server only ever sees the sum, which carries noise "
+                   "of multiplier sigma whenever at least t (secagg-threshold) of the round's contributors are "
+                   "honest. Skellam RDP bound (Agarwal, Kairouz & Liu 2021), add/remove one client, no "
+                   "amplification claimed. Assumes a semi-honest server (it follows the protocol; SecAgg+'s "
+                   "consistency check against a server that lies about dropouts is not run) and fewer than t "
+                   "colluding clients in any neighbourhood",
 }
+
+
+SECURE_AGGREGATION = (
+    "SecAgg+ (Bell et al. 2020) in Z_2^{b}, threshold t = {t}: the server, and anyone who reads the wire, learns "
+    "only the sum of a round's contributors' clipped, integer-rounded updates, never one of them, provided it "
+    "follows the protocol (semi-honest) and fewer than t clients of a neighbourhood collude with it; a round with "
+    "fewer than t contributors releases nothing. Not covered: each reply's metrics (losses, example counts, "
+    "evaluation counts) travel in the clear, and a hostile client can spoil the sum (no one can check a masked vector)"
+)
 
 
 def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
@@ -67,12 +80,26 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
         "delta": settings.dp_delta,
         "max-epsilon": settings.max_epsilon or None,
         "clients": num_nodes,
+        "secure-aggregation": SECURE_AGGREGATION.format(t=settings.secagg_threshold or "two thirds of a "
+                                                        "neighbourhood", b=settings.secagg_bits)
+        if settings.secure_aggregation else None,
         "notes": notes,
     }
 
 
-def privacy_plan(settings: Settings, num_nodes: int) -> tuple[int, list[str]]:
-    """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible."""
+def skellam_rounds_allowed(secagg: SecAggPlan, adapter_dim: int, settings: Settings) -> int:
+    """Rounds (at most the run's) whose summed Skellam releases stay within ``max-epsilon``."""
+    rounds = 0
+    while (rounds < settings.num_server_rounds
+           and secagg.epsilon(adapter_dim, rounds + 1, settings.dp_delta) <= settings.max_epsilon):
+        rounds += 1
+    return rounds
+
+
+def privacy_plan(settings: Settings, num_nodes: int, secagg: SecAggPlan | None = None,
+                 adapter_dim: int = 0) -> tuple[int, list[str]]:
+    """Rounds the privacy budget allows, and warnings; raises before round 1 when nothing is possible.
+    ``secagg`` and ``adapter_dim`` (the values one update holds) size distributed DP's integer mechanism."""
     notes: list[str] = []
     rounds = settings.num_server_rounds
     if settings.dp in CENTRAL_MODES:
@@ -80,13 +107,19 @@ def privacy_plan(settings: Settings, num_nodes: int) -> tuple[int, list[str]]:
             notes.append(f"dp-delta {settings.dp_delta:g} >= 1/{num_nodes} clients: a guarantee that may "
                          "fail for one client in the federation is weak; lower dp-delta")
         if settings.max_epsilon > 0:
-            rounds = rounds_allowed(settings.dp_noise_multiplier, settings.dp_delta, num_nodes,
-                                    settings.max_epsilon, settings.num_server_rounds)
+            if settings.dp == "distributed":
+                if secagg is None:
+                    raise ValueError("privacy_plan: dp = 'distributed' needs the secure-aggregation plan")
+                rounds = skellam_rounds_allowed(secagg, adapter_dim, settings)
+                first = secagg.epsilon(adapter_dim, 1, settings.dp_delta)
+            else:
+                rounds = rounds_allowed(settings.dp_noise_multiplier, settings.dp_delta, num_nodes,
+                                        settings.max_epsilon, settings.num_server_rounds)
+                first = gaussian_epsilon(settings.dp_noise_multiplier, 1, settings.dp_delta)
             if rounds == 0:
                 raise ConfigError(
                     f"run-config 'max-epsilon' = {settings.max_epsilon:g}: one round at noise multiplier "
-                    f"{settings.dp_noise_multiplier:g} already costs epsilon "
-                    f"{gaussian_epsilon(settings.dp_noise_multiplier, 1, settings.dp_delta):.3f}"
+                    f"{settings.dp_noise_multiplier:g} already costs epsilon {first:.3f}"
                 )
             if rounds < settings.num_server_rounds:
                 notes.append(f"max-epsilon {settings.max_epsilon:g} allows {rounds} of "

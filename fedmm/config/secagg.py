@@ -1,0 +1,72 @@
+"""Run-config keys of one concern: secure aggregation (fedmm.secagg; strategies/secure_aggregation.py).
+(How a key is declared, and how the groups join: ``fedmm/config/__init__.py``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..compression import make_codec
+from ..secagg.integer import RING_BITS
+from .declare import ConfigError, key, positive
+
+SECAGG_CLIP_NORM = 50.0  # far above the updates of fedmm's jobs: without DP, clipping should not bind
+
+
+def _ring_bits(v: Any) -> str | None:
+    return None if v in RING_BITS else f"must be in {RING_BITS.start}..{RING_BITS.stop - 1}"
+
+
+def _threshold(v: Any) -> str | None:
+    return None if v == 0 or v >= 2 else "must be 0 (two thirds of a neighbourhood) or >= 2"
+
+
+# Why each dp mode other than none, dp-sgd and distributed cannot run under secure aggregation.
+_REFUSED_DP = {
+    "central-server": "the server clips each client's update, which secure aggregation hides from it; "
+                      "use dp = 'distributed' (the clients clip and add the noise inside the masked sum)",
+    "central-client": "the server would add the noise to a sum it saw without noise; use dp = 'distributed', "
+                      "where the clients add it inside the masked sum, so no one sees the noiseless sum",
+    "local": "each update already carries noise of norm ~ sigma C sqrt(d), and the ring's clipping to C would "
+             "throw away almost all of its signal; local DP protects against the server on its own",
+}
+
+
+@dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation: SecAgg+ over integer-encoded updates (fedmm.secagg)."""
+
+    secure_aggregation: bool = key(
+        False, "the server learns only the sum of the clients' updates (SecAgg+ over Z_2^secagg-bits; each "
+               "client clips its update and rounds it to integers); FedAvg-style strategies only")
+    secagg_bits: int = key(16, "ring width b of secure aggregation: updates travel as b-bit integers", _ring_bits)
+    secagg_clip_norm: float = key(
+        SECAGG_CLIP_NORM, "L2 bound each update is clipped to before its integer encoding (a ring needs a bound; "
+                          "clients report 'clipped'); under dp = 'distributed' the bound is dp-clip-norm", positive)
+    secagg_threshold: int = key(
+        0, "secure aggregation's t: shares needed to rebuild a client's secret, and the fewest clients a round "
+           "completes with; 0 = two thirds of a neighbourhood", _threshold)
+
+    def _check_secagg(self) -> None:
+        s: Any = self  # the joined Settings: this group's rules read the keys of the others
+        if s.dp == "distributed" and not self.secure_aggregation:
+            raise ConfigError(
+                "run-config 'dp' = 'distributed' needs 'secure-aggregation' = true: each client adds only a share "
+                "of the noise, so without secure aggregation the server would see every update with a fraction "
+                "of the noise it needs"
+            )
+        if not self.secure_aggregation:
+            return
+        if s.dp == "distributed" and self.secagg_clip_norm != SECAGG_CLIP_NORM:
+            raise ConfigError(
+                f"run-config 'secagg-clip-norm' = {self.secagg_clip_norm:g} with 'dp' = 'distributed': the bound is "
+                "the DP clipping norm, which the noise is calibrated to; set 'dp-clip-norm' instead")
+        if s.dp in _REFUSED_DP:
+            raise ConfigError(f"run-config 'secure-aggregation' with 'dp' = '{s.dp}': {_REFUSED_DP[s.dp]}")
+        if not make_codec(s.codec).lossless:
+            raise ConfigError(
+                f"run-config 'secure-aggregation' with 'codec' = '{s.codec}': secure aggregation rounds each update "
+                "to secagg-bits integers itself (stochastic rounding, unbiased), and a masked sum cannot be decoded "
+                "per client; use codec = 'fp32' and set the width with 'secagg-bits'"
+            )

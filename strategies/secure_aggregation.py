@@ -1,0 +1,241 @@
+"""SecureAggregation: the server learns only the weighted sum of the clients' updates (SecAgg+, Bell et al. 2020).
+
+Client obligation: fedmm's ClientApp with ``clients/secagg_mod.py``. With
+``secagg`` in the train config a client trains as usual, keeps its encoded
+update in its own state and replies with two public keys (and its metrics)
+instead of the update. This wrapper then runs SecAgg+'s stages as messages
+of type ``query.secagg`` through the Grid, each with the round's timeout
+(fedmm.secagg computes them): share (each client Shamir-shares its secrets
+with its neighbourhood, encrypted for each holder), mask (each client clips
+its update to C, scales it by its weight w / max w, rotates, rounds to
+integers, adds its noise share and sends it masked in Z_2^b), unmask (the
+clients send the shares that remove the masks, never both kinds of one
+client). The server ends with the exact ring sum, decodes it, divides by
+the contributors' summed weights, and hands every contributor's reply on
+carrying that same mean update: the strategy beneath (FedAvg's weighted
+mean, then its server optimiser if any) computes exactly its usual result
+from it, and every wrapper beneath (decoding, validation, DP accounting,
+constraints) reads the replies as it always does, metrics per client.
+
+What the server can still check: each reply's metrics, the shape and dtype
+of each masked vector, and the decoded mean (finite, norm bounded by C).
+What it cannot: a single client's update — a hostile client can spoil the
+sum within the ring (its clipping is its own obligation), but no reply can
+crash the round: a malformed one drops its sender, with the stage and the
+reason, and the round completes while at least t clients remain.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.supercore import log
+
+from fedmm import protocol
+from fedmm.protocol import to_numpy, to_record, trainable
+from fedmm.secagg import IntegerCode, SecAggAbort, SecAggServer, decode_sum
+from fedmm.secagg.masking import ids_bytes, ids_of
+from fedmm.secagg.plan import SecAggPlan
+from fedmm.strategy_registry import innermost
+from strategies.wrapper import StrategyWrapper
+
+_MALFORMED = object()  # a stage reply that does not parse: SecAggServer drops its sender
+# Flower's strategies whose aggregate is FedAvg's weighted mean (then a server step on it): a sum suffices
+WEIGHTED_MEAN_STRATEGIES = (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+
+
+def check_secure_aggregation(strategy: Strategy) -> None:
+    """Refuse a strategy that needs the individual updates (or declare ``aggregates_weighted_mean = True``)."""
+    if type(strategy) in WEIGHTED_MEAN_STRATEGIES or getattr(strategy, "aggregates_weighted_mean", False) is True:
+        return
+    raise ValueError(
+        f"run-config 'secure-aggregation' with strategy '{type(strategy).__name__}': secure aggregation hands the "
+        "server only the weighted sum of the updates, and this strategy reads each update on its own (a median, "
+        "a trimmed mean, Krum's distances, QFedAvg's per-client losses, FLoRA's stacking, HetLoRA's per-client "
+        "weights). Use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad; a plugin whose aggregate is "
+        "FedAvg's weighted mean may declare aggregates_weighted_mean = True"
+    )
+
+
+
+class SecureAggregation(StrategyWrapper):
+    def __init__(self, strategy: Strategy, plan: SecAggPlan, timeout: float, seed: int) -> None:
+        super().__init__(strategy)
+        self.plan, self.timeout, self.seed = plan, timeout, seed
+        self.weight_key = str(getattr(innermost(strategy), "weighted_by_key", protocol.NUM_EXAMPLES))
+        self.drops: list[dict[str, object]] = []  # round, node, reason of every client the protocol dropped
+        self.stats: dict[int, dict[str, float]] = {}  # round -> contributors, dropped, seconds, bytes
+        self._grid: Grid | None = None
+        self._dim = 0
+        self._errors: dict[int, str] = {}  # node -> why its last stage reply was an error (this round)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> SecureAggregation: SecAgg+ in Z_2^%d, threshold %d of neighbourhoods of %d, clip %g%s",
+            self.plan.bits, self.plan.threshold, self.plan.neighbourhood, self.plan.clip,
+            f", Skellam noise multiplier {self.plan.noise_multiplier:g}" if self.plan.noise_multiplier else "")
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._grid = grid
+        self._dim = sum(int(v.size) for v in trainable(to_numpy(arrays)).values())
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content[protocol.CONFIG][protocol.SECAGG] = True
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        start = time.perf_counter()
+        replies = list(replies)
+        errors = [r for r in replies if r.has_error()]
+        valid = {r.metadata.src_node_id: r for r in replies if not r.has_error()}
+        stats = self.stats.setdefault(server_round, {})
+        try:
+            mean, contributors = self._run(server_round, valid)
+        except SecAggAbort as exc:
+            log(WARNING, "round %d: secure aggregation released nothing: %s", server_round, exc)
+            self.drops.append({"round": server_round, "node": None, "reason": str(exc)})
+            stats.update({"secagg/contributors": 0.0, "secagg/aborted": 1.0})
+            return self.strategy.aggregate_train(server_round, errors)
+        finally:
+            stats["secagg/seconds"] = time.perf_counter() - start
+        kept = []
+        payload = to_record({"values": mean.astype(np.float32)})  # the fp32 codec's payload (CompressedUpdates)
+        for nid in contributors:
+            reply = valid[nid]
+            del reply.content[protocol.SECAGG]
+            reply.content[protocol.ARRAYS] = payload
+            kept.append(reply)
+        stats.update({"secagg/contributors": float(len(kept)), "secagg/aborted": 0.0})
+        return self.strategy.aggregate_train(server_round, errors + kept)
+
+    def _run(self, server_round: int, valid: dict[int, Message]) -> tuple[np.ndarray, list[int]]:
+        """The stages after training: the contributors' weighted mean update (flat) and who they are."""
+        plan, stats = self.plan, self.stats[server_round]
+        self._errors = {}
+        if len(valid) < plan.threshold:
+            raise SecAggAbort(f"secure aggregation, keys: {len(valid)} clients replied to training, threshold "
+                              f"{plan.threshold}")
+        weights = {nid: float(r.content[protocol.METRICS][self.weight_key]) for nid, r in valid.items()}
+        top = max(weights.values())
+        ratio = {nid: w / top for nid, w in weights.items()}
+        round_seed = zlib.crc32(f"{self.seed}:{server_round}:secagg".encode())
+        code = plan.code(self._dim, round_seed)
+        server = SecAggServer(sorted(valid), plan.threshold, plan.bits, code.length, plan.neighbourhood,
+                              rng=random.Random(secrets.randbits(64)))
+        sent = {nid: 0 for nid in valid}
+        try:
+            keys = server.collect_keys({nid: _keys_of(r.content[protocol.SECAGG]) for nid, r in valid.items()})
+            shares = self._stage(server_round, "share", {nid: _share_request(ask, code, plan.threshold)
+                                                        for nid, ask in keys.items()}, _shares_of, sent)
+            inbox = server.collect_shares(shares)
+            masked = self._stage(server_round, "mask", {nid: _mask_request(ask, code, ratio[nid])
+                                                       for nid, ask in inbox.items()},
+                                 lambda r: _masked_of(r), sent)
+            asks = server.collect_masked(masked)
+            unmask = self._stage(server_round, "unmask", {nid: _unmask_request(*ask) for nid, ask in asks.items()},
+                                 _unmask_of, sent)
+            total = server.collect_unmask(unmask)
+        finally:
+            for nid, why in server.dropped.items():
+                reason = why + (f" ({self._errors[nid]})" if nid in self._errors else "")
+                log(WARNING, "round %d: secure aggregation dropped node %s: %s", server_round, nid, reason)
+                self.drops.append({"round": server_round, "node": nid, "reason": f"secure aggregation, {reason}"})
+            stats["secagg/dropped"] = float(len(server.dropped))
+            stats["bytes/secagg-requests-per-client"] = float(np.mean(list(sent.values()))) if sent else 0.0
+        contributors = server.contributors
+        weighted_sum = decode_sum(total, code)
+        return weighted_sum / sum(ratio[nid] for nid in contributors), contributors
+
+    def _stage(self, server_round: int, stage: str, requests: dict[int, ConfigRecord],
+               parse: Callable[[Message], Any], sent: dict[int, int]) -> dict[int, Any]:
+        """Send one stage's requests; the parsed replies by node (_MALFORMED for one that does not parse)."""
+        if self._grid is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        messages = []
+        for nid, record in requests.items():
+            record[protocol.SA_STAGE], record[protocol.SA_ROUND] = stage, server_round
+            sent[nid] = sent.get(nid, 0) + record.count_bytes()
+            messages.append(Message(RecordDict({protocol.SECAGG: record}), dst_node_id=nid,
+                                    message_type=protocol.SECAGG_STAGES, group_id=str(server_round)))
+        out: dict[int, Any] = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.timeout):
+            nid = reply.metadata.src_node_id
+            if nid not in requests or nid in out:
+                continue
+            if reply.has_error():  # the last line of a remote traceback says what happened
+                lines = [line for line in str(reply.error.reason).splitlines() if line.strip()]
+                self._errors[nid] = (lines[-1] if lines else "error reply")[:300]
+                continue
+            try:
+                out[nid] = parse(reply)
+            except Exception:  # noqa: BLE001 - whatever a reply holds, it drops only its sender
+                out[nid] = _MALFORMED
+        return out
+
+
+def _record(reply: Message) -> ConfigRecord:
+    record = reply.content[protocol.SECAGG]
+    if not isinstance(record, ConfigRecord):
+        raise TypeError("not a ConfigRecord")
+    return record
+
+
+def _keys_of(record: Any) -> Any:
+    if not isinstance(record, ConfigRecord):
+        return _MALFORMED
+    return (record.get(protocol.SA_C_KEY), record.get(protocol.SA_S_KEY))
+
+
+def _share_request(keys: dict[int, tuple[bytes, bytes]], code: IntegerCode, threshold: int) -> ConfigRecord:
+    ids = sorted(keys)
+    return ConfigRecord({protocol.SA_IDS: ids_bytes(ids), protocol.SA_C_KEYS: [keys[i][0] for i in ids],
+                         protocol.SA_S_KEYS: [keys[i][1] for i in ids], protocol.SA_THRESHOLD: threshold,
+                         protocol.SA_BITS: code.bits, protocol.SA_LENGTH: code.length})
+
+
+def _shares_of(reply: Message) -> tuple[dict[int, bytes], bytes]:
+    record = _record(reply)
+    holders, ciphertexts = ids_of(record[protocol.SA_TO]), list(record[protocol.SA_CIPHERTEXTS])
+    if len(holders) != len(ciphertexts):
+        raise ValueError("holders and ciphertexts differ in number")
+    return dict(zip(holders, ciphertexts)), record[protocol.SA_COMMITMENT]
+
+
+def _mask_request(inbox: dict[int, bytes], code: IntegerCode, weight: float) -> ConfigRecord:
+    sources = sorted(inbox)
+    fields = {protocol.SA_CODE + k: v for k, v in code.as_dict().items()}
+    return ConfigRecord({protocol.SA_FROM: ids_bytes(sources), protocol.SA_CIPHERTEXTS: [inbox[s] for s in sources],
+                         protocol.SA_WEIGHT: float(weight), **fields})
+
+
+def _masked_of(reply: Message) -> np.ndarray:
+    arrays = reply.content[protocol.ARRAYS]
+    if not isinstance(arrays, ArrayRecord) or list(arrays) != [protocol.SA_MASKED]:
+        raise ValueError(f"expected one array '{protocol.SA_MASKED}'")
+    return arrays[protocol.SA_MASKED].numpy()
+
+
+def _unmask_request(contributors: list[int], dropped: list[int]) -> ConfigRecord:
+    return ConfigRecord({protocol.SA_CONTRIBUTORS: ids_bytes(contributors), protocol.SA_DROPPED: ids_bytes(dropped)})
+
+
+def _unmask_of(reply: Message) -> dict[int, bytes]:
+    record = _record(reply)
+    owners, shares = ids_of(record[protocol.SA_OWNERS]), list(record[protocol.SA_SHARES])
+    if len(owners) != len(shares) or len(set(owners)) != len(owners):
+        raise ValueError("owners and shares differ in number, or an owner repeats")
+    return dict(zip(owners, shares))
