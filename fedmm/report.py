@@ -229,6 +229,8 @@ def write_report(
     lines += _fairness_lines(rounds, config.get("constraints", ""), (extra or {}).get("group-names"))
     if privacy and privacy.get("dp") != "none":
         lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
+    if privacy and privacy.get("secure-aggregation"):
+        lines += ["", "## Secure aggregation", "", f"{privacy['secure-aggregation']}."]
     for key, title in (("failed-replies", "Failed replies (crashes, declines, errors)"),
                        ("dropped-updates", "Dropped updates (before aggregation)")):
         rows = (extra or {}).get(key, [])

@@ -57,7 +57,9 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
         "FEDMM_CREDENTIALS": str(tmp_path / "credentials"),
         "FEDMM_RUNS": str(tmp_path / "runs"),
         "FEDMM_SITES": str(tmp_path / "sites"),
-        "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6",
+        # secure aggregation by run config alone: the sites' updates reach the coordinator only masked
+        "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6 "
+                            "secure-aggregation=true",
     }
     compose = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
     try:
@@ -73,6 +75,7 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
     rounds = {int(k): v for k, v in json.loads(reports[0].read_text())["rounds"].items()}
     assert sorted(rounds) == [0, 1, 2]
     assert rounds[2]["train/num-replies"] == 3 and rounds[2]["evaluate/num-replies"] == 3
+    assert rounds[1]["secagg/contributors"] == rounds[2]["secagg/contributors"] == 3
     # each SuperNode trained and tested on its own mounted site folder (exported by the `sites` service)
     clients = json.loads(reports[0].read_text())["clients"]
     for i in range(3):
@@ -86,7 +89,8 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
     from fedmm.deploy.credentials import certificate_hosts
 
     assert "superlink" in certificate_hosts(tmp_path / "credentials" / "server.crt")
-    # each SuperNode ran all its ClientApp tasks in its one warm worker
+    # each SuperNode ran all its ClientApp tasks in its one warm worker: per round train, evaluate and the three
+    # secure-aggregation stages
     for i in range(3):
         node_logs = [line for line in logs.splitlines() if line.startswith(f"supernode-{i}")]
-        assert sum("fedmm worker: " in l and "completed" in l for l in node_logs) == 4, "\n".join(node_logs[-20:])
+        assert sum("fedmm worker: " in l and "completed" in l for l in node_logs) == 10, "\n".join(node_logs[-20:])

@@ -169,3 +169,22 @@ def test_restarted_superlink_keeps_its_runs(federation):
     after = runs()
     assert [r["run-id"] for r in after] == [r["run-id"] for r in before]
     assert after[0]["status"] == before[0]["status"]
+
+
+def test_secure_aggregation_on_the_deployment_engine(federation, base_settings, tmp_path):
+    """Last, on the same TLS + node-auth federation (after the SuperLink's restart): a job under secure
+    aggregation and distributed DP; every round sums all three sites' masked updates, through their warm
+    workers and the state they keep between messages, and the Skellam ledger is charged per round."""
+    fed, *_ = federation
+    out = tmp_path / "report"
+    job = {**_job(base_settings, out), "secure-aggregation": True, "dp": "distributed", "dp-noise-multiplier": 0.3,
+           "local-steps": 2}
+    code = fed.run(ROOT, format_run_config(job), stream=False, timeout=900)
+    assert code == 0, (fed.home / "logs" / "run.log").read_text()[-3000:]
+    rounds = _rounds(out)
+    for r in (1, 2):
+        assert rounds[r]["secagg/contributors"] == NODES and rounds[r]["secagg/dropped"] == 0, rounds[r]
+    assert 0 < rounds[1]["privacy/epsilon"] < rounds[2]["privacy/epsilon"]
+    privacy = json.loads((out / "metrics.json").read_text())["extra"]["privacy"]
+    assert "SecAgg+" in privacy["secure-aggregation"] and "the server included" in privacy["guarantee"]
+    assert "## Secure aggregation" in (out / "summary.md").read_text()
