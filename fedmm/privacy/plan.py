@@ -71,7 +71,7 @@ SECURE_AGGREGATION = (
 
 
 def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
-    return {
+    summary: dict[str, object] = {
         "dp": settings.dp,
         "guarantee": PRIVACY_LEVELS[settings.dp],
         "outside-guarantee": list(OUTSIDE_GUARANTEE) if settings.dp != "none" else [],
@@ -80,11 +80,12 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
         "delta": settings.dp_delta,
         "max-epsilon": settings.max_epsilon or None,
         "clients": num_nodes,
-        "secure-aggregation": SECURE_AGGREGATION.format(t=settings.secagg_threshold or "two thirds of a "
-                                                        "neighbourhood", b=settings.secagg_bits)
-        if settings.secure_aggregation else None,
         "notes": notes,
     }
+    if settings.secure_aggregation:
+        summary["secure-aggregation"] = SECURE_AGGREGATION.format(
+            t=settings.secagg_threshold or "two thirds of a neighbourhood", b=settings.secagg_bits)
+    return summary
 
 
 def skellam_rounds_allowed(secagg: SecAggPlan, adapter_dim: int, settings: Settings) -> int:
