@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/secagg_federation.py [--clients 10] [--rounds 3] [--run-config "k=v ..."]
         [--rows accuracy,privacy] [--noise 0.5] [--bits 12,16,20] [--strategies fedavg,fedadam]
+        [--thresholds 0,10]
 
 accuracy  FedAvg and FedAdam, plaintext vs secure aggregation, with 30% of the clients gone every round:
           plaintext rows lose them at training (`crash=0.3`), secure rows after training, at the mask
@@ -9,7 +10,8 @@ accuracy  FedAvg and FedAdam, plaintext vs secure aggregation, with 30% of the c
           updates and should end at the same accuracy (stochastic rounding is the only difference).
 privacy   the same job under central DP (`central-server`) and under distributed DP (Skellam shares
           under secure aggregation) at each ring width in --bits, at one noise multiplier: epsilon from
-          each run's own ledger, final accuracy.
+          each run's own ledger, final accuracy; --thresholds repeats them per secagg-threshold (each
+          client adds 1/t of the noise: t = the cohort is DDGauss's and Skellam's setting, no dropout).
 
 Round seconds: the median of rounds 2+ (round 1 includes warm-up). Prints markdown tables.
 """
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--bits", default="12,16,20")
     p.add_argument("--strategies", default="fedavg,fedadam", help="the accuracy rows' strategies")
+    p.add_argument("--thresholds", default="0", help="secagg-threshold of the distributed rows (0: default)")
     args = p.parse_args()
     base, _, work = prepare(args.run_config, args.rounds, "secagg")
     jobs: list[tuple[str, dict]] = []
@@ -57,12 +60,14 @@ def main() -> None:
     if "privacy" in args.rows:
         dp = {"dp-noise-multiplier": args.noise}
         jobs.append(("central-server", {**dp, "dp": "central-server"}))
-        for bits in (int(b) for b in args.bits.split(",")):
-            jobs.append((f"distributed, {bits} bits", {**dp, "dp": "distributed", "secure-aggregation": True,
-                                                       "secagg-bits": bits}))
+        for threshold in (int(t) for t in args.thresholds.split(",")):
+            for bits in (int(b) for b in args.bits.split(",")):
+                name = f"distributed, {bits} bits" + (f", t = {threshold}" if threshold else "")
+                jobs.append((name, {**dp, "dp": "distributed", "secure-aggregation": True, "secagg-bits": bits,
+                                    "secagg-threshold": threshold}))
     rows = []
     for name, overrides in jobs:
-        report, wall = run_job(name.replace(" ", "-").replace(",", ""), {**base, **overrides}, args.clients, work)
+        report, wall = run_job(name.replace(" ", "-").replace(",", "").replace("=", ""), {**base, **overrides}, args.clients, work)
         rows.append(_row(name, report, args.rounds))
         print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
     print(f"{args.clients} clients, {args.rounds} rounds, run config {args.run_config!r}\n")
