@@ -152,6 +152,11 @@ def trainable(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v) for k, v in arrays.items() if not is_downlink_only(k))
 
 
+def trainable_size(arrays: ArrayRecord) -> int:
+    """Values one update holds: the trainable arrays' sizes, read off their shapes (nothing deserialized)."""
+    return sum(int(np.prod(a.shape)) for k, a in arrays.items() if not is_downlink_only(k))
+
+
 def rank_of(arrays: Mapping) -> int:
     """The LoRA rank of named arrays (numpy or Flower ``Array``): rows of the first A factor."""
     for key in arrays.keys():

@@ -24,7 +24,6 @@ from flwr.supercore import log
 from flwr.supercore.logger import FLOWER_LOGGER
 
 from fedmm import protocol, report
-from fedmm.protocol import to_numpy, trainable
 from fedmm.config import ConfigError, Settings
 from fedmm.data import class_names, group_names, public_split, server_split
 from fedmm.deploy.polling import polled
@@ -85,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         initial.count_bytes() / 1024, 100 * initial.count_bytes() / central.base_bytes, central.base_bytes / 2**20,
         central.num_classes, len(central.held_out), out)
     chain = build_chain(settings, strategy, history, num_nodes)
-    dim = sum(int(v.size) for v in trainable(to_numpy(initial)).values())  # the values one update holds
+    dim = protocol.trainable_size(initial)  # the values one update holds
     check_ring(chain, dim)
     num_rounds, privacy_notes = privacy_plan(settings, num_nodes, chain.secagg.plan if chain.secagg else None, dim)
 

@@ -48,7 +48,6 @@ from fedmm import protocol
 from fedmm.config import Settings
 from fedmm.privacy.accounting import client_level_accountant
 from fedmm.privacy.plan import needs_uniform_mean
-from fedmm.protocol import to_numpy, trainable
 from fedmm.secagg.plan import SecAggPlan
 from strategies.wrapper import StrategyWrapper
 
@@ -93,7 +92,7 @@ class DistributedSkellam(StrategyWrapper):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._dim = sum(int(v.size) for v in trainable(to_numpy(arrays)).values())
+        self._dim = protocol.trainable_size(arrays)
         config[protocol.DP_MODE] = "distributed"
         config[protocol.DP_CLIP_NORM] = self.plan.clip
         config[protocol.DP_NOISE_MULTIPLIER] = self.plan.noise_multiplier

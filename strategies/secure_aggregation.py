@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 from flwr.supercore import log
 
 from fedmm import protocol
-from fedmm.protocol import to_numpy, to_record, trainable
+from fedmm.protocol import to_record
 from fedmm.secagg import IntegerCode, SecAggAbort, SecAggServer, decode_sum
 from fedmm.secagg.masking import ids_bytes, ids_of
 from fedmm.secagg.plan import SecAggPlan
@@ -89,7 +89,7 @@ class SecureAggregation(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._grid = grid
-        self._dim = sum(int(v.size) for v in trainable(to_numpy(arrays)).values())
+        self._dim = protocol.trainable_size(arrays)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         for message in messages:
             message.content[protocol.CONFIG][protocol.SECAGG] = True
