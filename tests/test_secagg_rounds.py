@@ -23,7 +23,7 @@ from clients.faults_mod import fault_injection_mod
 from clients.privacy_mod import privacy_mod
 from clients.secagg_mod import answer_stage, secagg_mod
 from fedmm import protocol
-from fedmm.config import ConfigError, Settings
+from fedmm.config import DP_MODES, ConfigError, Settings
 from fedmm.faults import fault_of
 from fedmm.privacy import update_norm
 from fedmm.privacy.accounting import gaussian_epsilon
@@ -277,3 +277,26 @@ def test_distributed_dp_puts_the_accounted_noise_in_the_released_mean():
 def test_what_cannot_run_under_secure_aggregation_is_refused_with_the_reason(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_strategy(_settings(**overrides), MetricsHistory(), num_nodes=len(IDS))
+
+
+CODECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "q4-row", "topk0.1", "topk0.1+q4"]
+ACCEPTED_DP = ("none", "dp-sgd", "distributed")  # dp-sgd's noise is Opacus's, before any encoding
+
+
+@pytest.mark.parametrize("dp", DP_MODES)
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("feedback", [True, False])
+def test_every_dp_mode_codec_and_feedback_under_secure_aggregation_holds_or_is_refused(dp, codec, feedback):
+    """Secure aggregation rounds fp32 updates itself, and only none, dp-sgd and distributed DP compose with
+    it; every other pairing is refused naming its keys, before any client (a chain that builds is a run that
+    starts: the accepted pairings' rounds are the tests above)."""
+    overrides = {"dp": dp, "codec": codec, "error-feedback": feedback}
+    if dp in ACCEPTED_DP and codec == "fp32":
+        chain = make_strategy(_settings(**overrides), MetricsHistory(), num_nodes=len(IDS))
+        assert find_wrapper(chain, SecureAggregation) is not None
+        assert (find_wrapper(chain, DistributedSkellam) is not None) == (dp == "distributed")
+        return
+    with pytest.raises(ConfigError) as err:
+        make_strategy(_settings(**overrides), MetricsHistory(), num_nodes=len(IDS))
+    assert "'secure-aggregation'" in str(err.value) or "'codec'" in str(err.value)
+    assert (f"'dp' = '{dp}'" in str(err.value)) if dp not in ACCEPTED_DP else f"'codec' = '{codec}'" in str(err.value)
