@@ -34,7 +34,7 @@ from fedmm.secagg.masking import default_threshold, neighbourhood_size  # noqa: 
 
 def one_round(n: int, dim: int, bits: int, drop: float, noise: float, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
-    size = neighbourhood_size(n)
+    size = neighbourhood_size(n, drop)
     threshold = default_threshold(size)
     code = derive_code(dim, 1.0, bits, n, noise_multiplier=noise, threshold=threshold, seed=seed)
     updates = [rng.normal(0, 1e-3, dim) for _ in range(n)]

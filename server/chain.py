@@ -148,7 +148,7 @@ def secagg_plan(settings: Settings, num_nodes: int) -> SecAggPlan | None:
         (0.0, settings.secagg_clip_norm)
     try:
         return SecAggPlan.of(settings.sampled_per_round(num_nodes), settings.secagg_bits, settings.secagg_threshold,
-                             clip, sigma)
+                             clip, sigma, settings.secagg_dropout)
     except ValueError as exc:
         raise ConfigError(f"run-config 'secure-aggregation': {exc}") from None
 

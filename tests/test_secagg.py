@@ -26,6 +26,7 @@ from fedmm.secagg import (
     skellam_rdp,
 )
 from fedmm.secagg.integer import IntegerCode, bernstein_tail, ring_dtype, round_stochastic, skellam_noise
+from fedmm.secagg.masking import default_threshold, neighbourhood_size, neighbourhoods, round_failure_bound
 
 STAGES = ("keys", "share", "mask", "unmask")
 
@@ -206,6 +207,22 @@ def test_the_integer_encoding_is_unbiased():
     z = (decoded.mean(axis=0) - x) / (0.5 / code.scale / math.sqrt(trials))
     assert np.abs(z).max() < 5
     assert np.abs(decoded.std(axis=0)).max() > 0.01  # it did round at random
+
+
+def test_sparse_neighbourhoods_are_sized_for_the_planned_dropout():
+    n, dropout = 1000, 0.1
+    size = neighbourhood_size(n, dropout)
+    t = default_threshold(size)
+    assert 2 * math.ceil(math.log2(n)) + 1 < size < n  # bigger than the log-degree graph, still sparse
+    assert round_failure_bound(n, size, t, dropout) <= 2.0**-20
+    assert round_failure_bound(n, size - 2, default_threshold(size - 2), dropout) > 2.0**-20  # the smallest
+    rng = random.Random(5)
+    groups = neighbourhoods(list(range(n)), size, rng)
+    for _ in range(50):  # independent dropouts at the planned rate: every neighbourhood keeps t
+        gone = {i for i in range(n) if rng.random() < dropout}
+        assert all(sum(v not in gone for v in g if v != i) >= t for i, g in groups.items())
+    # the log-degree graph at 30% dropout: some neighbourhood keeps fewer than t almost surely
+    assert neighbourhood_size(100, 0.3) == 100 and round_failure_bound(100, 15, 10, 0.3) > 0.5
 
 
 def test_noise_shares_sum_to_the_central_skellam():

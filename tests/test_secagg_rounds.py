@@ -200,7 +200,8 @@ def test_thirty_percent_vanishing_at_any_stage_leave_the_mean_of_the_contributor
 
 
 def test_below_the_threshold_the_round_releases_nothing_and_says_why():
-    settings = _settings(**{"secagg-threshold": 8, "inject-faults": "vanish-mask=0.3"})
+    # the plan survives 1 of 10 gone (secagg-dropout 0.1); 3 vanish, 7 are left against t = 8
+    settings = _settings(**{"secagg-threshold": 8, "secagg-dropout": 0.1, "inject-faults": "vanish-mask=0.3"})
     arrays, chain, _ = _round(settings)
     assert arrays is None
     secagg = find_wrapper(chain, SecureAggregation)
@@ -272,6 +273,9 @@ def test_distributed_dp_puts_the_accounted_noise_in_the_released_mean():
     ({"codec": "q8"}, "'codec' = 'q8': secure aggregation rounds each update"),
     ({"secure-aggregation": False, "dp": "distributed"}, "'dp' = 'distributed' needs 'secure-aggregation' = true"),
     ({"secagg-threshold": 11}, "'secagg-threshold' = 11: must be in 2..10"),
+    ({"secagg-threshold": 8, "secagg-dropout": 0.3}, "'secagg-threshold' = 8 with 'secagg-dropout' = 0.3: a round where 3 of its 10 "
+                              "clients vanish keeps 7 < t"),
+    ({"secagg-dropout": 1.0}, "'secagg-dropout' = 1.0: must be a fraction in"),
     ({"dp": "distributed", "secagg-clip-norm": 3.0}, "'secagg-clip-norm' = 3 with 'dp' = 'distributed'"),
 ])
 def test_what_cannot_run_under_secure_aggregation_is_refused_with_the_reason(overrides, message):

@@ -19,7 +19,11 @@ def _ring_bits(v: Any) -> str | None:
 
 
 def _threshold(v: Any) -> str | None:
-    return None if v == 0 or v >= 2 else "must be 0 (two thirds of a neighbourhood) or >= 2"
+    return None if v == 0 or v >= 2 else "must be 0 (a majority of a neighbourhood) or >= 2"
+
+
+def _dropout(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and 0 <= v < 1 else "must be a fraction in [0, 1)"
 
 
 # Why each dp mode other than none, dp-sgd and distributed cannot run under secure aggregation.
@@ -46,7 +50,13 @@ class SecureAggregationSettings:
                           "clients report 'clipped'); under dp = 'distributed' the bound is dp-clip-norm", positive)
     secagg_threshold: int = key(
         0, "secure aggregation's t: shares needed to rebuild a client's secret, and the fewest clients a round "
-           "completes with; 0 = two thirds of a neighbourhood", _threshold)
+           "completes with; 0 = a majority of a neighbourhood (raise it, e.g. to two thirds, to withstand "
+           "clients colluding with the server)", _threshold)
+    secagg_dropout: float = key(
+        0.1, "the fraction of a round's clients secure aggregation must survive vanishing after they shared keys: "
+             "sizes SecAgg+'s neighbourhoods (a round fails with probability <= 2^-20 when clients vanish "
+             "independently at this rate) and refuses a threshold that floor(fraction x cohort) gone would leave "
+             "unmet; 0 with a threshold of the whole cohort", _dropout)
 
     def _check_secagg(self) -> None:
         s: Any = self  # the joined Settings: this group's rules read the keys of the others

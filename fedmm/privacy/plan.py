@@ -84,7 +84,7 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
     }
     if settings.secure_aggregation:
         summary["secure-aggregation"] = SECURE_AGGREGATION.format(
-            t=settings.secagg_threshold or "two thirds of a neighbourhood", b=settings.secagg_bits)
+            t=settings.secagg_threshold or "a majority of a neighbourhood", b=settings.secagg_bits)
     return summary
 
 

@@ -9,6 +9,7 @@ as long as at least t of a round's contributors are honest (a dishonest one may 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .accounting import skellam_epsilon
@@ -21,21 +22,29 @@ class SecAggPlan:
     clients: int  # sampled per round: the most vectors one ring sum holds
     neighbourhood: int  # SecAgg+'s neighbourhood size (itself included)
     threshold: int  # t
+    dropout: float  # the fraction of a round's clients the plan survives vanishing after sharing keys
     bits: int  # b
     clip: float  # C: the L2 bound of one (weighted) update
     noise_multiplier: float  # sigma of the summed Skellam noise; 0: none
 
     @classmethod
-    def of(cls, clients: int, bits: int, threshold: int, clip: float, noise_multiplier: float) -> SecAggPlan:
-        """The plan for ``clients`` per round; ``threshold`` 0 takes the default. ValueError names the problem."""
+    def of(cls, clients: int, bits: int, threshold: int, clip: float, noise_multiplier: float,
+           dropout: float = 0.0) -> SecAggPlan:
+        """The plan for ``clients`` per round that survives ``dropout`` of them vanishing; ``threshold`` 0 takes
+        the default. ValueError names the problem."""
         if clients < 2:
             raise ValueError(f"secure aggregation needs at least 2 clients per round, the run samples {clients}")
-        size = neighbourhood_size(clients)
+        size = neighbourhood_size(clients, dropout, threshold)
         t = threshold or default_threshold(size)
         if not 2 <= t <= size:
             raise ValueError(f"'secagg-threshold' = {threshold}: must be in 2..{size} (a neighbourhood of "
                              f"{clients} clients per round has {size})")
-        return cls(clients, size, t, bits, clip, noise_multiplier)
+        if size == clients and clients - math.floor(dropout * clients) < t:
+            raise ValueError(
+                f"'secagg-threshold' = {t} with 'secagg-dropout' = {dropout:g}: a round where "
+                f"{math.floor(dropout * clients)} of its {clients} clients vanish keeps {clients - math.floor(dropout * clients)} "
+                f"< t and would release nothing; lower the threshold or the dropout the plan must survive")
+        return cls(clients, size, t, dropout, bits, clip, noise_multiplier)
 
     def code(self, dim: int, seed: int = 0) -> IntegerCode:
         """The round's integer code for ``dim`` values (ValueError with the numbers when the ring could wrap)."""
