@@ -209,6 +209,24 @@ def test_the_integer_encoding_is_unbiased():
     assert np.abs(decoded.std(axis=0)).max() > 0.01  # it did round at random
 
 
+def test_a_rounded_update_never_exceeds_the_conditional_norm_bound_the_ledger_charges():
+    # every coordinate halfway between two integers: plain stochastic rounding's squared norm is
+    # ||x||^2 + D/4 + a term of std ||x||, so a good share of plain draws lands above DDGauss's bound
+    dim, scale = 256, 4.0
+    x = (np.arange(dim) % 7 + 0.5) / scale * np.where(np.arange(dim) % 2, 1.0, -1.0)
+    code = IntegerCode(dim=dim, clip=float(np.linalg.norm(x)) * (1 + 1e-12), scale=scale, bits=20, bound=1000,
+                       noise_variance=0.0, seed=0, rotate=False)
+    limit = code.rounding_bound()
+    assert limit < code.scale * np.linalg.norm(x) + math.sqrt(dim)  # tighter than the plain bound
+    rng = np.random.default_rng(4)
+    plain = [float(np.linalg.norm(round_stochastic(x * scale, rng))) for _ in range(400)]
+    assert sum(p > limit for p in plain) > 20  # the rejection below has something to reject
+    signed = [ring_sum([encode_integer(x, code, rng)], 20).astype(np.int64) for _ in range(400)]
+    norms = [float(np.linalg.norm(np.where(v >= 1 << 19, v - (1 << 20), v))) for v in signed]
+    assert max(norms) <= limit
+    assert code.l2_sensitivity() == pytest.approx(limit)
+
+
 def test_sparse_neighbourhoods_are_sized_for_the_planned_dropout():
     n, dropout = 1000, 0.1
     size = neighbourhood_size(n, dropout)

@@ -3,15 +3,18 @@
 A client (``encode_integer``): clip the flat update to L2 norm C -> random
 rotation (randomised Hadamard on a public round seed: it spreads the norm
 over all coordinates, so a per-coordinate bound of ~C/sqrt(D) holds) ->
-scale by gamma and round stochastically to integers (unbiased) -> clamp each
-coordinate to [-L, L] (rarely active; it can only shrink the norm) -> add
-its share of Skellam noise -> reduce mod 2^b. The server (``decode_sum``)
+scale by gamma and round stochastically to integers (unbiased), drawn again
+in the rare case the rounded norm exceeds DDGauss's conditional bound (below)
+-> clamp each coordinate to [-L, L] (rarely active; it can only shrink the
+norm) -> add its share of Skellam noise -> reduce mod 2^b. The server (``decode_sum``)
 lifts the ring sum to signed integers, divides by gamma and rotates back.
 
 Why it holds: for one client's contribution v (zero-out neighbours: the
-client takes part either way, with or without its data), ||v||_2 <= gamma C
-+ sqrt(D) (rounding moves each of the D coordinates by less than one) and
-<= sqrt(D) L; these are the sensitivities the Skellam accountant charges
+client takes part either way, with or without its data), ||v||_2 is at most
+sqrt(gamma^2 C^2 + D/4 + sqrt(2 ln(1/beta)) (gamma C + sqrt(D)/2)), because
+a rounding above it is drawn again (conditional randomized rounding, Kairouz,
+Liu & Steinke 2021, Lemma: one draw exceeds it with probability <= beta),
+and never more than gamma C + sqrt(D) or sqrt(D) L; these are the sensitivities the Skellam accountant charges
 (``fedmm.secagg.accounting``). The sum of the clients' noise shares is
 Skellam again, so the ring sum carries the full noise once ``threshold``
 honest clients contributed. The ring cannot wrap while |sum| < 2^(b-1):
@@ -31,6 +34,8 @@ from typing import Any
 import numpy as np
 
 WRAP_PROBABILITY = 1e-9  # a coordinate of the ring sum wraps in a round with at most this probability
+ROUNDING_BETA = math.exp(-0.5)  # DDGauss's conditional rounding: one draw is rejected with at most this probability
+ROUNDING_DRAWS = 1000  # then the encoding fails (probability <= beta^1000) rather than exceed the bound
 CLAMP_PROBABILITY = 1e-3  # a rotated coordinate exceeds the clamp L with at most this probability
 RING_BITS = range(8, 33)  # ring widths supported: values travel as uint8/uint16/uint32
 
@@ -140,9 +145,17 @@ class IntegerCode:
             raise ValueError(f"integer code out of range: {code}")
         return code
 
+    def rounding_bound(self) -> float:
+        """The L2 norm a client's rounded vector may have: DDGauss's conditional-rounding bound, or the plain
+        one (every coordinate moved by < 1) where that is smaller."""
+        signal, root = self.scale * self.clip, math.sqrt(self.length)
+        conditional = math.sqrt(signal**2 + self.length / 4
+                                + math.sqrt(2 * math.log(1 / ROUNDING_BETA)) * (signal + root / 2))
+        return min(signal + root, conditional)
+
     def l2_sensitivity(self) -> float:
         """||v||_2 of one client's integer vector (without its noise): the Skellam accountant's Delta_2."""
-        return min(self.scale * self.clip + math.sqrt(self.length), math.sqrt(self.length) * self.bound)
+        return min(self.rounding_bound(), math.sqrt(self.length) * self.bound)
 
     def l1_sensitivity(self) -> float:
         return min(math.sqrt(self.length) * self.l2_sensitivity(), self.length * self.bound)
@@ -209,8 +222,14 @@ def encode_integer(update: np.ndarray, code: IntegerCode, rng: np.random.Generat
     norm = float(np.linalg.norm(x))
     if norm > code.clip:
         x = x * (code.clip / norm)
-    y = rotate(x, code.seed) if code.rotate else x
-    v = np.clip(round_stochastic(y * code.scale, rng), -code.bound, code.bound)
+    y = (rotate(x, code.seed) if code.rotate else x) * code.scale
+    limit = code.rounding_bound()
+    for _ in range(ROUNDING_DRAWS):
+        v = np.clip(round_stochastic(y, rng), -code.bound, code.bound)
+        if float(np.linalg.norm(v)) <= limit:
+            break
+    else:
+        raise RuntimeError(f"encode_integer: {ROUNDING_DRAWS} roundings all exceeded the norm bound {limit:.1f}")
     v = v + skellam_noise(code.noise_variance, len(v), rng)
     return np.mod(v, code.modulus).astype(code.dtype)
 
