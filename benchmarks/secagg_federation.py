@@ -2,16 +2,21 @@
 
     .venv/bin/python benchmarks/secagg_federation.py [--clients 10] [--rounds 3] [--run-config "k=v ..."]
         [--rows accuracy,privacy] [--noise 0.5] [--bits 12,16,20] [--strategies fedavg,fedadam]
-        [--thresholds 0,10]
+        [--thresholds 0,10] [--vanish 0.3] [--match-epsilon] [--repeats 1]
 
-accuracy  FedAvg and FedAdam, plaintext vs secure aggregation, with 30% of the clients gone every round:
-          plaintext rows lose them at training (`crash=0.3`), secure rows after training, at the mask
-          stage (`vanish-mask=0.3`); the fault picks the same clients either way, so both sum the same 7
-          updates and should end at the same accuracy (stochastic rounding is the only difference).
+accuracy  FedAvg and FedAdam, plaintext vs secure aggregation, with --vanish of the clients gone every
+          round: plaintext rows lose them at training (`crash`), secure rows after training, at the mask
+          stage (`vanish-mask`: the plan's `secagg-dropout` is set to it); the fault picks the same
+          clients either way, so both sum the same updates and should end at the same accuracy
+          (stochastic rounding is the only difference).
 privacy   the same job under central DP (`central-server`) and under distributed DP (Skellam shares
           under secure aggregation) at each ring width in --bits, at one noise multiplier: epsilon from
           each run's own ledger, final accuracy; --thresholds repeats them per secagg-threshold (each
-          client adds 1/t of the noise: t = the cohort is DDGauss's and Skellam's setting, no dropout).
+          client adds 1/t of the noise: t = the cohort is DDGauss's and Skellam's setting, no dropout,
+          so those rows plan `secagg-dropout = 0`). --match-epsilon: each distributed row's noise
+          multiplier is the smallest whose Skellam epsilon after the run's rounds is at most the
+          central row's (the same epsilon, as the Skellam bound charges integers a little more).
+--repeats runs every row with run-config seeds 0..N-1 and prints each row's median and its runs.
 
 Round seconds: the median of rounds 2+ (round 1 includes warm-up). Prints markdown tables.
 """
@@ -39,6 +44,33 @@ def _row(name: str, report: dict, rounds: int) -> dict:
             "uplink": r[rounds].get("train/bytes-uplink-per-client", float("nan"))}
 
 
+def _adapter_dim(settings) -> int:
+    """The values one update holds: the global adapter's size (what the ServerApp's plan is derived for)."""
+    from fedmm import lora
+    from fedmm.pretrain import load_base_model
+
+    net = lora.attach_lora(load_base_model(settings), settings.global_rank,
+                           settings.lora_alpha_for(settings.global_rank), settings.lora_target_list)
+    return sum(int(v.numel()) for v in lora.adapter_state(net).values())
+
+
+def _matched_sigma(epsilon: float, clients: int, bits: int, threshold: int, settings, dim: int) -> float:
+    """The smallest noise multiplier (to 0.1%) whose distributed plan spends at most ``epsilon``."""
+    from fedmm.secagg.plan import SecAggPlan
+
+    def spent(sigma: float) -> float:
+        plan = SecAggPlan.of(clients, bits, threshold, settings.dp_clip_norm, sigma, 0.0)
+        return plan.epsilon(dim, settings.num_server_rounds, settings.dp_delta)
+
+    low, high = 0.05, 0.05
+    while spent(high) > epsilon:
+        low, high = high, high * 1.5
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
+    return high
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=10)
@@ -49,34 +81,58 @@ def main() -> None:
     p.add_argument("--bits", default="12,16,20")
     p.add_argument("--strategies", default="fedavg,fedadam", help="the accuracy rows' strategies")
     p.add_argument("--thresholds", default="0", help="secagg-threshold of the distributed rows (0: default)")
+    p.add_argument("--vanish", type=float, default=0.3, help="the accuracy rows' fraction of clients gone")
+    p.add_argument("--match-epsilon", action="store_true", help="distributed rows at the central row's epsilon")
+    p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
-    base, _, work = prepare(args.run_config, args.rounds, "secagg")
+    base, settings, work = prepare(args.run_config, args.rounds, "secagg")
     jobs: list[tuple[str, dict]] = []
     if "accuracy" in args.rows:
         for strategy in args.strategies.split(","):
-            jobs.append((f"{strategy} plaintext", {"strategy": strategy, "inject-faults": "crash=0.3"}))
-            jobs.append((f"{strategy} secure", {"strategy": strategy, "inject-faults": "vanish-mask=0.3",
-                                                "secure-aggregation": True}))
+            jobs.append((f"{strategy} plaintext", {"strategy": strategy, "inject-faults": f"crash={args.vanish}"}))
+            jobs.append((f"{strategy} secure", {"strategy": strategy, "inject-faults": f"vanish-mask={args.vanish}",
+                                                "secure-aggregation": True, "secagg-dropout": args.vanish}))
+    central = ("central-server", {"dp-noise-multiplier": args.noise, "dp": "central-server"})
+    distributed = []
     if "privacy" in args.rows:
-        dp = {"dp-noise-multiplier": args.noise}
-        jobs.append(("central-server", {**dp, "dp": "central-server"}))
+        jobs.append(central)
         for threshold in (int(t) for t in args.thresholds.split(",")):
             for bits in (int(b) for b in args.bits.split(",")):
                 name = f"distributed, {bits} bits" + (f", t = {threshold}" if threshold else "")
-                jobs.append((name, {**dp, "dp": "distributed", "secure-aggregation": True, "secagg-bits": bits,
-                                    "secagg-threshold": threshold}))
-    rows = []
-    for name, overrides in jobs:
-        report, wall = run_job(name.replace(" ", "-").replace(",", "").replace("=", ""), {**base, **overrides}, args.clients, work)
-        rows.append(_row(name, report, args.rounds))
-        print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
-    print(f"{args.clients} clients, {args.rounds} rounds, run config {args.run_config!r}\n")
-    print("| job | final zs-acc | round s (median, rounds 2+) | contributors | uplink bytes/client | epsilon |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        eps = f"{r['epsilon']:.3f}" if r["epsilon"] is not None else "-"
-        print(f"| {r['name']} | {100 * r['acc']:.2f}% | {r['round']:.1f} | {r['contributors']} | "
-              f"{r['uplink']:.0f} | {eps} |")
+                distributed.append((name, bits, threshold))
+    dim = _adapter_dim(settings) if args.match_epsilon and distributed else 0
+    runs: dict[str, list[dict]] = {}
+    for seed in range(args.repeats):
+        central_epsilon = None
+        for name, overrides in jobs + [(d[0], {}) for d in distributed]:
+            spec = next((d for d in distributed if d[0] == name), None)
+            if spec is not None:
+                _, bits, threshold = spec
+                sigma = args.noise
+                if args.match_epsilon and central_epsilon is not None:
+                    sigma = _matched_sigma(central_epsilon, args.clients, bits, threshold, settings, dim)
+                overrides = {"dp-noise-multiplier": sigma, "dp": "distributed", "secure-aggregation": True,
+                             "secagg-bits": bits, "secagg-threshold": threshold,
+                             "secagg-dropout": 0.0 if threshold else settings.secagg_dropout}
+            tag = f"{name}-seed{seed}".replace(" ", "-").replace(",", "").replace("=", "")
+            report, wall = run_job(tag, {**base, **overrides, "seed": seed}, args.clients, work)
+            row = _row(name, report, args.rounds)
+            row["sigma"] = overrides.get("dp-noise-multiplier")
+            if name == "central-server":
+                central_epsilon = row["epsilon"]
+            runs.setdefault(name, []).append(row)
+            print(f"{name} (seed {seed}): {wall:.0f} s, {100 * row['acc']:.2f}%", file=sys.stderr, flush=True)
+    print(f"{args.clients} clients, {args.rounds} rounds, run config {args.run_config!r}, seeds 0..{args.repeats - 1}\n")
+    print("| job | final zs-acc (median) | runs | round s (median, rounds 2+) | contributors | uplink bytes/client "
+          "| sigma | epsilon |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rows in runs.items():
+        acc = statistics.median(r["acc"] for r in rows)
+        each = ", ".join(f"{100 * r['acc']:.2f}" for r in rows)
+        eps = f"{rows[0]['epsilon']:.3f}" if rows[0]["epsilon"] is not None else "-"
+        sigma = f"{rows[0]['sigma']:.4g}" if rows[0]["sigma"] is not None else "-"
+        print(f"| {name} | {100 * acc:.2f}% | {each} | {statistics.median(r['round'] for r in rows):.1f} | "
+              f"{rows[0]['contributors']} | {rows[0]['uplink']:.0f} | {sigma} | {eps} |")
 
 
 if __name__ == "__main__":
