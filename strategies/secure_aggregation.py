@@ -148,7 +148,9 @@ class SecureAggregation(StrategyWrapper):
             asks = server.collect_masked(masked)
             unmask = self._stage(server_round, "unmask", {nid: _unmask_request(*ask) for nid, ask in asks.items()},
                                  _unmask_of, sent)
+            clock = time.perf_counter()
             total = server.collect_unmask(unmask)
+            stats["secagg/server-unmask-seconds"] = time.perf_counter() - clock
         finally:
             for nid, why in server.dropped.items():
                 reason = why + (f" ({self._errors[nid]})" if nid in self._errors else "")
@@ -165,6 +167,7 @@ class SecureAggregation(StrategyWrapper):
         """Send one stage's requests; the parsed replies by node (_MALFORMED for one that does not parse)."""
         if self._grid is None:
             raise RuntimeError("aggregate_train before configure_train")
+        clock = time.perf_counter()
         messages = []
         for nid, record in requests.items():
             record[protocol.SA_STAGE], record[protocol.SA_ROUND] = stage, server_round
@@ -184,6 +187,8 @@ class SecureAggregation(StrategyWrapper):
                 out[nid] = parse(reply)
             except Exception:  # noqa: BLE001 - whatever a reply holds, it drops only its sender
                 out[nid] = _MALFORMED
+        # the exchange: the clients' work for this stage and the Grid's round trip
+        self.stats[server_round][f"secagg/{stage}-seconds"] = time.perf_counter() - clock
         return out
 
 

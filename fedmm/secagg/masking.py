@@ -2,7 +2,7 @@
 
 Flower's primitives do the cryptography: key pairs (``flwr.supercore.primitives.asymmetric``, ECDH on
 SECP384R1), shared keys (``generate_shared_key``: ECDH + HKDF), authenticated encryption (Fernet) and t-of-n
-Shamir shares (pycryptodome), all from ``flwr.common.secure_aggregation.crypto``. A mask is the ChaCha20
+Shamir shares (pycryptodome's ``Shamir``, which Flower's ``create_shares`` wraps), all as Flower uses them. A mask is the ChaCha20
 keystream of ``cryptography`` under a 32-byte seed, not Flower's ``pseudo_rand_gen``: that one folds the seed
 into 32 bits for numpy's RandomState (a 2^32 search finds it) and draws from [0, 2^b - 2], so one ring value
 never appears and a masked value is not uniform.
@@ -11,9 +11,11 @@ The stages (server -> each client -> server); every client has a neighbourhood (
 a random ring graph, as in SecAgg+; the complete graph when it is small), threshold t:
 
 0. keys: each client makes two key pairs, one to encrypt shares (c), one to agree masks (s).
-1. share: given its neighbours' public keys, a client draws a self-mask seed b, splits b and the 32-byte
-   seed its s key was derived from (FIPS 186-4 B.4.1 over HKDF: 32 bytes share ~10x faster than the
-   306-byte PEM key, and Shamir's cost grows with the secret) into t-of-|neighbourhood| Shamir shares, encrypts each for its holder, and commits to b (SHA-256)
+1. share: given its neighbours' public keys, a client draws a 16-byte self-mask seed b, splits b and the
+   16-byte seed its s key was derived from (FIPS 186-4 B.4.1 over HKDF) into t-of-|neighbourhood| Shamir
+   shares (pycryptodome shares one 16-byte block at a time over GF(2^128), so each secret is one block:
+   Flower's ``create_shares`` would pad it to two (PKCS#7 adds a whole block) and the 306-byte PEM key to
+   twenty; 128-bit seeds, as strong as the Fernet keys that carry the shares), encrypts each for its holder, and commits to b (SHA-256)
    so that a wrong reconstruction is caught.
 2. mask: given the ciphertexts addressed to it, a client sends y = x + PRG(b) + sum_v +-PRG(KA(s, s_v))
    mod 2^b over the neighbours v that shared (+ when its id is the larger).
@@ -42,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from Crypto.Protocol.SecretSharing import Shamir
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
@@ -56,6 +58,7 @@ from .integer import RING_BITS, ring_dtype, ring_sum
 
 # the order of SECP384R1, the curve of Flower's key pairs (ec.derive_private_key accepts n - 1, refuses n)
 _P384_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
+SEED_BYTES = 16  # a shared secret is one block of pycryptodome's Shamir (GF(2^128))
 _NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
 
 
@@ -71,10 +74,33 @@ def prg_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
     return np.frombuffer(stream, dtype=dtype) & dtype((1 << bits) - 1)
 
 
+def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """t-of-n Shamir shares of a one-block secret (pycryptodome, GF(2^128)): 4-byte index + 16-byte share."""
+    if len(secret) != SEED_BYTES:
+        raise ValueError(f"split_secret: a secret of {len(secret)} bytes, expected {SEED_BYTES}")
+    return [index.to_bytes(4, "little") + share for index, share in Shamir.split(threshold, num, secret, ssss=False)]
+
+
+def combine_secret(shares: list[bytes]) -> bytes:
+    """The secret of ``split_secret`` from ``threshold`` of its shares (ValueError on a malformed share)."""
+    if any(not isinstance(s, bytes) or len(s) != 4 + SEED_BYTES for s in shares):
+        raise ValueError("combine_secret: a share is not 4 + 16 bytes")
+    return Shamir.combine([(int.from_bytes(s[:4], "little"), s[4:]) for s in shares], ssss=False)
+
+
+def _expand(seed: bytes, purpose: bytes, length: int) -> bytes:
+    return HKDF(algorithm=SHA256(), length=length, salt=None, info=b"fedmm-secagg-" + purpose).derive(seed)
+
+
+def self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """A client's self-mask PRG(b): the ChaCha20 keystream under a 32-byte key expanded from its seed b."""
+    return prg_mask(_expand(seed, b"self-mask", 32), length, bits)
+
+
 def mask_key_from_seed(seed: bytes) -> bytes:
     """The PEM private key of the mask-agreement pair derived from a 32-byte seed: FIPS 186-4 B.4.1 (an
     integer c 64 bits longer than the order n, d = c mod (n - 1) + 1), c from HKDF-SHA256 of the seed."""
-    c = HKDF(algorithm=SHA256(), length=56, salt=None, info=b"fedmm-secagg-mask-key").derive(seed)
+    c = _expand(seed, b"mask-key", 56)
     key = ec.derive_private_key(int.from_bytes(c, "big") % (_P384_ORDER - 1) + 1, ec.SECP384R1())
     return private_key_to_bytes(key)
 
@@ -184,7 +210,7 @@ class SecAggClient:
     def public_keys(self) -> tuple[bytes, bytes]:
         """Stage 0: (encryption key, mask-agreement key), PEM."""
         c_sk, c_pk = generate_key_pairs()
-        self._s_seed = secrets.token_bytes(32)
+        self._s_seed = secrets.token_bytes(SEED_BYTES)
         self._c_sk, self._s_sk = private_key_to_bytes(c_sk), mask_key_from_seed(self._s_seed)
         self._own = (public_key_to_bytes(c_pk), _public_of(self._s_sk) or b"")
         return self._own
@@ -206,10 +232,10 @@ class SecAggClient:
             raise ValueError(f"node {self.node_id}: repeated public keys")
         self.threshold, self.bits, self.length = threshold, bits, length
         self._keys = dict(keys)
-        self._seed = secrets.token_bytes(32)
+        self._seed = secrets.token_bytes(SEED_BYTES)
         holders = sorted(keys)
-        b_shares = create_shares(self._seed, self.threshold, len(holders))
-        s_shares = create_shares(self._s_seed, self.threshold, len(holders))
+        b_shares = split_secret(self._seed, self.threshold, len(holders))
+        s_shares = split_secret(self._s_seed, self.threshold, len(holders))
         out = {}
         for holder, b_share, s_share in zip(holders, b_shares, s_shares):
             if holder == self.node_id:
@@ -260,7 +286,7 @@ class SecAggClient:
             if (real_src, dst) != (src, self.node_id):
                 raise ValueError(f"node {self.node_id}: a share from {real_src} to {dst} came as from {src}")
             self._b_shares[src], self._s_shares[src] = b_share, s_share
-        total = vector.astype(np.uint64) + prg_mask(self._seed, self.length, self.bits)
+        total = vector.astype(np.uint64) + self_mask(self._seed, self.length, self.bits)
         for other in ciphertexts:
             pairwise = prg_mask(_agreed_seed(self._s_sk, self._keys[other][1]), self.length, self.bits)
             total = total + pairwise if self.node_id > other else total - pairwise.astype(np.uint64)
@@ -388,7 +414,7 @@ class SecAggServer:
             if owner in self.masked:  # a contributor: remove its self-mask
                 seed = self._rebuild(owner, shares[owner], lambda s, o=owner: hashlib.sha256(s).digest()
                                      == self.commitments[o])
-                total -= prg_mask(seed, self.length, self.bits).astype(np.uint64)
+                total -= self_mask(seed, self.length, self.bits).astype(np.uint64)
             else:  # shared keys but sent no vector: remove the pairwise masks its neighbours added
                 s_seed = self._rebuild(owner, shares[owner],
                                        lambda s, o=owner: _public_of(mask_key_from_seed(s)) == self.keys[o][1])
@@ -411,7 +437,7 @@ class SecAggServer:
         for start in range(len(got) if len(got) > t else 1):
             subset = (got[start:] + got[:start])[:t]
             try:
-                secret = combine_shares(subset)
+                secret = combine_secret(subset)
             except (ValueError, IndexError):
                 continue
             if valid(secret):
