@@ -43,3 +43,31 @@ def load_report(path: Path) -> dict:
     data = json.loads(path.read_text())
     data["rounds"] = {int(k): v for k, v in data["rounds"].items()}
     return data
+
+
+def adapter_dim(settings) -> int:
+    """The values one update holds: the global adapter's size (what the ServerApp's plans are derived for)."""
+    from fedmm import lora
+    from fedmm.pretrain import load_base_model
+
+    net = lora.attach_lora(load_base_model(settings, progress=False), settings.global_rank,
+                           settings.lora_alpha_for(settings.global_rank), settings.lora_target_list)
+    return sum(int(v.numel()) for v in lora.adapter_state(net).values())
+
+
+def distributed_sigma(epsilon: float, clients: int, bits: int, threshold: int, settings, dim: int) -> float:
+    """The smallest noise multiplier (to 0.1%) whose distributed plan (t = ``threshold``, no planned dropout)
+    spends at most ``epsilon`` over the run's rounds: distributed DP at a given epsilon."""
+    from fedmm.secagg.plan import SecAggPlan
+
+    def spent(sigma: float) -> float:
+        plan = SecAggPlan.of(clients, bits, threshold, settings.dp_clip_norm, sigma, 0.0)
+        return plan.epsilon(dim, settings.num_server_rounds, settings.dp_delta)
+
+    low, high = 0.05, 0.05
+    while spent(high) > epsilon:
+        low, high = high, high * 1.5
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
+    return high

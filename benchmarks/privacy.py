@@ -5,14 +5,17 @@
 
     # the default job under each privacy setting, in Flower's simulation engine
     .venv/bin/python benchmarks/privacy.py accuracy [--model effnet-lite0-minilm] [--clients 10]
-        [--epsilons 1,3,8] [--levels dp-sgd,central-server] [--client-level-epsilons 8]
+        [--epsilons 1,3,8] [--levels dp-sgd,central-server,distributed-16] [--client-level-epsilons 8]
 
 Calibration. DP-SGD: each client's epsilon depends on its sampling rate q = 1/ceil(n/batch);
 the noise multiplier is set so that the *median* client spends exactly the target epsilon in
 num-server-rounds * local-steps steps, and max-epsilon = target stops clients with a higher q
 (smaller data) early: no client ever exceeds the target. Client level: the noise multiplier
 whose num-server-rounds Gaussian releases cost exactly the target (Flower's accountant, no
-amplification claimed). Prints markdown rows.
+amplification claimed). distributed-<bits>: distributed DP under secure aggregation in a
+<bits>-bit ring with t = the cohort (DDGauss's setting: each client adds 1/n of the noise, no
+planned dropout), its noise multiplier the smallest whose Skellam ledger spends the target over
+the run. Prints markdown rows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs import run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
+from jobs import adapter_dim, distributed_sigma, run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
 from fedmm.config import Settings  # noqa: E402
 
 
@@ -96,6 +99,11 @@ def calibrate(settings: Settings, level: str, epsilon: float, clients: int) -> d
     from fedmm.privacy import sample_rate
 
     rounds, delta = settings.num_server_rounds, settings.dp_delta
+    if level.startswith("distributed-"):
+        bits = int(level.split("-")[1])
+        sigma = distributed_sigma(epsilon, clients, bits, clients, settings, adapter_dim(settings))
+        return {"dp": "distributed", "secure-aggregation": True, "secagg-bits": bits, "secagg-threshold": clients,
+                "secagg-dropout": 0.0, "dp-noise-multiplier": float(sigma), "max-epsilon": float(epsilon)}
     if level == "dp-sgd":
         q = statistics.median(sample_rate(n, settings.batch_size) for n in client_sizes(settings, clients))
         sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
@@ -132,7 +140,8 @@ def accuracy_benchmark(model: str, clients: int, epsilons: list[float], levels: 
     runs.sort(key=lambda r: -r[1])  # largest epsilon first: the most informative runs come first
     for level, eps in runs:
         cal = calibrate(settings, level, eps, clients)
-        plan.append((f"{level}, eps {eps:g} (sigma {cal['dp-noise-multiplier']:.3f})", cal))
+        name = f"{level} bits" if level.startswith("distributed-") else level
+        plan.append((f"{name}, eps {eps:g} (sigma {cal['dp-noise-multiplier']:.3f})", cal))
     with tempfile.TemporaryDirectory(prefix="fedmm-privacy-") as tmp:
         results = []
         for i, (name, overrides) in enumerate(plan):

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs import prepare, run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
+from jobs import adapter_dim, distributed_sigma, prepare, run_job  # noqa: E402  (this folder is on sys.path when a benchmark runs)
 
 
 def _row(name: str, report: dict, rounds: int) -> dict:
@@ -42,33 +42,6 @@ def _row(name: str, report: dict, rounds: int) -> dict:
             "epsilon": r[rounds].get("privacy/epsilon"),
             "contributors": r[rounds].get("secagg/contributors", r[rounds].get("train/num-replies")),
             "uplink": r[rounds].get("train/bytes-uplink-per-client", float("nan"))}
-
-
-def _adapter_dim(settings) -> int:
-    """The values one update holds: the global adapter's size (what the ServerApp's plan is derived for)."""
-    from fedmm import lora
-    from fedmm.pretrain import load_base_model
-
-    net = lora.attach_lora(load_base_model(settings), settings.global_rank,
-                           settings.lora_alpha_for(settings.global_rank), settings.lora_target_list)
-    return sum(int(v.numel()) for v in lora.adapter_state(net).values())
-
-
-def _matched_sigma(epsilon: float, clients: int, bits: int, threshold: int, settings, dim: int) -> float:
-    """The smallest noise multiplier (to 0.1%) whose distributed plan spends at most ``epsilon``."""
-    from fedmm.secagg.plan import SecAggPlan
-
-    def spent(sigma: float) -> float:
-        plan = SecAggPlan.of(clients, bits, threshold, settings.dp_clip_norm, sigma, 0.0)
-        return plan.epsilon(dim, settings.num_server_rounds, settings.dp_delta)
-
-    low, high = 0.05, 0.05
-    while spent(high) > epsilon:
-        low, high = high, high * 1.5
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
-    return high
 
 
 def main() -> None:
@@ -100,7 +73,7 @@ def main() -> None:
             for bits in (int(b) for b in args.bits.split(",")):
                 name = f"distributed, {bits} bits" + (f", t = {threshold}" if threshold else "")
                 distributed.append((name, bits, threshold))
-    dim = _adapter_dim(settings) if args.match_epsilon and distributed else 0
+    dim = adapter_dim(settings) if args.match_epsilon and distributed else 0
     runs: dict[str, list[dict]] = {}
     for seed in range(args.repeats):
         central_epsilon = None
@@ -110,7 +83,7 @@ def main() -> None:
                 _, bits, threshold = spec
                 sigma = args.noise
                 if args.match_epsilon and central_epsilon is not None:
-                    sigma = _matched_sigma(central_epsilon, args.clients, bits, threshold, settings, dim)
+                    sigma = distributed_sigma(central_epsilon, args.clients, bits, threshold, settings, dim)
                 overrides = {"dp-noise-multiplier": sigma, "dp": "distributed", "secure-aggregation": True,
                              "secagg-bits": bits, "secagg-threshold": threshold,
                              "secagg-dropout": 0.0 if threshold else settings.secagg_dropout}
