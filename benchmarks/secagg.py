@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmm.secagg import SecAggClient, SecAggServer, decode_sum, derive_code, encode_integer  # noqa: E402
-from fedmm.secagg.masking import default_threshold, neighbourhood_size  # noqa: E402
+from fedmm.secagg.graph import default_threshold, neighbourhood_size  # noqa: E402
 
 
 def one_round(n: int, dim: int, bits: int, drop: float, noise: float, seed: int = 0) -> dict[str, float]:

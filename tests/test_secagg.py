@@ -25,8 +25,8 @@ from fedmm.secagg import (
     skellam_rdp,
 )
 from fedmm.secagg.integer import IntegerCode, bernstein_tail, ring_dtype, round_stochastic, skellam_noise
-from fedmm.secagg.masking import combine_secret, split_secret
-from fedmm.secagg.masking import default_threshold, neighbourhood_size, neighbourhoods, round_failure_bound
+from fedmm.secagg.graph import default_threshold, neighbourhood_size, neighbourhoods, round_failure_bound
+from fedmm.secagg.keys import combine_secret, split_secret
 
 STAGES = ("keys", "share", "mask", "unmask")
 

@@ -10,7 +10,8 @@
 
 from .accounting import skellam_epsilon, skellam_rdp
 from .integer import IntegerCode, decode_sum, derive_code, encode_integer, ring_sum
-from .masking import SecAggAbort, SecAggClient, SecAggServer, prg_mask
+from .keys import prg_mask
+from .masking import SecAggAbort, SecAggClient, SecAggServer
 
 __all__ = [
     "IntegerCode",

@@ -1,11 +1,8 @@
 """SecAgg+ (Bell et al. 2020) for one round, apart from any transport: what each stage computes on each side.
 
-Flower's primitives do the cryptography: key pairs (``flwr.supercore.primitives.asymmetric``, ECDH on
-SECP384R1), shared keys (``generate_shared_key``: ECDH + HKDF), authenticated encryption (Fernet) and t-of-n
-Shamir shares (pycryptodome's ``Shamir``, which Flower's ``create_shares`` wraps), all as Flower uses them. A mask is the ChaCha20
-keystream of ``cryptography`` under a 32-byte seed, not Flower's ``pseudo_rand_gen``: that one folds the seed
-into 32 bits for numpy's RandomState (a 2^32 search finds it) and draws from [0, 2^b - 2], so one ring value
-never appears and a masked value is not uniform.
+The secrets and their cryptography (seeds, derived keys, one-block Shamir shares, the ChaCha20 mask PRG)
+are ``keys.py``'s, the graph ``graph.py``'s; key pairs, shared keys (ECDH + HKDF) and authenticated
+encryption (Fernet) are Flower's, as Flower uses them.
 
 The stages (server -> each client -> server); every client has a neighbourhood (itself and its neighbours in
 a random ring graph, as in SecAgg+; the complete graph when it is small), threshold t:
@@ -13,10 +10,9 @@ a random ring graph, as in SecAgg+; the complete graph when it is small), thresh
 0. keys: each client makes two key pairs, one to encrypt shares (c), one to agree masks (s).
 1. share: given its neighbours' public keys, a client draws a 16-byte self-mask seed b, splits b and the
    16-byte seed its s key was derived from (FIPS 186-4 B.4.1 over HKDF) into t-of-|neighbourhood| Shamir
-   shares (pycryptodome shares one 16-byte block at a time over GF(2^128), so each secret is one block:
-   Flower's ``create_shares`` would pad it to two (PKCS#7 adds a whole block) and the 306-byte PEM key to
-   twenty; 128-bit seeds, as strong as the Fernet keys that carry the shares), encrypts each for its holder, and commits to b (SHA-256)
-   so that a wrong reconstruction is caught.
+   shares (one GF(2^128) block each: sharing the 306-byte PEM key instead made a 100-client unmask take
+   minutes), encrypts each for its holder, and commits to b (SHA-256) so that a wrong reconstruction is
+   caught.
 2. mask: given the ciphertexts addressed to it, a client sends y = x + PRG(b) + sum_v +-PRG(KA(s, s_v))
    mod 2^b over the neighbours v that shared (+ when its id is the larger).
 3. unmask: the server names to each client which neighbours sent y (their b is needed) and which shared
@@ -32,19 +28,12 @@ checked) but not crash the server: malformed replies drop their sender with a re
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import math
 import random
 import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.hashes import SHA256
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from Crypto.Protocol.SecretSharing import Shamir
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
@@ -54,60 +43,22 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from .graph import neighbourhoods
 from .integer import RING_BITS, ring_dtype, ring_sum
-
-# the order of SECP384R1, the curve of Flower's key pairs (ec.derive_private_key accepts n - 1, refuses n)
-_P384_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
-SEED_BYTES = 16  # a shared secret is one block of pycryptodome's Shamir (GF(2^128))
-_NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
+from .keys import (
+    SEED_BYTES,
+    agreed_seed,
+    combine_secret,
+    mask_key_from_seed,
+    prg_mask,
+    public_of,
+    self_mask,
+    split_secret,
+)
 
 
 class SecAggAbort(RuntimeError):
     """The round cannot complete (too few clients left at some stage); the reason names the stage."""
-
-
-def prg_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    """``length`` values uniform over Z_{2^b} from a 32-byte seed (ChaCha20 keystream)."""
-    dtype = ring_dtype(bits)
-    stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update(
-        bytes(length * np.dtype(dtype).itemsize))
-    return np.frombuffer(stream, dtype=dtype) & dtype((1 << bits) - 1)
-
-
-def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """t-of-n Shamir shares of a one-block secret (pycryptodome, GF(2^128)): 4-byte index + 16-byte share."""
-    if len(secret) != SEED_BYTES:
-        raise ValueError(f"split_secret: a secret of {len(secret)} bytes, expected {SEED_BYTES}")
-    return [index.to_bytes(4, "little") + share for index, share in Shamir.split(threshold, num, secret, ssss=False)]
-
-
-def combine_secret(shares: list[bytes]) -> bytes:
-    """The secret of ``split_secret`` from ``threshold`` of its shares (ValueError on a malformed share)."""
-    if any(not isinstance(s, bytes) or len(s) != 4 + SEED_BYTES for s in shares):
-        raise ValueError("combine_secret: a share is not 4 + 16 bytes")
-    return Shamir.combine([(int.from_bytes(s[:4], "little"), s[4:]) for s in shares], ssss=False)
-
-
-def _expand(seed: bytes, purpose: bytes, length: int) -> bytes:
-    return HKDF(algorithm=SHA256(), length=length, salt=None, info=b"fedmm-secagg-" + purpose).derive(seed)
-
-
-def self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    """A client's self-mask PRG(b): the ChaCha20 keystream under a 32-byte key expanded from its seed b."""
-    return prg_mask(_expand(seed, b"self-mask", 32), length, bits)
-
-
-def mask_key_from_seed(seed: bytes) -> bytes:
-    """The PEM private key of the mask-agreement pair derived from a 32-byte seed: FIPS 186-4 B.4.1 (an
-    integer c 64 bits longer than the order n, d = c mod (n - 1) + 1), c from HKDF-SHA256 of the seed."""
-    c = _expand(seed, b"mask-key", 56)
-    key = ec.derive_private_key(int.from_bytes(c, "big") % (_P384_ORDER - 1) + 1, ec.SECP384R1())
-    return private_key_to_bytes(key)
-
-
-def _agreed_seed(private_key: bytes, public_key: bytes) -> bytes:
-    return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(private_key),
-                                                        bytes_to_public_key(public_key)))
 
 
 def _pack(src: int, dst: int, b_share: bytes, s_share: bytes) -> bytes:
@@ -133,55 +84,6 @@ def ids_of(raw: bytes) -> list[int]:
 def ids_bytes(ids: list[int]) -> bytes:
     """Node ids as uint64 bytes after their count (never empty: a record holds no empty bytes)."""
     return np.asarray([len(ids), *ids], dtype=np.uint64).tobytes()
-
-
-def neighbourhoods(node_ids: list[int], size: int, rng: random.Random) -> dict[int, tuple[int, ...]]:
-    """Each node with its size-1 neighbours: its neighbours on a ring over a random order (SecAgg+'s graph)."""
-    size = min(size | 1, len(node_ids))  # odd: as many neighbours on each side
-    order = sorted(node_ids)
-    rng.shuffle(order)
-    half = size // 2
-    out = {}
-    for i, nid in enumerate(order):
-        out[nid] = tuple(sorted({order[(i + k) % len(order)] for k in range(-half, half + 1)}))
-    return out
-
-
-FAILURE_PROBABILITY = 2.0**-20  # a round of a sparse graph fails under the planned dropout with at most this
-
-
-def default_threshold(size: int) -> int:
-    """A majority of a neighbourhood (SecAgg+'s t > k/2): two disjoint groups of its members can never both
-    rebuild one client's secrets, so even a server that tells them different stories about who dropped gets
-    at most one of b and s from honest clients; just under half may drop at any stage."""
-    return max(2, size // 2 + 1)
-
-
-def round_failure_bound(clients: int, size: int, threshold: int, dropout: float) -> float:
-    """A union bound on the chance that some client's neighbourhood keeps fewer than t of its ``size`` - 1
-    neighbours when each client vanishes independently with probability ``dropout`` after sharing keys."""
-    keep = 1.0 - dropout
-    tail = sum(math.comb(size - 1, k) * keep**k * dropout ** (size - 1 - k) for k in range(min(threshold, size)))
-    return min(1.0, clients * tail)
-
-
-def neighbourhood_size(clients: int, dropout: float = 0.0, threshold: int = 0) -> int:
-    """SecAgg+'s graph for ``clients`` per round that survives ``dropout`` of them vanishing.
-
-    The complete graph when few (<= 15); else the smallest odd ring neighbourhood, from Bell et al.'s
-    2 ceil(log2 n) + 1 up, whose round fails with probability <= FAILURE_PROBABILITY when each client
-    vanishes independently at the rate ``dropout`` (t: ``threshold``, 0 = a majority of the neighbourhood);
-    the complete graph when no sparser one does.
-    """
-    if clients <= 15:
-        return clients
-    size = 2 * math.ceil(math.log2(clients)) + 1
-    while size < clients:
-        t = threshold or default_threshold(size)
-        if t <= size and round_failure_bound(clients, size, t, dropout) <= FAILURE_PROBABILITY:
-            return size
-        size += 2
-    return clients
 
 
 @dataclass
@@ -212,7 +114,7 @@ class SecAggClient:
         c_sk, c_pk = generate_key_pairs()
         self._s_seed = secrets.token_bytes(SEED_BYTES)
         self._c_sk, self._s_sk = private_key_to_bytes(c_sk), mask_key_from_seed(self._s_seed)
-        self._own = (public_key_to_bytes(c_pk), _public_of(self._s_sk) or b"")
+        self._own = (public_key_to_bytes(c_pk), public_of(self._s_sk) or b"")
         return self._own
 
     def share(self, keys: dict[int, tuple[bytes, bytes]], threshold: int, bits: int,
@@ -288,7 +190,7 @@ class SecAggClient:
             self._b_shares[src], self._s_shares[src] = b_share, s_share
         total = vector.astype(np.uint64) + self_mask(self._seed, self.length, self.bits)
         for other in ciphertexts:
-            pairwise = prg_mask(_agreed_seed(self._s_sk, self._keys[other][1]), self.length, self.bits)
+            pairwise = prg_mask(agreed_seed(self._s_sk, self._keys[other][1]), self.length, self.bits)
             total = total + pairwise if self.node_id > other else total - pairwise.astype(np.uint64)
         return (total & np.uint64((1 << self.bits) - 1)).astype(ring_dtype(self.bits))
 
@@ -417,11 +319,11 @@ class SecAggServer:
                 total -= self_mask(seed, self.length, self.bits).astype(np.uint64)
             else:  # shared keys but sent no vector: remove the pairwise masks its neighbours added
                 s_seed = self._rebuild(owner, shares[owner],
-                                       lambda s, o=owner: _public_of(mask_key_from_seed(s)) == self.keys[o][1])
+                                       lambda s, o=owner: public_of(mask_key_from_seed(s)) == self.keys[o][1])
                 s_sk = mask_key_from_seed(s_seed)
                 for other in self.groups[owner]:
                     if other in self.masked:
-                        pairwise = prg_mask(_agreed_seed(s_sk, self.keys[other][1]), self.length, self.bits)
+                        pairwise = prg_mask(agreed_seed(s_sk, self.keys[other][1]), self.length, self.bits)
                         total = total - pairwise.astype(np.uint64) if other > owner else total + pairwise
         self.contributors = sorted(self.masked)
         return total & modulus
@@ -443,10 +345,3 @@ class SecAggServer:
             if valid(secret):
                 return secret
         raise SecAggAbort(f"secure aggregation, unmask: node {owner}'s secret does not rebuild from its shares")
-
-
-def _public_of(private_key: bytes) -> bytes | None:
-    try:
-        return public_key_to_bytes(bytes_to_private_key(private_key).public_key())
-    except (ValueError, TypeError):
-        return None

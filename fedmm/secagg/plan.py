@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .accounting import skellam_epsilon
 from .integer import IntegerCode, derive_code
-from .masking import default_threshold, neighbourhood_size
+from .graph import default_threshold, neighbourhood_size
 
 
 @dataclass(frozen=True)
