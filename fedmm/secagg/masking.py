@@ -96,8 +96,7 @@ class SecAggClient:
     length: int = 0
     _own: tuple[bytes, bytes] = (b"", b"")
     _c_sk: bytes = b""
-    _s_sk: bytes = b""
-    _s_seed: bytes = b""  # what _s_sk is derived from: the secret that is shared
+    _s_seed: bytes = b""  # the mask-agreement key is derived from it (mask_key_from_seed); it is what is shared
     _seed: bytes = b""
     _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     _b_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> my share of its self-mask seed
@@ -113,8 +112,8 @@ class SecAggClient:
         """Stage 0: (encryption key, mask-agreement key), PEM."""
         c_sk, c_pk = generate_key_pairs()
         self._s_seed = secrets.token_bytes(SEED_BYTES)
-        self._c_sk, self._s_sk = private_key_to_bytes(c_sk), mask_key_from_seed(self._s_seed)
-        self._own = (public_key_to_bytes(c_pk), public_of(self._s_sk) or b"")
+        self._c_sk = private_key_to_bytes(c_sk)
+        self._own = (public_key_to_bytes(c_pk), public_of(mask_key_from_seed(self._s_seed)) or b"")
         return self._own
 
     def share(self, keys: dict[int, tuple[bytes, bytes]], threshold: int, bits: int,
@@ -151,7 +150,7 @@ class SecAggClient:
         """My secrets and what I hold, as plain values (node ids as uint64 bytes), for the client's own state."""
         state = {
             "node": ids_bytes([self.node_id]), "threshold": self.threshold, "bits": self.bits,
-            "length": self.length, "own": list(self._own), "c-sk": self._c_sk, "s-sk": self._s_sk,
+            "length": self.length, "own": list(self._own), "c-sk": self._c_sk,
             "s-seed": self._s_seed,
             "seed": self._seed, "key-ids": ids_bytes(list(self._keys)),
             "key-c": [k[0] for k in self._keys.values()], "key-s": [k[1] for k in self._keys.values()],
@@ -166,7 +165,7 @@ class SecAggClient:
         """The client ``state`` stored (a mapping of the values ``state`` returns)."""
         client = cls(ids_of(state["node"])[0], int(state["threshold"]), int(state["bits"]), int(state["length"]))
         client._own = (bytes(state["own"][0]), bytes(state["own"][1]))
-        client._c_sk, client._s_sk = bytes(state.get("c-sk", b"")), bytes(state.get("s-sk", b""))
+        client._c_sk = bytes(state.get("c-sk", b""))
         client._s_seed = bytes(state.get("s-seed", b""))
         client._seed = bytes(state.get("seed", b""))
         client._keys = {i: (bytes(c), bytes(s)) for i, c, s in zip(ids_of(state["key-ids"]), state["key-c"],
@@ -189,8 +188,9 @@ class SecAggClient:
                 raise ValueError(f"node {self.node_id}: a share from {real_src} to {dst} came as from {src}")
             self._b_shares[src], self._s_shares[src] = b_share, s_share
         total = vector.astype(np.uint64) + self_mask(self._seed, self.length, self.bits)
+        s_sk = mask_key_from_seed(self._s_seed)
         for other in ciphertexts:
-            pairwise = prg_mask(agreed_seed(self._s_sk, self._keys[other][1]), self.length, self.bits)
+            pairwise = prg_mask(agreed_seed(s_sk, self._keys[other][1]), self.length, self.bits)
             total = total + pairwise if self.node_id > other else total - pairwise.astype(np.uint64)
         return (total & np.uint64((1 << self.bits) - 1)).astype(ring_dtype(self.bits))
 
