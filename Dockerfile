@@ -31,7 +31,6 @@ RUN if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" torch 
  && pip install -r requirements.txt && rm requirements.txt
 
 COPY . .
-RUN pip install --no-deps . && rm -rf build *.egg-info \
- && python -c "import fedmm.cli, fedmm.deploy.clientapp_worker"
+RUN pip install --no-deps . && rm -rf build *.egg-info
 
 CMD ["fedmm", "--help"]
