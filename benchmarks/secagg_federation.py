@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/secagg_federation.py [--clients 10] [--rounds 3] [--run-config "k=v ..."]
         [--rows accuracy,privacy] [--noise 0.5] [--bits 12,16,20] [--strategies fedavg,fedadam]
-        [--thresholds 0,10] [--vanish 0.3] [--match-epsilon] [--repeats 1]
+        [--thresholds 0,10] [--vanish 0.3] [--match-epsilon] [--repeats 1] [--first-seed 0]
 
 accuracy  FedAvg and FedAdam, plaintext vs secure aggregation, with --vanish of the clients gone every
           round: plaintext rows lose them at training (`crash`), secure rows after training, at the mask
@@ -16,7 +16,8 @@ privacy   the same job under central DP (`central-server`) and under distributed
           so those rows plan `secagg-dropout = 0`). --match-epsilon: each distributed row's noise
           multiplier is the smallest whose Skellam epsilon after the run's rounds is at most the
           central row's (the same epsilon, as the Skellam bound charges integers a little more).
---repeats runs every row with run-config seeds 0..N-1 and prints each row's median and its runs.
+--repeats runs every row with run-config seeds S..S+N-1 (S: --first-seed, so a later invocation can add
+seeds) and prints each row's median and its runs.
 
 Round seconds: the median of rounds 2+ (round 1 includes warm-up). Prints markdown tables.
 """
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--vanish", type=float, default=0.3, help="the accuracy rows' fraction of clients gone")
     p.add_argument("--match-epsilon", action="store_true", help="distributed rows at the central row's epsilon")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0)
     args = p.parse_args()
     base, settings, work = prepare(args.run_config, args.rounds, "secagg")
     jobs: list[tuple[str, dict]] = []
@@ -75,7 +77,8 @@ def main() -> None:
                 distributed.append((name, bits, threshold))
     dim = adapter_dim(settings) if args.match_epsilon and distributed else 0
     runs: dict[str, list[dict]] = {}
-    for seed in range(args.repeats):
+    seeds = range(args.first_seed, args.first_seed + args.repeats)
+    for seed in seeds:
         central_epsilon = None
         for name, overrides in jobs + [(d[0], {}) for d in distributed]:
             spec = next((d for d in distributed if d[0] == name), None)
@@ -95,7 +98,7 @@ def main() -> None:
                 central_epsilon = row["epsilon"]
             runs.setdefault(name, []).append(row)
             print(f"{name} (seed {seed}): {wall:.0f} s, {100 * row['acc']:.2f}%", file=sys.stderr, flush=True)
-    print(f"{args.clients} clients, {args.rounds} rounds, run config {args.run_config!r}, seeds 0..{args.repeats - 1}\n")
+    print(f"{args.clients} clients, {args.rounds} rounds, run config {args.run_config!r}, seeds {seeds[0]}..{seeds[-1]}\n")
     print("| job | final zs-acc (median) | runs | round s (median, rounds 2+) | contributors | uplink bytes/client "
           "| sigma | epsilon |")
     print("|---|---|---|---|---|---|---|---|")
