@@ -67,7 +67,7 @@ def self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
 
 
 def mask_key_from_seed(seed: bytes) -> bytes:
-    """The PEM private key of the mask-agreement pair derived from a 32-byte seed: FIPS 186-4 B.4.1 (an
+    """The PEM private key of the mask-agreement pair derived from a SEED_BYTES (16-byte) seed: FIPS 186-4 B.4.1 (an
     integer c 64 bits longer than the order n, d = c mod (n - 1) + 1), c from HKDF-SHA256 of the seed."""
     c = _expand(seed, b"mask-key", 56)
     key = ec.derive_private_key(int.from_bytes(c, "big") % (_P384_ORDER - 1) + 1, ec.SECP384R1())
