@@ -14,6 +14,7 @@ a strategy sends), and replies zero-padded to the global rank with its
 from __future__ import annotations
 
 import random
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -128,6 +129,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     if constraint is not None:
         extra.update(constraint.statistics())
+    if profile.delay > 0:  # a slower device's tier: the reply comes this much later, without taking CPU
+        time.sleep(profile.delay)
     return _train_reply(msg, node, global_arrays, stats, extra)
 
 

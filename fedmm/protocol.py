@@ -90,6 +90,10 @@ SA_OWNERS, SA_SHARES = "owners", "shares"  # unmask reply
 # --- metric keys of a reply (client -> server)
 NUM_EXAMPLES = "num-examples"  # examples the client trained (train) or evaluated (evaluate) on
 UNIT_WEIGHT = "unit-weight"  # always 1: the weight of a uniform mean (client-level DP)
+# Set by the server, never sent by a client: asynchronous aggregation's annotations of a buffered reply
+AGGREGATION_WEIGHT = "aggregation-weight"  # num-examples x the staleness weight s(tau)
+STALENESS = "staleness"  # tau: global versions applied since the client's model was sent
+TRAINED_ON = "trained-on-version"  # the global version the client trained on
 PARTITION_ID = "partition-id"  # the client's partition (simulation) or site index: the aggregation order
 LORA_RANK = "lora-rank"  # the rank the client trained (its reply is zero-padded to the global rank)
 TRAIN_LOSS = "train-loss"

@@ -92,6 +92,7 @@ class Settings(RunSettings, SecureAggregationSettings, CompressionSettings, Cons
         self._check_secagg()
         self._check_tiers()
         self._check_run()
+        self._check_asynchrony()
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat run-config form (round-trips through ``from_run_config``)."""

@@ -1,4 +1,5 @@
-"""Run-config keys of one concern: rounds, the strategy, sampling, and what the server does with updates it distrusts (strategies/).
+"""Run-config keys of one concern: rounds, the strategy, sampling (or the asynchronous loop's buffer and
+concurrency), and what the server does with updates it distrusts (strategies/).
 (How a key is declared, and how the groups join: ``fedmm/config/__init__.py``.)
 """
 
@@ -6,8 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
+from ..asynchrony import parse_staleness
 from ..faults import parse_faults
 from .declare import (
+    ConfigError,
     fraction,
     key,
     non_negative,
@@ -20,7 +25,8 @@ from .declare import (
 class FederationSettings:
     """Rounds, the strategy, sampling, and what the server does with updates it distrusts (strategies/)."""
 
-    num_server_rounds: int = key(10, "federated rounds", positive)
+    num_server_rounds: int = key(10, "federated rounds (asynchronous: aggregations of buffer-size updates)",
+                                 positive)
     strategy: str = key("fedavg", "aggregation strategy name (`fedmm strategies` lists them)")
     strategy_args: str = key(
         "", "the strategy's own constructor arguments, e.g. \"eta=0.01 beta_1=0.9\" (Flower k=v syntax)"
@@ -36,10 +42,44 @@ class FederationSettings:
     inject_faults: str = key(
         "", "tests and benchmarks: misbehaving clients, e.g. \"crash=0.1,scale=0.2\" "
             "(kinds: crash, timeout, nan, signflip, scale, noise)", parses(parse_faults))
+    asynchronous: bool = key(False, "buffered asynchronous aggregation (FedBuff; server/asynchronous.py) instead "
+                                    "of synchronous rounds")
+    buffer_size: int = key(4, "asynchronous: updates per aggregation (K)", positive)
+    concurrency: int = key(0, "asynchronous: clients kept training at once (0 = every node)", non_negative)
+    staleness: str = key("polynomial a=0.5", "asynchronous: weight of an update by its staleness tau: constant, "
+                                             "'polynomial a=A' ((tau+1)^-A), 'hinge a=A b=B'",
+                         parses(parse_staleness))
+    delay_compensation: float = key(0.0, "asynchronous: DC-ASGD's lambda of the first-order correction of a stale "
+                                         "update, delta - lambda delta*delta*(theta_now - theta_sent) (0 = off)",
+                                    non_negative)
 
     def sampled_per_round(self, num_nodes: int) -> int:
-        """Nodes per training round, as Flower's FedAvg samples them."""
+        """Updates per aggregation: nodes per training round, as Flower's FedAvg samples them, or asynchronous
+        aggregation's buffer size."""
+        if self.asynchronous:
+            return self.buffer_size
         return max(int(num_nodes * self.fraction_train), self.min_nodes)
+
+    def _check_asynchrony(self) -> None:
+        """What the asynchronous loop cannot honour is refused, with the reason (docs/architecture.md)."""
+        s: Any = self  # the joined Settings: this group's rules read the keys of the others
+        if not self.asynchronous:
+            return
+        if self.fraction_train < 1.0:
+            raise ConfigError(f"run-config 'fraction-train' = {self.fraction_train} with 'asynchronous': the "
+                              "asynchronous loop samples no cohort, it keeps 'concurrency' clients busy; set that")
+        if s.secure_aggregation:
+            raise ConfigError("run-config 'secure-aggregation' with 'asynchronous': SecAgg+'s masks cancel only "
+                              "in the sum of one cohort that shared keys in the same round, and a buffer that fills "
+                              "from arrivals has no such cohort; use synchronous rounds")
+        if self.delay_compensation > 0 and s.dp == "central-client":
+            raise ConfigError("run-config 'delay-compensation' with 'dp' = 'central-client': the correction can "
+                              "lengthen a client-clipped update beyond the clipping norm, and under central-client "
+                              "DP the server does not clip again; use dp = 'central-server' (it clips after the "
+                              "correction) or delay-compensation = 0")
+        if self.concurrency and self.buffer_size > self.concurrency:
+            raise ConfigError(f"run-config 'buffer-size' = {self.buffer_size} > 'concurrency' = {self.concurrency}: "
+                              "the buffer could fill only from the same clients' repeated updates")
 
     @property
     def fault_fractions(self) -> dict[str, float]:

@@ -60,7 +60,8 @@ class ModelSettings:
         "",
         "named client tiers, ';'-separated, each 'name: key=value ...' with keys lora-rank, lora-targets "
         "(a subset of the run's, comma-separated), batch-size, local-steps, time-budget (seconds of local "
-        "training per round; 0 = none), precision (fp32 | bf16), dropout (probability of missing a round); "
+        "training per round; 0 = none), precision (fp32 | bf16), dropout (probability of missing a round), delay (seconds a "
+        "training reply is held back: a slower device in wall time); "
         "unset keys take the run's values. E.g. \"phone: lora-rank=2 batch-size=8 time-budget=2 dropout=0.2; "
         "server: lora-rank=8\"",
         parses(parse_profiles),

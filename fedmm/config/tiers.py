@@ -24,6 +24,7 @@ class Profile:
     time_budget: float  # seconds of local training per round; 0 = no budget
     precision: str  # fp32 | bf16 (autocast)
     dropout: float  # probability of missing a round
+    delay: float = 0.0  # seconds a training reply is held back: a slower device, real in wall time
 
 
 def _number(v: str, ok: Callable[[float], bool], problem: str) -> str | None:
@@ -41,6 +42,7 @@ PROFILE_KEYS: dict[str, Callable[[str], str | None]] = {
     "time-budget": lambda v: _number(v, lambda x: x >= 0, "must be a number >= 0"),
     "precision": lambda v: None if v in ("fp32", "bf16") else "must be fp32 or bf16",
     "dropout": lambda v: _number(v, lambda x: 0 <= x < 1, "must be a number in [0, 1)"),
+    "delay": lambda v: _number(v, lambda x: 0 <= x <= 86400, "must be a number of seconds in [0, 86400]"),
 }
 
 
@@ -123,6 +125,7 @@ class RankPlan:
             time_budget=float(spec.get("time-budget", 0.0)),
             precision=str(spec.get("precision", "fp32")),
             dropout=float(spec.get("dropout", 0.0)),
+            delay=float(spec.get("delay", 0.0)),
         )
 
     def problem(self) -> str | None:
