@@ -132,6 +132,8 @@ def _privacy_lines(privacy: Mapping[str, Any], rounds: Mapping[int, Mapping[str,
         f"delta {privacy['delta']:g}, budget (max-epsilon) {privacy['max-epsilon'] or 'none'}, "
         f"{privacy['clients']} clients."
     )
+    if privacy.get("asynchronous"):
+        lines += ["", f"{privacy['asynchronous'][0].upper()}{privacy['asynchronous'][1:]}."]
     for note in privacy.get("notes", []):
         lines.append(f"- warning: {note}")
     outside = privacy.get("outside-guarantee", [])
@@ -199,6 +201,11 @@ def write_report(
         paths["privacy.png"] = folder / "privacy.png"
         paths["privacy_utility.png"] = folder / "privacy_utility.png"
 
+    applied = [c for c in clients if c.get("phase") == "train" and "staleness" in c]
+    if applied:  # an asynchronous run: how stale the applied updates were, and whose they were
+        _staleness_plot(folder / "staleness.png", applied)
+        paths["staleness.png"] = folder / "staleness.png"
+
     last = max(rounds) if rounds else 0
     base, final = rounds.get(0, {}), rounds.get(last, {})
     lines = [
@@ -231,6 +238,8 @@ def write_report(
         lines += _privacy_lines(privacy, rounds, (extra or {}).get("failed-replies", []))
     if privacy and privacy.get("secure-aggregation"):
         lines += ["", "## Secure aggregation", "", f"{privacy['secure-aggregation']}."]
+    if applied:
+        lines += _asynchrony_lines(applied)
     for key, title in (("failed-replies", "Failed replies (crashes, declines, errors)"),
                        ("dropped-updates", "Dropped updates (before aggregation)")):
         rows = (extra or {}).get(key, [])
@@ -244,6 +253,41 @@ def write_report(
             lines.append(f"- {k}: `{v}`")
     paths["summary"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def _staleness_plot(path: Path, applied: Sequence[Mapping[str, Any]]) -> None:
+    """Staleness of the applied updates: over the run, and per aggregation (stacked by tau)."""
+    taus = sorted({int(c["staleness"]) for c in applied})
+    aggregations = sorted({int(c["round"]) for c in applied})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(taus, [sum(int(c["staleness"]) == t for c in applied) for t in taus], color="tab:blue")
+    left.set_xlabel("staleness tau (versions applied while the client trained)")
+    left.set_ylabel("updates applied")
+    left.set_title("over the run")
+    bottom = [0] * len(aggregations)
+    for tau in taus:
+        counts = [sum(int(c["staleness"]) == tau and int(c["round"]) == a for c in applied) for a in aggregations]
+        right.bar(aggregations, counts, bottom=bottom, label=f"tau={tau}")
+        bottom = [b + n for b, n in zip(bottom, counts)]
+    right.set_xlabel("aggregation")
+    right.set_title("per aggregation")
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _asynchrony_lines(applied: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per client: updates applied, their staleness, the global versions they trained on."""
+    lines = ["", "## Asynchronous aggregation (per client)", "",
+             "| partition | updates applied | mean staleness | max staleness | versions trained on |",
+             "|---|---|---|---|---|"]
+    for pid in sorted({c.get("partition-id", -1) for c in applied}):
+        rows = [c for c in applied if c.get("partition-id", -1) == pid]
+        taus = [float(c["staleness"]) for c in rows]
+        versions = ", ".join(str(int(c.get("trained-on-version", -1))) for c in rows)
+        lines.append(f"| {pid} | {len(rows)} | {sum(taus) / len(taus):.2f} | {max(taus):.0f} | {versions} |")
+    return lines + ["", "Staleness histogram: `staleness.png`."]
 
 
 _HEADLINE = [

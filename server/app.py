@@ -29,6 +29,7 @@ from fedmm.data import class_names, group_names, public_split, server_split
 from fedmm.deploy.polling import polled
 from fedmm.logs import quiet_root_logger
 from fedmm.privacy.plan import privacy_plan, privacy_summary
+from server.asynchronous import AsynchronousLoop
 from server.central import CentralModel
 from server.chain import build_chain, build_strategy, check_ring
 from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state
@@ -97,12 +98,17 @@ def main(grid: Grid, context: Context) -> None:
         load_rng_state(checkpoint.rng, checkpoint.state_arrays)
         log(INFO, "fedmm: resuming %s after round %d of %d", out, done, num_rounds)
     recorder = RoundRecorder(settings, out, central, chain, history, num_rounds, done)
-    if done < num_rounds:
+    train_config = _train_config(settings, chain.user, central.base_fingerprint)
+    evaluate_config = ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint})
+    loop = None
+    if done < num_rounds and settings.asynchronous:  # FedBuff on the Grid's push/pull (server/asynchronous.py)
+        loop = AsynchronousLoop(settings, chain, history, recorder, polled(grid), train_config, evaluate_config,
+                                num_rounds, done)
+        arrays = loop.run(arrays)
+    elif done < num_rounds:
         result = (ResumedRounds(chain.outer, done) if done else chain.outer).start(
             grid=polled(grid), initial_arrays=arrays, num_rounds=num_rounds - done, timeout=settings.round_timeout,
-            train_config=_train_config(settings, chain.user, central.base_fingerprint),
-            evaluate_config=ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint}),
-            evaluate_fn=recorder,
+            train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=recorder,
         )
         arrays = result.arrays if len(result.arrays) else arrays
     adapter_dir = central.export(arrays, out)
@@ -113,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         "privacy": privacy_summary(settings, num_nodes, privacy_notes),
         "group-names": list(settings.group_list) or group_names(held_out),
         "failed-replies": chain.book.failures,
-        "dropped-updates": recorder.dropped_updates(),
+        "dropped-updates": recorder.dropped_updates() + (loop.dropped if loop else []),
     })
     log(INFO, "fedmm: final adapter (PEFT format) -> %s", adapter_dir)
     log(INFO, "fedmm: report -> %s", paths["summary"])

@@ -8,6 +8,7 @@ Outermost first (what a reply meets on its way in):
 [``SecureAggregation``] runs SecAgg+'s stages and hands on the contributors' mean (strategies/secure_aggregation.py)
 ``CompressedUpdates`` downlink encoding, uplink decoding (strategies/compression.py)
 ``UpdateValidation``  finiteness, absurd norms, norm bound (strategies/validation.py)
+[``StalenessWeighting``] asynchronous runs: staleness weights, delay compensation (strategies/staleness.py)
 [DP wrapper]          the dp mode's (strategies/privacy.py: ``make_private``)
 ``DualAscentConstraints`` multipliers (strategies/constraints.py), when constraints are on
 the user's strategy   (strategies/: registry and built-ins)
@@ -43,7 +44,9 @@ from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import make_private, needs_uniform_mean
 from strategies.replies import ReplyCheck
 from strategies.reply_book import ReplyBook
-from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation
+from fedmm.asynchrony import parse_staleness
+from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation, check_weighted_mean
+from strategies.staleness import StalenessWeighting
 from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation
 
@@ -53,14 +56,17 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
     managed = {
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": settings.fraction_evaluate,
-        "min_train_nodes": settings.min_nodes,
+        # asynchronous: every version's content is configured for a cohort of the buffer's size (the release's)
+        "min_train_nodes": settings.buffer_size if settings.asynchronous else settings.min_nodes,
         "min_evaluate_nodes": settings.min_nodes,
-        "min_available_nodes": settings.min_nodes,
+        "min_available_nodes": settings.buffer_size if settings.asynchronous else settings.min_nodes,
         "proximal_mu": settings.proximal_mu,
         "client_learning_rate": settings.lr,  # QFedAvg's estimate of the Lipschitz constant
         # The record keys fedmm's ClientApp reads and writes: not the user's to change.
-        # client-level DP calibrates noise to a uniform mean; otherwise FedAvg weights by examples
-        "weighted_by_key": protocol.UNIT_WEIGHT if needs_uniform_mean(settings.dp) else protocol.NUM_EXAMPLES,
+        # client-level DP calibrates noise to a uniform mean; otherwise FedAvg weights by examples (asynchronous:
+        # times the staleness weight, strategies/staleness.py)
+        "weighted_by_key": protocol.UNIT_WEIGHT if needs_uniform_mean(settings.dp) else
+        protocol.AGGREGATION_WEIGHT if settings.asynchronous else protocol.NUM_EXAMPLES,
         "arrayrecord_key": protocol.ARRAYS,
         "configrecord_key": protocol.CONFIG,
         "train_loss_key": protocol.GLOBAL_TRAIN_LOSS,
@@ -78,11 +84,14 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
             "noise), so clients do not send it under DP; use another strategy, or dp = 'none'"
         )
     make_private(strategy, settings, num_nodes=None)  # refuses a strategy the dp mode cannot wrap
-    if settings.secure_aggregation:
-        try:
+    try:
+        if settings.secure_aggregation:
             check_secure_aggregation(strategy)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        if settings.asynchronous:
+            check_weighted_mean(strategy, "asynchronous", "each aggregation is a weighted mean of whichever "
+                                "buffer-size updates arrived first, with no synchronous cohort behind it")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return strategy
 
 
@@ -100,6 +109,7 @@ class Chain:
     ledger: Callable[[], Any] | None  # privacy_spent() of the DP wrapper that accounts the run, if any
     user_timer: TimedStrategy  # the user's strategy alone (with central DP: and its wrapper)
     secagg: SecureAggregation | None = None
+    staleness: StalenessWeighting | None = None  # asynchronous runs
 
     @property
     def stateful(self) -> Strategy:
@@ -122,6 +132,10 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
         inner = constraints = DualAscentConstraints(inner, _constraints(settings))
     if not central_dp:  # local DP asks the clients for noise; dp-sgd and none leave the chain as it is
         inner, ledger = make_private(inner, settings, num_nodes=num_nodes)
+    staleness = None
+    if settings.asynchronous:  # each buffered update weighted (and corrected) for the versions it missed
+        inner = staleness = StalenessWeighting(inner, parse_staleness(settings.staleness),
+                                               settings.delay_compensation, central_dp)
     # every decoded update is checked (finiteness, absurd norms) before anything below aggregates it; names,
     # dtypes and sizes are the codec's check on the payload, just above
     validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound)
@@ -136,7 +150,7 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
     reply_check = ReplyCheck(book, settings.global_rank, settings.secure_aggregation)
     outer = TimedStrategy(RecordsRound(reply_check, history))
     return Chain(outer, strategies.innermost(user_timer), reply_check, book, codec, validation, constraints, ledger,
-                 user_timer, secagg)
+                 user_timer, secagg, staleness)
 
 
 def secagg_plan(settings: Settings, num_nodes: int) -> SecAggPlan | None:

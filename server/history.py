@@ -69,6 +69,7 @@ class MetricsHistory:
         agg = dict(aggregate_metricrecords(plain, weight_key)) if plain else {}
         agg.pop(protocol.PARTITION_ID, None)
         agg.pop(protocol.UNIT_WEIGHT, None)
+        agg.pop(protocol.AGGREGATION_WEIGHT, None)
         # the weakest client's ledger so far: clients that stopped (budget spent) keep what they spent
         for k, v in maxima.items():
             agg[k] = max([v] + [row[f"{phase}/{k}"] for row in self.rounds.values() if f"{phase}/{k}" in row])

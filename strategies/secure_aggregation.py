@@ -54,18 +54,23 @@ _MALFORMED = object()  # a stage reply that does not parse: SecAggServer drops i
 WEIGHTED_MEAN_STRATEGIES = (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)
 
 
-def check_secure_aggregation(strategy: Strategy) -> None:
-    """Refuse a strategy that needs the individual updates (or declare ``aggregates_weighted_mean = True``)."""
+def check_weighted_mean(strategy: Strategy, key: str, why: str) -> None:
+    """Refuse, for run-config ``key``, a strategy whose aggregate is not a weighted mean of the updates (a plugin
+    whose aggregate is may declare ``aggregates_weighted_mean = True``)."""
     if type(strategy) in WEIGHTED_MEAN_STRATEGIES or getattr(strategy, "aggregates_weighted_mean", False) is True:
         return
     raise ValueError(
-        f"run-config 'secure-aggregation' with strategy '{type(strategy).__name__}': secure aggregation hands the "
-        "server only the weighted sum of the updates, and this strategy reads each update on its own (a median, "
-        "a trimmed mean, Krum's distances, QFedAvg's per-client losses, FLoRA's stacking, HetLoRA's per-client "
-        "weights). Use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad; a plugin whose aggregate is "
-        "FedAvg's weighted mean may declare aggregates_weighted_mean = True"
+        f"run-config '{key}' with strategy '{type(strategy).__name__}': {why}, and this strategy reads each "
+        "update on its own (a median, a trimmed mean, Krum's distances, QFedAvg's per-client losses, FLoRA's "
+        "stacking, HetLoRA's per-client weights). Use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad; "
+        "a plugin whose aggregate is FedAvg's weighted mean may declare aggregates_weighted_mean = True"
     )
 
+
+def check_secure_aggregation(strategy: Strategy) -> None:
+    """Refuse a strategy that needs the individual updates (or declare ``aggregates_weighted_mean = True``)."""
+    check_weighted_mean(strategy, "secure-aggregation", "secure aggregation hands the server only the weighted "
+                                                        "sum of the updates")
 
 
 class SecureAggregation(StrategyWrapper):

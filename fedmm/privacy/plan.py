@@ -70,6 +70,16 @@ SECURE_AGGREGATION = (
 )
 
 
+# How central DP's accounting reads in an asynchronous run (server/asynchronous.py, strategies/staleness.py).
+ASYNCHRONOUS_RELEASES = (
+    "asynchronous: each aggregation is one release, the clipped mean of {k} updates from {k} distinct clients (a "
+    "fast client's next update waits for the next aggregation), with noise sigma C / {k}; the staleness weight "
+    "scales an update (s <= 1) rather than reweighting the mean, so no client's share exceeds C / {k}. Which "
+    "clients fill a buffer depends on their speed, not on a random draw, so no amplification by sampling is "
+    "claimed: the releases compose as they are, one per aggregation"
+)
+
+
 def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dict[str, object]:
     summary: dict[str, object] = {
         "dp": settings.dp,
@@ -82,6 +92,8 @@ def privacy_summary(settings: Settings, num_nodes: int, notes: list[str]) -> dic
         "clients": num_nodes,
         "notes": notes,
     }
+    if settings.asynchronous and settings.dp in CENTRAL_MODES:
+        summary["asynchronous"] = ASYNCHRONOUS_RELEASES.format(k=settings.buffer_size)
     if settings.secure_aggregation:
         summary["secure-aggregation"] = SECURE_AGGREGATION.format(
             t=settings.secagg_threshold or "a majority of a neighbourhood", b=settings.secagg_bits)

@@ -1,0 +1,264 @@
+"""The asynchronous loop (FedBuff): clients kept busy, buffered updates applied as they arrive.
+
+Synchronous rounds are Flower's ``Strategy.start``; ``asynchronous = true``
+runs this loop instead, on the Grid's ``push_messages`` / ``pull_messages``:
+
+1. ``concurrency`` clients (0: every node) are training at all times. Each
+   dispatch is the chain's train message of the current global version t
+   (``configure_train`` runs once per version, so every wrapper adds what it
+   adds: the encoded downlink, multipliers, DP parameters).
+2. As each reply arrives it is matched to its dispatch (a reply to a dispatch
+   not in flight — a duplicate, or one that came after its ``round-timeout``
+   — is dropped, so a reply is applied at most once), checked by ``ReplyCheck``
+   (a malformed one is dropped with the node and the aggregation named), and
+   buffered with the version it trained on; the client's slot is refilled at
+   once with the current global. An error reply (a crash, a decline) is
+   counted as a failure, and that node waits for the next version.
+3. When the buffer holds ``buffer-size`` updates, the whole chain aggregates
+   them as aggregation t + 1: the codec decodes each update and rebases it
+   onto the current global, validation checks it, ``StalenessWeighting``
+   weights it by s(tau) (and applies delay compensation), DP, the
+   multipliers' dual step and the user's strategy (FedAvg's weighted mean,
+   FedAdam's step...) run per aggregation. Then the server evaluates the new
+   global on its held-out data and writes the checkpoint (``RoundRecorder``).
+4. ``num-server-rounds`` aggregations end the run; clients still in flight are
+   abandoned (their replies are never applied), and the clients evaluate the
+   final global once.
+
+Resume: a checkpoint holds everything applied so far; the updates that were
+in flight or buffered at that point were never applied, and a resumed run
+dispatches every client afresh at the checkpoint's version.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedmm.asynchrony import Arrival, UpdateBuffer
+from fedmm.config import ConfigError, Settings
+from fedmm.deploy.polling import SERVER_PULL_INTERVAL
+from fedmm.privacy.plan import needs_uniform_mean
+from fedmm.protocol import to_numpy, trainable
+from server.chain import Chain
+from server.history import MetricsHistory
+from server.recording import RoundRecorder
+from strategies.replies import TRAIN
+
+
+class _Cohort:
+    """The nodes a version's train content is configured for: a Grid to the strategy, which reads their ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def __getattr__(self, name: str):  # anything else is not the strategy's to call while configuring
+        raise AttributeError(f"configure_train called Grid.{name}, which the asynchronous loop does not offer")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One train message in flight: to whom, which global version, when."""
+
+    node: int
+    version: int
+    sent: float
+
+
+class AsynchronousLoop:
+    def __init__(self, settings: Settings, chain: Chain, history: MetricsHistory, recorder: RoundRecorder,
+                 grid: Grid, train_config: ConfigRecord, evaluate_config: ConfigRecord, num_rounds: int,
+                 done: int = 0, pull_interval: float = SERVER_PULL_INTERVAL) -> None:
+        if chain.staleness is None:
+            raise ValueError("the asynchronous loop needs the chain's StalenessWeighting (settings.asynchronous)")
+        self.settings, self.chain, self.history, self.recorder, self.grid = settings, chain, history, recorder, grid
+        self.train_config, self.evaluate_config = train_config, evaluate_config
+        self.num_rounds, self.done, self.pull_interval = num_rounds, done, pull_interval
+        self.version = done  # aggregations applied so far
+        self.buffer: UpdateBuffer[Message] = UpdateBuffer(settings.buffer_size, needs_uniform_mean(settings.dp))
+        self.in_flight: dict[str, Dispatch] = {}
+        self.errors: list[Message] = []  # error replies since the last aggregation: the chain counts them
+        self.parked: dict[int, int] = {}  # node -> the version its error reply came at: it waits for the next
+        self.versions: dict[int, Mapping[str, np.ndarray]] = {}  # versions still trained on (delay compensation)
+        self._content: tuple[int, RecordDict] | None = None
+        self.nodes: list[int] = []
+        self._dispatched = self._abandoned = 0  # since the last aggregation
+        self.dropped: list[dict[str, object]] = []  # replies matched to no dispatch in flight
+
+    # --- dispatching -------------------------------------------------------------------------------------
+    def _configure(self, arrays: ArrayRecord) -> RecordDict:
+        """The chain's train content at the current version (configured once per version), for every dispatch.
+
+        The chain configures a cohort of ``buffer-size`` nodes (a strategy's minimum is the buffer's size in an
+        asynchronous run, and Flower's DP wrappers check that the cohort is the release's size); FedAvg and the
+        wrappers give every node of it the same content, which is what any node is sent at this version."""
+        if self._content is None or self._content[0] != self.version:
+            cohort = _Cohort(self.nodes[:self.settings.buffer_size])
+            messages = list(self.chain.outer.configure_train(self.version + 1, arrays,
+                                                             ConfigRecord(dict(self.train_config)), cohort))
+            if not messages or any(m.content is not messages[0].content for m in messages):
+                raise ValueError(f"strategy '{self.settings.strategy}' sends each node its own train content, "
+                                 "which the asynchronous loop cannot dispatch to whichever node is free")
+            self._content = (self.version, messages[0].content)
+            self.versions[self.version] = trainable(to_numpy(arrays))
+        return self._content[1]
+
+    def _fill(self, idle: deque[int], arrays: ArrayRecord, concurrency: int) -> None:
+        """Refill every free slot with the current global (nodes parked at this version wait)."""
+        ready = [n for n in idle if self.parked.get(n, -1) != self.version]
+        free = concurrency - len(self.in_flight)
+        if not ready or free <= 0:
+            return
+        content = self._configure(arrays)
+        send = ready[:free]
+        for node in send:
+            idle.remove(node)
+        messages = [Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
+                            group_id=str(self.version + 1)) for node in send]
+        now = time.monotonic()
+        for node, message_id in zip(send, self.grid.push_messages(messages)):
+            if message_id:
+                self.in_flight[message_id] = Dispatch(node, self.version, now)
+            else:  # not accepted by the SuperLink (e.g. the node left): try again later
+                idle.append(node)
+        self._dispatched += len(send)
+
+    # --- arrivals ----------------------------------------------------------------------------------------
+    def _arrive(self, reply: Message, idle: deque[int]) -> None:
+        dispatch = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
+        node, at = reply.metadata.src_node_id, self.version + 1
+        if dispatch is None:
+            reason = "a reply to no dispatch in flight (a duplicate, or late after its round-timeout)"
+            log(WARNING, "aggregation %d: dropped the reply of node %s: %s", at, node, reason)
+            self.dropped.append({"round": at, "node": node, "reason": reason})
+            return
+        idle.append(dispatch.node)
+        checked = self.chain.reply_check.check(at, TRAIN, [reply])
+        if not checked:
+            return  # malformed: ReplyCheck logged and kept the reason
+        if checked[0].has_error():
+            self.errors.append(checked[0])
+            self.parked[dispatch.node] = self.version
+            return
+        problem = self.buffer.add(Arrival(reply.metadata.message_id, dispatch.node, dispatch.version, checked[0]))
+        if problem:
+            log(WARNING, "aggregation %d: dropped the reply of node %s: %s", at, node, problem)
+            self.dropped.append({"round": at, "node": node, "reason": problem})
+
+    def _abandon_late(self, idle: deque[int]) -> None:
+        """A dispatch older than round-timeout is given up (its reply, if it comes, is dropped); the node is
+        dispatched again."""
+        limit = time.monotonic() - self.settings.round_timeout
+        for message_id, dispatch in list(self.in_flight.items()):
+            if dispatch.sent < limit:
+                del self.in_flight[message_id]
+                log(WARNING, "aggregation %d: node %s did not reply within round-timeout %gs (version %d); "
+                    "dispatching it again", self.version + 1, dispatch.node, self.settings.round_timeout,
+                    dispatch.version)
+                idle.append(dispatch.node)
+                self._abandoned += 1
+
+    # --- aggregation -------------------------------------------------------------------------------------
+    def _aggregate(self, arrays: ArrayRecord) -> ArrayRecord:
+        batch = self.buffer.take()
+        at = self.version + 1
+        self._configure(arrays)  # the chain's references are this version's, dispatched at or not
+        for arrival in batch:
+            self.chain.staleness.expect(arrival.item.metadata.message_id, self.version - arrival.version,
+                                        arrival.version, self.versions[arrival.version])
+        replies, self.errors = self.errors + [a.item for a in batch], []
+        new, _ = self.chain.outer.aggregate_train(at, replies)
+        self._record(at, batch)
+        self.version = at
+        if new is not None:
+            arrays = new
+        else:
+            log(WARNING, "aggregation %d: the strategy released no model; the global stays as it was", at)
+        live = {d.version for d in self.in_flight.values()} | {a.version for a in self.buffer.waiting}
+        self.versions = {v: arr for v, arr in self.versions.items() if v in live}
+        self.recorder(at - self.done, arrays)  # the server's evaluation, the aggregation's record, the checkpoint
+        return arrays
+
+    def _record(self, at: int, batch: list[Arrival[Message]]) -> None:
+        record = self.history.record
+        record(at, "async/updates", len(batch))
+        record(at, "async/dispatched", self._dispatched)
+        record(at, "async/abandoned", self._abandoned)
+        record(at, "async/in-flight", len(self.in_flight))
+        record(at, "async/waiting", len(self.buffer.waiting))
+        for key, value in self.chain.staleness.stats.get(at, {}).items():
+            record(at, f"async/{key}", value)
+        taus = Counter(self.version - a.version for a in batch)
+        for tau, count in sorted(taus.items()):
+            record(at, f"async/staleness-{tau}", count)
+        # what configure_train assumed (one message per node) is not what this aggregation dispatched
+        codec = self.chain.codec.stats.get(at, {})
+        if "bytes-downlink-per-client" in codec:
+            codec["bytes-downlink-total"] = codec["bytes-downlink-per-client"] * self._dispatched
+        self.chain.book.stats.setdefault(at, {})["missing-replies"] = float(self._abandoned)
+        self._dispatched = self._abandoned = 0
+
+    # --- the run -----------------------------------------------------------------------------------------
+    def run(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Aggregations ``done + 1 .. num_rounds``; returns the final global."""
+        if self.done == 0:
+            self.recorder(0, arrays)
+        self.nodes = nodes = self._wait_for_nodes()
+        concurrency = self.settings.concurrency or len(nodes)
+        if concurrency > len(nodes) or self.settings.buffer_size > concurrency:
+            raise ConfigError(f"run-config 'concurrency' = {self.settings.concurrency}, 'buffer-size' = "
+                              f"{self.settings.buffer_size}: the federation has {len(nodes)} nodes; need "
+                              "buffer-size <= concurrency <= nodes")
+        order = list(nodes)
+        random.Random(self.settings.seed + self.done).shuffle(order)  # which nodes go first
+        idle = deque(order)
+        log(INFO, "fedmm: asynchronous: %d nodes, %d training at once, %d updates per aggregation, staleness %s%s",
+            len(nodes), concurrency, self.settings.buffer_size, self.settings.staleness,
+            f", delay compensation {self.settings.delay_compensation:g}" if self.settings.delay_compensation else "")
+        while self.version < self.num_rounds:
+            self._fill(idle, arrays, concurrency)
+            if not self.in_flight and not self.buffer.ready():
+                log(WARNING, "aggregation %d: no client can train (all declined at version %d); the run stops",
+                    self.version + 1, self.version)
+                break
+            replies = list(self.grid.pull_messages(list(self.in_flight)))
+            for reply in replies:
+                self._arrive(reply, idle)
+            self._abandon_late(idle)
+            while self.buffer.ready() and self.version < self.num_rounds:
+                arrays = self._aggregate(arrays)
+            if not replies:
+                time.sleep(self.pull_interval)
+        if self.in_flight or self.buffer.waiting:
+            log(INFO, "fedmm: asynchronous: stopped after %d aggregations; %d clients in flight and %d buffered "
+                "updates are not applied", self.version, len(self.in_flight), len(self.buffer.clear()))
+        self._evaluate(arrays)
+        return arrays
+
+    def _wait_for_nodes(self) -> list[int]:
+        """The federation's nodes, once ``min-nodes`` (and the buffer's size) are connected."""
+        need = max(self.settings.min_nodes, self.settings.buffer_size)
+        while len(nodes := sorted(self.grid.get_node_ids())) < need:
+            log(INFO, "fedmm: asynchronous: waiting for nodes to connect: %d of %d", len(nodes), need)
+            time.sleep(1.0)
+        return nodes
+
+    def _evaluate(self, arrays: ArrayRecord) -> None:
+        """The clients' evaluation of the final global (once: an evaluation per aggregation would stop
+        training for a synchronous cohort)."""
+        messages = self.chain.outer.configure_evaluate(self.version, arrays, ConfigRecord(dict(self.evaluate_config)),
+                                                       self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
+        self.chain.outer.aggregate_evaluate(self.version, replies)
