@@ -188,3 +188,21 @@ def test_secure_aggregation_on_the_deployment_engine(federation, base_settings, 
     privacy = json.loads((out / "metrics.json").read_text())["extra"]["privacy"]
     assert "SecAgg+" in privacy["secure-aggregation"] and "the server included" in privacy["guarantee"]
     assert "## Secure aggregation" in (out / "summary.md").read_text()
+
+
+def test_asynchronous_aggregation_on_the_deployment_engine(federation, base_settings, tmp_path):
+    """The asynchronous loop on the deployment engine's Grid (TLS, node auth, warm workers): site 0 is a slow
+    tier, the buffer of 2 fills from whoever is done, every reply applied once, and the sites evaluate the
+    final global."""
+    fed, *_ = federation
+    out = tmp_path / "report"
+    job = {**_job(base_settings, out), "asynchronous": True, "buffer-size": 2, "num-server-rounds": 3,
+           "local-steps": 2, "client-profiles": "slow: delay=3; fast:", "partition-profiles": "slow,fast,fast"}
+    code = fed.run(ROOT, format_run_config(job), stream=False, timeout=900)
+    assert code == 0, (fed.home / "logs" / "run.log").read_text()[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    rounds = _rounds(out)
+    assert all(rounds[r]["async/updates"] == 2 for r in (1, 2, 3)) and rounds[3]["evaluate/num-replies"] == NODES
+    train = [c for c in metrics["clients"] if c["phase"] == "train"]
+    assert len(train) == 6 and all(c["staleness"] == c["round"] - 1 - c["trained-on-version"] for c in train)
+    assert sum(c["partition-id"] != 0 for c in train) >= 4  # the fast sites fill the buffer
