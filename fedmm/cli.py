@@ -108,7 +108,7 @@ def run_simulation(
     run_config: dict,
     *,
     num_supernodes: int = 10,
-    cpus_per_client: int = 1,
+    cpus_per_client: float = 1,
     flwr_home: Path | None = None,
     stream: bool = True,
     timeout: float | None = None,
