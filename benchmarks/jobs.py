@@ -26,15 +26,15 @@ def prepare(run_config: str, rounds: int, name: str) -> tuple[dict, object, Path
     return base, settings, Path(tempfile.mkdtemp(prefix=f"fedmm-bench-{name}-"))
 
 
-def run_job(name: str, overrides: dict, clients: int, work: Path, cpus_per_client: float = 1) -> tuple[dict, float]:
+def run_job(name: str, overrides: dict, clients: int, work: Path, ray_cpus: int | None = None) -> tuple[dict, float]:
     """Run the app with ``overrides`` into ``work/name``; its metrics.json (rounds keyed by int) and wall seconds.
-    ``cpus_per_client`` < 1 runs more Ray actors than cores (clients that wait, e.g. a slow tier's delay)."""
+    ``ray_cpus``: the CPUs Ray is told it has (one actor per CPU; more than the cores for clients that wait)."""
     from fedmm.cli import run_simulation
 
     out = work / name
     start = time.perf_counter()
     code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
-                          cpus_per_client=cpus_per_client, flwr_home=out / "flwr", stream=False)
+                          ray_cpus=ray_cpus, flwr_home=out / "flwr", stream=False)
     if code != 0:
         raise SystemExit(f"{name}: job failed ({code}); logs under {out}")
     return load_report(out / "report" / "metrics.json"), time.perf_counter() - start
