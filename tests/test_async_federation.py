@@ -1,9 +1,8 @@
 """Asynchronous buffered aggregation in a real federation (Flower's simulation engine on 127.0.0.1).
 
-One job, interrupted and resumed: a tier of slow nodes (a real delay), the
-buffer filling from whoever is done; it learns, the slow node's updates are
-the stale ones, and after the resume no update of before the checkpoint is
-applied. The deployment engine runs it in tests/test_deployment.py.
+A tier of slow nodes (a real delay), the buffer filling from whoever is done:
+it learns, and the slow node's updates are the stale ones. Resume mid-run and
+the deployment engine: tests/test_deployment.py.
 """
 
 import json
@@ -18,24 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
-def test_asynchronous_simulation_learns_and_resumes_without_applying_anything_twice(base_settings, tmp_path):
+def test_asynchronous_simulation_learns_and_the_slow_tier_is_stale(base_settings, tmp_path):
     ensure_base_checkpoint(base_settings, progress=False)
     out = tmp_path / "report"
     job = {**base_settings.to_run_config(), "asynchronous": True, "buffer-size": 3, "local-steps": 12,
-           "partitioner": "iid", "num-server-rounds": 3, "output-dir": str(out),
-           "client-profiles": "slow: delay=4; fast:", "partition-profiles": "slow,fast,fast,fast",
-           }
+           "partitioner": "iid", "num-server-rounds": 7, "output-dir": str(out),
+           "client-profiles": "slow: delay=4; fast:", "partition-profiles": "slow,fast,fast,fast"}
     assert run_simulation(ROOT, job, num_supernodes=4, flwr_home=tmp_path / "home", stream=True, timeout=900) == 0
-    first = _metrics(out)
-    assert sorted(map(int, first["rounds"])) == [0, 1, 2, 3]
-
-    job.update({"num-server-rounds": 7, "resume": True})
-    assert run_simulation(ROOT, job, num_supernodes=4, flwr_home=tmp_path / "home", stream=True, timeout=900) == 0
-    metrics = _metrics(out)
+    metrics = json.loads((out / "metrics.json").read_text())
     rounds = {int(k): v for k, v in metrics["rounds"].items()}
     assert sorted(rounds) == list(range(8))
     assert all(rounds[r]["async/updates"] == 3 and rounds[r]["train/num-replies"] == 3 for r in range(1, 8))
@@ -46,13 +35,10 @@ def test_asynchronous_simulation_learns_and_resumes_without_applying_anything_tw
 
     train = [c for c in metrics["clients"] if c["phase"] == "train"]
     assert len(train) == 21
-    # what the first run applied is kept as it was; the resumed run applied only updates of its own versions
-    assert [c for c in train if c["round"] <= 3] == [c for c in first["clients"] if c["phase"] == "train"]
-    assert all(c["trained-on-version"] >= 3 for c in train if c["round"] > 3)
     for c in train:
-        assert c["staleness"] == c["round"] - 1 - c["trained-on-version"]
+        assert c["staleness"] == c["round"] - 1 - c["trained-on-version"] >= 0
     slow = [c["staleness"] for c in train if c["partition-id"] == 0]
     fast = [c["staleness"] for c in train if c["partition-id"] != 0]
-    assert len(fast) > len(slow) and (not slow or max(slow) >= 1), (slow, fast)
-    histogram = out / "staleness.png"
-    assert histogram.stat().st_size > 0
+    assert len(fast) > 2 * len(slow) and (not slow or max(slow) > min(fast)), (slow, fast)
+    assert (out / "staleness.png").stat().st_size > 0
+    assert "## Asynchronous aggregation (per client)" in (out / "summary.md").read_text()

@@ -190,19 +190,27 @@ def test_secure_aggregation_on_the_deployment_engine(federation, base_settings, 
     assert "## Secure aggregation" in (out / "summary.md").read_text()
 
 
-def test_asynchronous_aggregation_on_the_deployment_engine(federation, base_settings, tmp_path):
+def test_asynchronous_aggregation_on_the_deployment_engine_and_its_resume(federation, base_settings, tmp_path):
     """The asynchronous loop on the deployment engine's Grid (TLS, node auth, warm workers): site 0 is a slow
-    tier, the buffer of 2 fills from whoever is done, every reply applied once, and the sites evaluate the
-    final global."""
+    tier, the buffer of 2 fills from whoever is done, every reply applied once; interrupted after two
+    aggregations and resumed to four, nothing of before the checkpoint is applied again, and the sites
+    evaluate the final global."""
     fed, *_ = federation
     out = tmp_path / "report"
-    job = {**_job(base_settings, out), "asynchronous": True, "buffer-size": 2, "num-server-rounds": 3,
+    job = {**_job(base_settings, out), "asynchronous": True, "buffer-size": 2, "num-server-rounds": 2,
            "local-steps": 2, "client-profiles": "slow: delay=3; fast:", "partition-profiles": "slow,fast,fast"}
     code = fed.run(ROOT, format_run_config(job), stream=False, timeout=900)
     assert code == 0, (fed.home / "logs" / "run.log").read_text()[-3000:]
+    first = [c for c in json.loads((out / "metrics.json").read_text())["clients"] if c["phase"] == "train"]
+    code = fed.run(ROOT, format_run_config({**job, "num-server-rounds": 4, "resume": True}), stream=False,
+                   timeout=900)
+    assert code == 0, (fed.home / "logs" / "run.log").read_text()[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     rounds = _rounds(out)
-    assert all(rounds[r]["async/updates"] == 2 for r in (1, 2, 3)) and rounds[3]["evaluate/num-replies"] == NODES
+    assert all(rounds[r]["async/updates"] == 2 for r in (1, 2, 3, 4)) and rounds[4]["evaluate/num-replies"] == NODES
     train = [c for c in metrics["clients"] if c["phase"] == "train"]
-    assert len(train) == 6 and all(c["staleness"] == c["round"] - 1 - c["trained-on-version"] for c in train)
-    assert sum(c["partition-id"] != 0 for c in train) >= 4  # the fast sites fill the buffer
+    assert len(train) == 8 and all(c["staleness"] == c["round"] - 1 - c["trained-on-version"] for c in train)
+    # what the first run applied is kept as it was; the resumed run applied only updates of its own versions
+    assert [c for c in train if c["round"] <= 2] == first
+    assert all(c["trained-on-version"] >= 2 for c in train if c["round"] > 2)
+    assert sum(c["partition-id"] != 0 for c in train) >= 5  # the fast sites fill the buffer
