@@ -39,10 +39,10 @@ BASE_FIXTURES = {"base_settings", "base_model", "_base_model", "default_model_se
 # Seconds per federation file in a suite run (--durations, 2026-12-01): longest first, so that no long
 # file starts last on one worker while the other idles. A file not listed counts as short.
 FEDERATION_SECONDS = {
-    "test_deployment.py": 300, "test_resume.py": 260, "test_integration.py": 230,
+    "test_deployment.py": 360, "test_resume.py": 260, "test_integration.py": 230,
     "test_privacy_federation.py": 180, "test_default_model_federation.py": 170,
     "test_hetero_rank_federation.py": 140, "test_faults.py": 130, "test_strategy_plugin.py": 95,
-    "test_qfedavg_federation.py": 90,
+    "test_qfedavg_federation.py": 90, "test_async_federation.py": 80,
 }
 
 

@@ -138,8 +138,10 @@ def _delta(node: int, version: int) -> OrderedDict[str, np.ndarray]:
 
 def _train_reply(msg: Message, node: int, version: int, codec: str = "fp32") -> Message:
     payload = make_codec(codec).encode(_delta(node, version), np.random.default_rng([node, version]))
+    # group 0 right 9 of 10, group 1 right 2 of 10 on every client: an accuracy gap of 0.7
     metrics = MetricRecord({"num-examples": 10 + node, "unit-weight": 1, "partition-id": node - 1,
-                            "lora-rank": RANK, "train-loss": 1.0 / node})
+                            "lora-rank": RANK, "train-loss": 1.0 / node, "cstat-correct-g0": 9.0,
+                            "cstat-count-g0": 10.0, "cstat-correct-g1": 2.0, "cstat-count-g1": 10.0})
     return Message(RecordDict({"arrays": to_record(payload), "metrics": metrics}), reply_to=msg)
 
 
@@ -147,8 +149,8 @@ class _Federation:
     """A grid whose node n answers a train message after ``pulls[n]`` pulls (None: never)."""
 
     def __init__(self, pulls: dict[int, int | None], duplicate_of: int | None = None,
-                 late_reply_of: int | None = None) -> None:
-        self.pulls, self.tick, self.sent, self.count = pulls, 0, [], 0
+                 late_reply_of: int | None = None, codec: str = "fp32") -> None:
+        self.pulls, self.tick, self.sent, self.count, self.codec = pulls, 0, [], 0, codec
         self.duplicate_of, self.late_reply_of = duplicate_of, late_reply_of  # nodes whose first reply repeats
         self.replied: dict[str, Message] = {}
         self.extra: list[Message] = []
@@ -167,7 +169,7 @@ class _Federation:
         return ids
 
     def _answer(self, msg: Message, version: int) -> Message:
-        reply = _train_reply(msg, msg.metadata.dst_node_id, version)
+        reply = _train_reply(msg, msg.metadata.dst_node_id, version, self.codec)
         reply.metadata._message_id = f"r{msg.metadata.message_id}"
         return reply
 
@@ -240,20 +242,22 @@ def test_the_loop_applies_each_reply_once_and_drops_duplicates_and_late_replies(
     assert max(by_node[3]) > max(by_node[1]) and 4 not in by_node
 
 
-def test_one_aggregation_with_everyone_and_constant_staleness_is_a_fedavg_round():
+@pytest.mark.parametrize("codec", ["fp32", "q4-row"])
+def test_one_aggregation_with_everyone_and_constant_staleness_is_a_fedavg_round(codec):
     """concurrency = buffer-size = clients, constant staleness: aggregation 1 equals a synchronous FedAvg round
-    of the chain on the same replies."""
+    of the chain on the same replies (a lossy codec too: the same decoding, per reply)."""
     nodes = {1: 1, 2: 1, 3: 1, 4: 1}  # all four answer in the same pull: the buffer is their four updates
     random.seed(0)
-    loop, recorder, _ = _loop(_Federation(nodes), rounds=1, **{"buffer-size": 4, "staleness": "constant"})
+    grid = _Federation(nodes, codec=codec)
+    loop, recorder, _ = _loop(grid, rounds=1, **{"buffer-size": 4, "staleness": "constant", "codec": codec})
     loop.run(to_record(_global()))
     asynchronous = recorder.calls[1][1]
 
-    settings = Settings.from_run_config({"lora-rank": RANK, "num-server-rounds": 1})
+    settings = Settings.from_run_config({"lora-rank": RANK, "num-server-rounds": 1, "codec": codec})
     history = MetricsHistory()
     sync = build_chain(settings, build_strategy(settings, history), history, 4).outer
     messages = list(sync.configure_train(1, to_record(_global()), ConfigRecord({}), _Federation(nodes)))
-    new, _ = sync.aggregate_train(1, [_train_reply(m, m.metadata.dst_node_id, 0) for m in messages])
+    new, _ = sync.aggregate_train(1, [_train_reply(m, m.metadata.dst_node_id, 0, codec) for m in messages])
     for name, value in to_numpy(new).items():
         np.testing.assert_array_equal(asynchronous[name], value)
     assert not np.array_equal(asynchronous["m.lora_A.weight"], _global()["m.lora_A.weight"])
@@ -311,3 +315,19 @@ def test_under_central_dp_each_aggregation_is_one_release_of_distinct_clients():
     spent = loop.chain.ledger()
     assert spent.num_releases == 5 and spent.epsilon > 0 and len(recorder.calls) == 6
     assert loop.chain.staleness.uniform_mean
+
+
+def test_the_constraints_take_one_dual_step_per_aggregation():
+    """The multipliers are the chain's, stepped once per aggregation on the buffer's statistics, and sent with
+    the next version's content."""
+    random.seed(0)
+    loop, recorder, _ = _loop(_Federation({1: 1, 2: 1, 3: 3}), rounds=4,
+                              **{"buffer-size": 2, "constraints": "group-gap"})
+    loop.run(to_record(_global()))
+    history = loop.chain.constraints.history  # per aggregation: the multiplier it trained with, the gap measured
+    trained_with = [history[r]["constraints/multiplier-group-gap"] for r in (1, 2, 3, 4)]
+    assert all(history[r]["constraints/group-gap"] == pytest.approx(0.7) for r in (1, 2, 3, 4))
+    assert 0 == trained_with[0] < trained_with[1] < trained_with[2] < trained_with[3]  # one step each
+    assert loop.chain.constraints.multipliers["group-gap"] > trained_with[3]  # the fourth aggregation's step
+    for msg, _, version in loop.grid.sent:  # a dispatch at version v carries the multiplier of after v steps
+        assert float(msg.content["config"]["multiplier-group-gap"]) == pytest.approx(trained_with[version])
