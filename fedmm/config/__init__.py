@@ -14,7 +14,7 @@ cross-field rules, so an invalid run fails in the ServerApp before any client
 is contacted. No other module reads the run config or the environment.
 
 Layering: this package imports only leaves of the library (``fedmm.protocol``,
-``fedmm.compression``'s codec specs, ``fedmm.faults``, and ``fedmm.model``'s
+``fedmm.compression``'s codec specs, ``fedmm.faults``, ``fedmm.asynchrony``'s staleness parser, and ``fedmm.model``'s
 registry for the model-name check); nothing above it.
 """
 
