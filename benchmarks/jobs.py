@@ -26,15 +26,14 @@ def prepare(run_config: str, rounds: int, name: str) -> tuple[dict, object, Path
     return base, settings, Path(tempfile.mkdtemp(prefix=f"fedmm-bench-{name}-"))
 
 
-def run_job(name: str, overrides: dict, clients: int, work: Path, ray_cpus: int | None = None) -> tuple[dict, float]:
-    """Run the app with ``overrides`` into ``work/name``; its metrics.json (rounds keyed by int) and wall seconds.
-    ``ray_cpus``: the CPUs Ray is told it has (one actor per CPU; more than the cores for clients that wait)."""
+def run_job(name: str, overrides: dict, clients: int, work: Path) -> tuple[dict, float]:
+    """Run the app with ``overrides`` into ``work/name``; its metrics.json (rounds keyed by int) and wall seconds."""
     from fedmm.cli import run_simulation
 
     out = work / name
     start = time.perf_counter()
     code = run_simulation(ROOT, {**overrides, "output-dir": str(out / "report")}, num_supernodes=clients,
-                          ray_cpus=ray_cpus, flwr_home=out / "flwr", stream=False)
+                          flwr_home=out / "flwr", stream=False)
     if code != 0:
         raise SystemExit(f"{name}: job failed ({code}); logs under {out}")
     return load_report(out / "report" / "metrics.json"), time.perf_counter() - start

@@ -94,16 +94,6 @@ def delay_compensated(delta: Mapping[str, np.ndarray], current: Mapping[str, np.
                        for k, d in delta.items())
 
 
-def weighted_mean_step(deltas: list[Mapping[str, np.ndarray]], weights: list[float],
-                       staleness: list[float]) -> OrderedDict[str, np.ndarray]:
-    """sum_i w_i s_i delta_i / sum_i w_i s_i: the step one aggregation applies (eta_g = 1)."""
-    coefficients = np.asarray(weights, dtype=np.float64) * np.asarray(staleness, dtype=np.float64)
-    total = float(coefficients.sum())
-    if not deltas or total <= 0:
-        raise ValueError("an aggregation needs at least one update with positive weight")
-    return OrderedDict((k, sum(c * d[k] for c, d in zip(coefficients, deltas)) / total) for k in deltas[0])
-
-
 T = TypeVar("T")
 
 

@@ -109,7 +109,6 @@ def run_simulation(
     *,
     num_supernodes: int = 10,
     cpus_per_client: int = 1,
-    ray_cpus: int | None = None,
     flwr_home: Path | None = None,
     stream: bool = True,
     timeout: float | None = None,
@@ -123,8 +122,6 @@ def run_simulation(
     with SimulationSuperLink(home, home / "superlink.log") as link:
         write_flower_config(home, link.port)
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
-        if ray_cpus:  # more actors than cores: clients that mostly wait (a slow tier's delay) hold no one up
-            federation += f" init-args-num-cpus={ray_cpus}"
         # --stream also makes flwr wait for the run to finish; without it, it
         # returns once the run is submitted and the SuperLink would be stopped.
         cmd = [

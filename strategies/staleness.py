@@ -78,8 +78,9 @@ class StalenessWeighting(StrategyWrapper):
             tau, version, trained_on = expected
             s = self.staleness.weight(tau)
             local = to_numpy(msg.content[self.key])
-            delta = delay_compensated(OrderedDict((k, local[k] - ref[k]) for k in ref), ref, trained_on, self.lam) \
-                if tau > 0 else OrderedDict((k, local[k] - ref[k]) for k in ref)
+            delta = OrderedDict((k, local[k] - ref[k]) for k in ref)
+            if tau > 0:
+                delta = delay_compensated(delta, ref, trained_on, self.lam)
             metrics = msg.content[protocol.METRICS]
             if self.uniform_mean:
                 delta = OrderedDict((k, (s * d).astype(d.dtype)) for k, d in delta.items())

@@ -22,7 +22,6 @@ from fedmm.asynchrony import (
     UpdateBuffer,
     delay_compensated,
     parse_staleness,
-    weighted_mean_step,
 )
 from fedmm.compression import make_codec
 from fedmm.config import ConfigError, Settings
@@ -95,12 +94,15 @@ def test_buffer_under_dp_takes_one_update_per_client():
     assert [a.item for a in buffer.waiting] == ["1b"]  # waits for the next aggregation
 
 
-def test_the_step_is_the_staleness_weighted_mean_and_dc_is_dc_asgd_s_correction():
-    d1, d2 = {"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, -1.0])}
-    step = weighted_mean_step([d1, d2], weights=[10, 20], staleness=[1.0, 0.25])
-    np.testing.assert_allclose(step["w"], (10 * d1["w"] + 5 * d2["w"]) / 15)
-    with pytest.raises(ValueError):
-        weighted_mean_step([d1], [0], [1.0])
+def _fedbuff_step(deltas, weights, staleness) -> OrderedDict[str, np.ndarray]:
+    """The step one aggregation should apply (eta_g = 1): sum_i w_i s_i delta_i / sum_i w_i s_i."""
+    coefficients = np.asarray(weights, dtype=np.float64) * np.asarray(staleness, dtype=np.float64)
+    return OrderedDict((k, sum(c * d[k] for c, d in zip(coefficients, deltas)) / coefficients.sum())
+                       for k in deltas[0])
+
+
+def test_dc_is_dc_asgd_s_correction_and_leaves_fresh_updates_alone():
+    d1 = {"w": np.array([1.0, 2.0])}
     now, then = {"w": np.array([0.5, 1.0])}, {"w": np.array([0.0, 3.0])}
     out = delay_compensated(d1, now, then, lam=0.1)
     np.testing.assert_allclose(out["w"], d1["w"] - 0.1 * d1["w"] ** 2 * (now["w"] - then["w"]))
@@ -294,7 +296,7 @@ def test_stale_updates_are_weighted_by_s_tau_and_delay_compensated():
                           _delta(node, version))
             weights.append(10 + node)
             s.append(1 / (tau + 1))
-        step = weighted_mean_step(deltas, weights, s)
+        step = _fedbuff_step(deltas, weights, s)
         for name in theta:
             np.testing.assert_allclose(globals_[at][name], theta[name] + step[name], rtol=1e-5, atol=1e-7)
 
@@ -331,3 +333,30 @@ def test_the_constraints_take_one_dual_step_per_aggregation():
     assert loop.chain.constraints.multipliers["group-gap"] > trained_with[3]  # the fourth aggregation's step
     for msg, _, version in loop.grid.sent:  # a dispatch at version v carries the multiplier of after v steps
         assert float(msg.content["config"]["multiplier-group-gap"]) == pytest.approx(trained_with[version])
+
+
+def test_under_a_uniform_mean_the_staleness_weight_scales_each_update_instead_of_reweighting():
+    """Central DP's noise is calibrated to a uniform mean of K clipped updates (C / K each): s(tau) <= 1 must
+    shrink an update, never raise another's share of the mean, as reweighting by s would."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.staleness import StalenessWeighting
+
+    theta = _global()
+    wrapper = StalenessWeighting(FedAvg(weighted_by_key="unit-weight"), parse_staleness("polynomial a=1"),
+                                 uniform_mean=True)
+    list(wrapper.configure_train(1, to_record(theta), ConfigRecord({}), _Federation({1: 1, 2: 1})))
+    replies, deltas = [], [_delta(1, 0), _delta(2, 0)]
+    for i, (node, tau) in enumerate([(1, 0), (2, 3)]):
+        local = OrderedDict((k, theta[k] + deltas[i][k]) for k in theta)
+        msg = Message(RecordDict({"arrays": to_record(local), "metrics": MetricRecord(
+            {"num-examples": 10 * node, "unit-weight": 1})}), dst_node_id=node, message_type="train")
+        msg.metadata._message_id = f"r{node}"
+        wrapper.expect(f"r{node}", tau, 0, theta)
+        replies.append(msg)
+    new, _ = wrapper.aggregate_train(1, replies)
+    got = to_numpy(new)
+    for k in theta:  # s = 1 and 1/4: the uniform mean of the scaled updates
+        np.testing.assert_allclose(got[k], theta[k] + (deltas[0][k] + 0.25 * deltas[1][k]) / 2, rtol=1e-5, atol=1e-7)
+    reweighted = _fedbuff_step(deltas, [1, 1], [1.0, 0.25])
+    assert not np.allclose(got["m.lora_A.weight"], theta["m.lora_A.weight"] + reweighted["m.lora_A.weight"])
