@@ -171,6 +171,7 @@ def test_a_worker_polls_for_tasks_quickly_after_one_and_backs_off_when_idle():
 
     worker = clientapp_worker.ClientAppWorker.__new__(clientapp_worker.ClientAppWorker)
     worker.address, worker.stopped, worker.tasks_run = "127.0.0.1:0", Waits(), 0
+    worker.task_ready = worker.reply_pushed = None  # a worker on its own: polls only
     worker._client = Runtime([False] * 7 + [True, False, True])
     ran = []
     worker.run_task = ran.append
@@ -206,3 +207,84 @@ def test_core_slots_let_k_clientapp_calls_run_at_once(tmp_path):
     assert peak[0] == 2 and time.perf_counter() - start >= 0.55  # 5 tasks of 0.2 s, two at a time: 3 waves
     with core_slot(None) as waited:  # no folder: no limit
         assert waited == 0.0
+
+
+def test_a_wakeup_ends_a_wait_at_once_across_processes_and_is_consumed():
+    import subprocess
+    import sys
+    import time
+
+    from fedmm.deploy.polling import Wakeup
+
+    wake = Wakeup()
+    assert not wake.wait(0.05)  # nobody notified: the wait runs out
+    subprocess.run([sys.executable, "-c", f"import os; os.write({wake.write_fd}, b'!!')"], pass_fds=(wake.write_fd,),
+                   check=True)
+    start = time.perf_counter()
+    assert wake.wait(30) and time.perf_counter() - start < 5
+    assert not wake.wait(0.05)  # both bytes were one wake-up, consumed by that wait
+
+
+def test_a_worker_joined_to_its_supernode_starts_a_stored_task_at_once_and_says_when_its_reply_is_pushed():
+    import threading
+    import time
+
+    from fedmm.deploy import clientapp_worker
+    from fedmm.deploy.polling import Wakeup
+
+    stored = threading.Event()
+
+    class Reply:
+        def __init__(self):
+            self.token = "t" if stored.is_set() else ""
+
+        def HasField(self, name: str) -> bool:
+            return bool(self.token)
+
+    class Runtime:
+        def AcquireTask(self, request):
+            return Reply()
+
+        def close(self):
+            pass
+
+    worker = clientapp_worker.ClientAppWorker.__new__(clientapp_worker.ClientAppWorker)
+    worker.address, worker.stopped, worker.tasks_run, worker._client = "127.0.0.1:0", threading.Event(), 0, Runtime()
+    worker.task_ready, worker.reply_pushed = Wakeup(), Wakeup()
+    started = []
+    worker.run_task = lambda token: started.append(time.perf_counter())
+
+    def supernode() -> None:  # stores a message once the worker's polls have backed off past 1 s
+        time.sleep(1.6)
+        stored.set()
+        stored.at = time.perf_counter()
+        worker.task_ready.notify()
+
+    threading.Thread(target=supernode).start()
+    worker.serve(max_tasks=1)
+    # polling alone would find it at 3.1 s (0.1 + 0.2 + 0.4 + 0.8 + 1.6), 1.5 s late
+    assert started and started[0] - stored.at < 0.5
+    assert worker.reply_pushed.wait(0)
+
+
+def test_a_supernode_joined_to_its_worker_wakes_it_per_stored_message_and_stops_waiting_for_a_pushed_reply(
+        monkeypatch):
+    import threading
+    import time
+    import time as real_time
+
+    from flwr.supernode import start_client_internal
+
+    from fedmm.deploy import polling
+
+    monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
+    pulls = iter([None, 7])
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kwargs: next(pulls))
+    reply_pushed, message_stored = polling.Wakeup(), polling.Wakeup()
+    module = polling.shorten_idle_poll(reply_pushed=reply_pushed, message_stored=message_stored)
+    assert module._pull_and_store_message(state=None) is None and not message_stored.wait(0)  # no message
+    assert module._pull_and_store_message(state=None) == 7 and message_stored.wait(0)
+    threading.Timer(0.1, reply_pushed.notify).start()
+    start = time.perf_counter()
+    module.time.sleep(30)  # the loop's wait for the reply ends when the worker has pushed it
+    assert time.perf_counter() - start < 5

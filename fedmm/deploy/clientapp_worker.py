@@ -32,6 +32,7 @@ from typing import Any
 from fedmm.logs import quiet_root_logger
 
 from .core_slots import core_slot
+from .polling import Wakeup
 
 log = logging.getLogger("fedmm.worker")
 
@@ -50,13 +51,16 @@ WARM_MODULES = ("torch", "open_clip", "peft", "opacus", "fedmm.model", "fedmm.tr
 class ClientAppWorker:
     """Acquire and run ClientApp tasks from one SuperNode's Runtime API, forever or until stopped."""
 
-    def __init__(self, runtime_api_address: str, *, warm: bool = True, core_slots: Path | None = None):
+    def __init__(self, runtime_api_address: str, *, warm: bool = True, core_slots: Path | None = None,
+                 task_ready: Wakeup | None = None, reply_pushed: Wakeup | None = None):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address = runtime_api_address
         self.core_slots = core_slots  # shared with the machine's other workers: K ClientApp calls at a time
         self.stopped = threading.Event()
+        # notified by the SuperNode when it has stored a message; this worker notifies reply_pushed after a task
+        self.task_ready, self.reply_pushed = task_ready, reply_pushed
         self.tasks_run = 0
         self._app_dir: Path | None = None
         self._fab_hash: str | None = None  # the app version loaded now, and its ClientApp
@@ -91,14 +95,21 @@ class ClientAppWorker:
             if res.HasField("task") and res.token:
                 self.run_task(res.token)
                 self.tasks_run += 1
+                if self.reply_pushed is not None:
+                    self.reply_pushed.notify()
+                wait = POLL_FIRST
+            elif self.task_ready is not None and self.task_ready.wait(wait):
                 wait = POLL_FIRST
             else:
-                self.stopped.wait(wait)
+                if self.task_ready is None:
+                    self.stopped.wait(wait)
                 wait = min(2 * wait, POLL_IDLE)
         self._client.close()
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.task_ready is not None and self.task_ready.write_fd is not None:
+            self.task_ready.notify()  # end the wait in serve() now
 
     def run_task(self, token: str) -> None:
         """One ClientApp execution, as ``flwr.supernode.runtime.run_clientapp`` does it, minus the exit."""

@@ -15,7 +15,14 @@ to shorten without touching Flower's protocol:
 - ``shorten_idle_poll`` makes a SuperNode started in this process back off
   from ``NODE_IDLE_POLL`` (0.5 s) to Flower's 3 s between empty pulls,
   doubling the wait after each empty pull and starting again at 0.5 s once
-  a pull brought work (``fedmm supernode``).
+  a pull brought work (``fedmm supernode``);
+- ``Wakeup`` pipes join that SuperNode and its ClientApp worker
+  (``fedmm/deploy/supernode.py``), which otherwise find each other's work by
+  polling too: the worker asked for a task every 0.1-2 s, and the SuperNode
+  checked for the finished reply every 0.5 s. Now the SuperNode wakes the
+  worker as soon as it has stored a message, and the worker wakes the
+  SuperNode as soon as it has pushed the reply; the polls stay, as the
+  fallback, at their old pace.
 
 Each poll is one small HTTPS request to the SuperLink, and it is not cheap:
 ten idle SuperNodes polling every 0.5 s kept 33% of a core busy in the
@@ -27,8 +34,10 @@ and costs an idle node what Flower's own 3 s poll costs.
 
 from __future__ import annotations
 
+import os
+import select
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -89,11 +98,51 @@ def polled(grid: Grid) -> Grid:
     return grid if interval is not None and interval <= SERVER_PULL_INTERVAL else PolledGrid(grid)
 
 
-class _ShortIdleWait:
-    """The ``time`` module as Flower's SuperNode loop sees it: its idle wait backs off from ``idle`` to 3 s."""
+class Wakeup:
+    """A pipe that lets one process cut another's wait short: ``notify`` on one end, ``wait`` on the other.
 
-    def __init__(self, idle: float) -> None:
+    A process that holds only one end passes ``None`` for the other. Writes never block: a full pipe
+    already holds a pending wake-up, and a closed one belongs to a process that is gone.
+    """
+
+    def __init__(self, read_fd: int | None = None, write_fd: int | None = None) -> None:
+        if read_fd is None and write_fd is None:
+            read_fd, write_fd = os.pipe()
+        self.read_fd, self.write_fd = read_fd, write_fd
+        for fd in (read_fd, write_fd):
+            if fd is not None:
+                os.set_blocking(fd, False)
+
+    def notify(self) -> None:
+        if self.write_fd is None:
+            raise ValueError("Wakeup: this end cannot notify (no write end)")
+        try:
+            os.write(self.write_fd, b"!")
+        except (BlockingIOError, BrokenPipeError):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s; True if notified (every pending wake-up is consumed)."""
+        if self.read_fd is None:
+            raise ValueError("Wakeup: this end cannot wait (no read end)")
+        ready, _, _ = select.select([self.read_fd], [], [], max(timeout, 0.0))
+        if not ready:
+            return False
+        try:
+            while os.read(self.read_fd, 4096):  # b"": the writer closed its end; still a wake-up
+                pass
+        except BlockingIOError:
+            pass
+        return True
+
+
+class _ShortIdleWait:
+    """The ``time`` module as Flower's SuperNode loop sees it: its idle wait backs off from ``idle`` to 3 s;
+    its other waits (for the ClientApp's reply) end early when ``reply_pushed`` is notified."""
+
+    def __init__(self, idle: float, reply_pushed: Wakeup | None = None) -> None:
         self.idle = idle
+        self.reply_pushed = reply_pushed
         self.wait = idle
         self.last = float("-inf")  # when the previous idle wait ended
 
@@ -102,7 +151,10 @@ class _ShortIdleWait:
 
     def sleep(self, seconds: float) -> None:
         if seconds != FLOWER_IDLE_WAIT:
-            time.sleep(seconds)
+            if self.reply_pushed is None:
+                time.sleep(seconds)
+            else:
+                self.reply_pushed.wait(seconds)  # the loop checks again whatever woke it
             return
         # An empty pull follows the previous idle wait at once; a longer gap means the loop handled a
         # message in between: poll quickly again.
@@ -112,10 +164,25 @@ class _ShortIdleWait:
         self.last = time.monotonic()
 
 
-def shorten_idle_poll(idle: float = NODE_IDLE_POLL) -> ModuleType:
-    """Make the SuperNode loop of this process back off from ``idle`` s to 3 s between empty pulls; returns
-    the patched module."""
+def shorten_idle_poll(idle: float = NODE_IDLE_POLL, *, reply_pushed: Wakeup | None = None,
+                      message_stored: Wakeup | None = None) -> ModuleType:
+    """Make the SuperNode loop of this process back off from ``idle`` s to 3 s between empty pulls, end its
+    wait for a reply when ``reply_pushed`` is notified, and notify ``message_stored`` after each message it
+    has stored for the ClientApp; returns the patched module."""
     from flwr.supernode import start_client_internal
 
-    start_client_internal.time = _ShortIdleWait(idle)  # only that module's name: time itself is untouched
+    start_client_internal.time = _ShortIdleWait(idle, reply_pushed)  # that module's name: time is untouched
+    if message_stored is not None:
+        start_client_internal._pull_and_store_message = _notifying(  # pylint: disable=protected-access
+            start_client_internal._pull_and_store_message, message_stored)  # pylint: disable=protected-access
     return start_client_internal
+
+
+def _notifying(pull_and_store: Callable[..., Any], message_stored: Wakeup) -> Callable[..., Any]:
+    def pull_and_store_then_notify(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull_and_store(*args, **kwargs)
+        if run_id is not None:  # a message (and its objects) is in the node's store: its task can start
+            message_stored.notify()
+        return run_id
+
+    return pull_and_store_then_notify

@@ -7,7 +7,9 @@ asked), run with ``--isolation process`` and its Runtime API on a loopback
 port, polling for messages every 0.5 s when idle instead of 3 s
 (``fedmm/deploy/flower_node.py``); this process then runs ``ClientAppWorker`` against that port, so
 ClientApp tasks execute in one warm process instead of a fresh one per
-message. Either side ending ends the other; SIGTERM/SIGINT stop both.
+message. Two ``Wakeup`` pipes tell each side at once that the other has work
+for it (a message stored; a reply pushed). Either side ending ends the other;
+SIGTERM/SIGINT stop both.
 
 The worker runs at a lower CPU priority (``WORKER_NICENESS``) than the
 SuperNode: training may take every core, but the SuperNode's heartbeats and
@@ -26,6 +28,8 @@ import threading
 from pathlib import Path
 
 from .clientapp_worker import ClientAppWorker
+from .flower_node import WAKE_FDS
+from .polling import Wakeup
 
 log = logging.getLogger("fedmm.supernode")
 
@@ -45,12 +49,16 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
         if arg.split("=")[0] in _OWNED:
             raise ValueError(f"fedmm supernode: {arg.split('=')[0]} is set by fedmm (process isolation, "
                              "Runtime API on 127.0.0.1); use --runtime-port to choose the port")
-    cmd = [sys.executable, "-m", "fedmm.deploy.flower_node", *flower_args, "--isolation", "process",
-           "--host", "127.0.0.1", "--port", str(runtime_port)]
+    task_ready, reply_pushed = Wakeup(), Wakeup()  # node -> worker, worker -> node
+    node_ends = (reply_pushed.read_fd, task_ready.write_fd)
+    cmd = [sys.executable, "-m", "fedmm.deploy.flower_node", WAKE_FDS, ",".join(map(str, node_ends)), *flower_args,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
-    node = subprocess.Popen(cmd)
+    node = subprocess.Popen(cmd, pass_fds=node_ends)
+    os.close(reply_pushed.read_fd)  # the node's end; this process keeps task_ready's write end for stop()
     os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
-    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots)
+    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots, task_ready=task_ready,
+                             reply_pushed=Wakeup(write_fd=reply_pushed.write_fd))
     if threads:
         import torch
 
