@@ -95,7 +95,11 @@ class _SlowGrid:
 
 
 def test_the_servers_grid_pulls_replies_every_quarter_second(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
     from fedmm.deploy import polling
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
 
     waits = []
     monkeypatch.setattr(polling.time, "sleep", waits.append)
@@ -119,6 +123,7 @@ def test_a_supernode_started_by_fedmm_backs_off_between_empty_pulls_and_is_quick
     from fedmm.deploy import polling
 
     monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     module = polling.shorten_idle_poll()
     clock, waits = [100.0], []
 
@@ -278,6 +283,7 @@ def test_a_supernode_joined_to_its_worker_wakes_it_per_stored_message_and_stops_
     from fedmm.deploy import polling
 
     monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     pulls = iter([None, 7])
     monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kwargs: next(pulls))
     reply_pushed, message_stored = polling.Wakeup(), polling.Wakeup()
@@ -288,3 +294,47 @@ def test_a_supernode_joined_to_its_worker_wakes_it_per_stored_message_and_stops_
     start = time.perf_counter()
     module.time.sleep(30)  # the loop's wait for the reply ends when the worker has pushed it
     assert time.perf_counter() - start < 5
+
+
+def test_the_server_and_the_supernode_retry_an_object_still_being_pushed_within_a_tenth_of_a_second(monkeypatch):
+    import time
+    import types
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+    from flwr.supernode import start_client_internal
+
+    from fedmm.deploy import polling
+
+    for module in (http_grid, start_client_internal):  # restored after the test
+        monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+    polling.polled(_SlowGrid())  # the ServerApp's grid
+    polling.shorten_idle_poll()  # the SuperNode
+    assert http_grid.pull_objects.short_backoff and start_client_internal.pull_objects.short_backoff
+
+    def sender_still_pushing(missing: int):
+        def pull(object_id: str) -> bytes:
+            tries[object_id] = tries.get(object_id, 0) + 1
+            if tries[object_id] <= missing:
+                raise ObjectUnavailableError(object_id)
+            return object_id.encode()
+        return pull
+
+    for module in (http_grid, start_client_internal):
+        tries: dict[str, int] = {}
+        start = time.perf_counter()
+        got = module.pull_objects(["a", "b"], pull_object_fn=sender_still_pushing(2))
+        # Flower's own waits are 1 s then 2 s (+-20%): 2.4 s at least for two misses
+        assert got == {"a": b"a", "b": b"b"} and tries == {"a": 3, "b": 3}
+        assert time.perf_counter() - start < 1.0
+    # Flower's patience is kept: more tries at the shorter waits, and a caller's own choice stands
+    seen = {}
+    fake = types.SimpleNamespace(pull_objects=lambda ids, **kw: seen.update(kw) or {})
+    polling.short_object_pull_backoff(fake)
+    wrapped = fake.pull_objects
+    polling.short_object_pull_backoff(fake)  # idempotent: wrapped once
+    assert fake.pull_objects is wrapped
+    fake.pull_objects([], pull_object_fn=None, backoff_cap=2.0)
+    assert seen["initial_backoff"] == polling.PULL_BACKOFF[0] and seen["backoff_cap"] == 2.0
+    assert seen["max_tries_per_object"] * polling.PULL_BACKOFF[1] >= 500 * 10
+    assert pull_objects is not http_grid.pull_objects

@@ -32,11 +32,10 @@ from typing import Any
 from fedmm.logs import quiet_root_logger
 
 from .core_slots import core_slot
-from .polling import Wakeup
+from .polling import PULL_BACKOFF, Wakeup
 
 log = logging.getLogger("fedmm.worker")
 
-PULL_BACKOFF = (0.05, 0.5)  # first retry, longest wait (s) while the SuperNode still fetches a message
 # Polling for a task backs off from POLL_FIRST to POLL_IDLE, doubling after each empty poll, and starts
 # again after a task. Each poll is an HTTP request the SuperNode serves: ten idle workers at 0.5 s kept
 # 17% of a core busy, and the old 0.05 s for 5 s after every task ~1.7 s of CPU per task, taken from
