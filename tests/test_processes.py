@@ -214,6 +214,45 @@ def test_core_slots_let_k_clientapp_calls_run_at_once(tmp_path):
         assert waited == 0.0
 
 
+def test_core_slot_waiters_queue_on_the_turnstile_and_only_one_polls(tmp_path, monkeypatch):
+    """Sites waiting for a slot sleep in the kernel, all but one: their polls preempted the training ones."""
+    import threading
+    import time
+
+    from fedmm.deploy import core_slots
+
+    slots = core_slots.make_core_slots(tmp_path / "slots", 1)
+    polls = []
+
+    class CountingTime:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            polls.append(threading.get_ident())
+            time.sleep(seconds)
+
+    monkeypatch.setattr(core_slots, "time", CountingTime())
+    got = []
+
+    def wait_for_the_slot():
+        with core_slots.core_slot(slots):
+            got.append(threading.get_ident())
+
+    waiters = [threading.Thread(target=wait_for_the_slot) for _ in range(4)]
+    with core_slots.core_slot(slots):  # the one slot taken for 0.5 s
+        for t in waiters:
+            t.start()
+        time.sleep(0.5)
+        polled_while_held = list(polls)
+    for t in waiters:
+        t.join(timeout=10)
+    # 0.5 s at one try per WAIT (0.05 s) is ~10 tries, all by the turnstile's holder; four pollers made ~40
+    assert 5 <= len(polled_while_held) <= 15, len(polled_while_held)
+    assert len(set(polled_while_held)) == 1
+    assert len(got) == 4  # and each waiter got the slot in turn
+
+
 def test_a_wakeup_ends_a_wait_at_once_across_processes_and_is_consumed():
     import subprocess
     import sys
