@@ -1,5 +1,6 @@
 """Starting Flower's processes: a port taken by someone else between choosing and binding it is not mistaken for ours."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -377,3 +378,33 @@ def test_the_server_and_the_supernode_retry_an_object_still_being_pushed_within_
     assert seen["initial_backoff"] == polling.PULL_BACKOFF[0] and seen["backoff_cap"] == 2.0
     assert seen["max_tries_per_object"] * polling.PULL_BACKOFF[1] >= 500 * 10
     assert pull_objects is not http_grid.pull_objects
+
+
+_FREE_AND_TAKE_AGAIN = """
+import json, resource, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from fedmm.deploy.supernode import keep_freed_memory
+    assert keep_freed_memory()
+faults = []
+for _ in range(4):  # as a training step does: ~100 MiB of activations taken, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(2**20, dtype=np.uint8) for _ in range(100)]
+    del arrays
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+def _faults_per_pass(mode: str) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", _FREE_AND_TAKE_AGAIN, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_worker_keeps_the_memory_a_step_frees_instead_of_faulting_it_in_again():
+    pages = 100 * 2**20 // 4096
+    default, kept = _faults_per_pass("default"), _faults_per_pass("keep")
+    # glibc's default hands the freed top of the heap back, so every pass faults its pages in again
+    assert min(default[1:]) > pages // 2, default
+    # the worker's heap keeps them: only the first pass takes new pages
+    assert kept[0] > pages // 2 and max(kept[1:]) < pages // 20, kept

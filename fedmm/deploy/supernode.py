@@ -15,10 +15,15 @@ The worker runs at a lower CPU priority (``WORKER_NICENESS``) than the
 SuperNode: training may take every core, but the SuperNode's heartbeats and
 message transfers (and, when sites share a machine, the SuperLink's) must not
 wait behind it.
+
+The worker also keeps the memory a training step frees (``keep_freed_memory``)
+instead of handing it back to the OS after every step and faulting it in
+again on the next one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -36,6 +41,28 @@ log = logging.getLogger("fedmm.supernode")
 # Options fedmm sets itself: the worker needs the Runtime API on loopback, in process isolation.
 _OWNED = ("--isolation", "--host", "--port")
 WORKER_NICENESS = 5
+# glibc's mallopt parameters (malloc.h) and the values the worker sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # the ceiling of glibc's own adaptive threshold, from the first allocation on
+TRIM_THRESHOLD = 256 * 2**20  # free memory the heap may hold at its top: more than one training step frees
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's heap keep what it frees, up to ``TRIM_THRESHOLD``; False where the C library says no.
+
+    glibc returns the top of the heap to the OS whenever more than ~2x its
+    mmap threshold is free there, and a LoRA step frees far more than that
+    (its activations): a worker gave its pages back after every step and
+    took 15k-27k page faults per step getting them again, up to a tenth of
+    a core in the kernel, where Ray's actors in the simulation took a few
+    thousand (docs/benchmarks.md). A heap that keeps them costs no more than the
+    step's own peak, which the process reaches on every step anyway.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None = None,
@@ -57,6 +84,8 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
     node = subprocess.Popen(cmd, pass_fds=node_ends)
     os.close(reply_pushed.read_fd)  # the node's end; this process keeps task_ready's write end for stop()
     os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
+    if not keep_freed_memory():
+        log.info("fedmm supernode: the C library has no mallopt; freed memory goes back to the OS as it decides")
     worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots, task_ready=task_ready,
                              reply_pushed=Wakeup(write_fd=reply_pushed.write_fd))
     if threads:
