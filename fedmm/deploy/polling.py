@@ -7,11 +7,10 @@ back; then the evaluate ones) waits about half of each interval on average,
 so a deployment round spent ~6 s (up to ~12 s) idle. Both waits are fedmm's
 to shorten without touching Flower's protocol:
 
-- ``PolledGrid`` wraps the ServerApp's grid and pulls replies every
-  ``interval`` seconds (the same loop as Flower's ``send_and_receive``). Under
-  ``flwr run`` the ServerApp gets an ``HttpGrid`` in the simulation engine
-  too, so both engines poll at 0.25 s; only the ``InMemoryGrid`` of Flower's
-  deprecated ``run_simulation`` (0.1 s) is left as it is;
+- ``PolledGrid`` wraps the deployment ServerApp's ``HttpGrid`` and pulls
+  replies every ``interval`` seconds (the same loop as Flower's
+  ``send_and_receive``); the simulation engine's ``InMemoryGrid`` polls
+  every 0.1 s, in memory, and is left as it is;
 - ``shorten_idle_poll`` makes a SuperNode started in this process back off
   from ``NODE_IDLE_POLL`` (0.5 s) to Flower's 3 s between empty pulls,
   doubling the wait after each empty pull and starting again at 0.5 s once
