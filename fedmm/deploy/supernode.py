@@ -54,8 +54,8 @@ def keep_freed_memory() -> bool:
     mmap threshold is free there, and a LoRA step frees far more than that
     (its activations): a worker gave its pages back after every step and
     took 15k-27k page faults per step getting them again, up to a tenth of
-    a core in the kernel, where Ray's actors in the simulation took a few
-    thousand (docs/benchmarks.md). A heap that keeps them costs no more than the
+    a core in the kernel, where Ray's actors in the simulation took 5k-10k
+    (docs/benchmarks.md). A heap that keeps them costs no more than the
     step's own peak, which the process reaches on every step anyway.
     """
     try:
