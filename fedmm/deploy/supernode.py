@@ -52,11 +52,12 @@ def keep_freed_memory() -> bool:
 
     glibc returns the top of the heap to the OS whenever more than ~2x its
     mmap threshold is free there, and a LoRA step frees far more than that
-    (its activations): a worker gave its pages back after every step and
-    took 15k-27k page faults per step getting them again, up to a tenth of
-    a core in the kernel, where Ray's actors in the simulation took 5k-10k
-    (docs/benchmarks.md). A heap that keeps them costs no more than the
-    step's own peak, which the process reaches on every step anyway.
+    (its activations): a process training the default model gave its pages
+    back after every step and took 20k-28k page faults per step getting them
+    again, 5-8% of its time in the kernel, where Ray's actors in the
+    simulation took 5k-10k (benchmarks/worker_memory.py, docs/benchmarks.md).
+    A heap that keeps them holds about the step's own peak, which the process
+    reaches on every step anyway: ~90 MiB more per worker in a rehearsal.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
@@ -85,7 +86,7 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
     os.close(reply_pushed.read_fd)  # the node's end; this process keeps task_ready's write end for stop()
     os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
     if not keep_freed_memory():
-        log.info("fedmm supernode: the C library has no mallopt; freed memory goes back to the OS as it decides")
+        log.info("fedmm supernode: the C library took no malloc thresholds; it returns freed memory as it decides")
     worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots, task_ready=task_ready,
                              reply_pushed=Wakeup(write_fd=reply_pushed.write_fd))
     if threads:
