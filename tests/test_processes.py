@@ -408,3 +408,74 @@ def test_a_worker_keeps_the_memory_a_step_frees_instead_of_faulting_it_in_again(
     assert min(default[1:]) > pages // 2, default
     # the worker's heap keeps them: only the first pass takes new pages
     assert kept[0] > pages // 2 and max(kept[1:]) < pages // 20, kept
+
+
+def _http_error(status: int):
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/send-task-heartbeat")
+    return httpx.HTTPStatusError(f"HTTP {status}", request=request, response=httpx.Response(status, request=request))
+
+
+@pytest.fixture
+def sigints():
+    """SIGINTs this process sends itself, recorded instead of acted on."""
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
+    yield seen
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_refused_task_token_ends_the_call_and_not_the_worker_process(sigints):
+    """A heartbeat that fell between a reply's push and its task's end was refused (401) and Flower's retry
+    sent SIGINT to the worker: the site stopped and the run waited for it forever."""
+    import time
+
+    from fedmm.deploy.clientapp_worker import task_retry_invoker
+
+    def refused():
+        raise _http_error(401)
+
+    start = time.perf_counter()
+    with pytest.raises(Exception, match="HTTP 401"):
+        task_retry_invoker().invoke(refused)
+    assert sigints == [] and time.perf_counter() - start < 1.0
+    calls = []
+
+    def unavailable_once():  # Flower's retry of a busy SuperNode is kept
+        calls.append(1)
+        if len(calls) == 1:
+            raise _http_error(503)
+        return "ok"
+
+    assert task_retry_invoker().invoke(unavailable_once) == "ok" and len(calls) == 2
+
+
+def test_a_task_the_supernode_no_longer_holds_stops_its_heartbeats_without_signalling(sigints):
+    from types import SimpleNamespace
+
+    from fedmm.deploy.clientapp_worker import task_heartbeat
+
+    class Client:
+        def __init__(self, answer):
+            self.answer, self.calls = answer, 0
+
+        def SendTaskHeartbeat(self, request):  # noqa: N802 (Flower's name)
+            self.calls += 1
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    held = Client(SimpleNamespace(success=True))
+    beat = task_heartbeat(held)
+    assert beat() and beat() and held.calls == 2
+    for answer in (SimpleNamespace(success=False), _http_error(401)):
+        client = Client(answer)
+        beat = task_heartbeat(client)
+        assert beat() is True and beat() is True  # no retry of a task that is gone ...
+        assert client.calls == 1  # ... and no more heartbeats for it
+    busy = Client(_http_error(503))
+    assert task_heartbeat(busy)() is False  # a busy SuperNode: Flower's HeartbeatSender retries
+    assert sigints == []

@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,8 @@ class ClientAppWorker:
         from flwr.cli.install import install_from_fab
         from flwr.clientapp.client_app import LoadClientAppError
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -127,9 +127,9 @@ class ClientAppWorker:
             server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                           RuntimeTokenHttpInterceptor(token)],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=task_retry_invoker(),
         )
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(task_heartbeat(client))
         message = reply = context = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         started = pulled = ran = time.perf_counter()
@@ -146,6 +146,8 @@ class ClientAppWorker:
                 reply = client_app(message=message, context=context)
             ran = time.perf_counter()
             status, details = SubStatus.COMPLETED, ""
+            if heartbeat.is_running:  # pushing the reply completes the task: a heartbeat after it is refused
+                heartbeat.stop()
         except Exception as ex:  # pylint: disable=broad-exception-caught
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             reason = f"{type(ex)}:<'{ex}'>"
@@ -228,3 +230,66 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any]:
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
     return message, context, fab_from_proto(res.fab)
+
+
+def task_retry_invoker() -> Any:
+    """Flower's HTTP retries for one task's Runtime API calls, except that a refused token ends the call.
+
+    ``make_simple_http_retry_invoker`` answers a 401 (the task's token is no
+    longer valid: its reply was already taken, the SuperNode gave the task
+    up, or the run was stopped) by sending SIGINT to its own process, which
+    ends a one-shot ``flwr-clientapp``. In this long-lived worker it ended the
+    whole site: a heartbeat that fell between the reply's push and the task's
+    end stopped the SuperNode, and the run waited for it forever. Here the
+    call raises its ``HTTPStatusError`` instead, the task ends with it
+    (``run_task`` logs it), and the worker serves the next one.
+    """
+    import httpx
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    invoker = make_simple_http_retry_invoker()
+    flower_should_giveup = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return flower_should_giveup(exc)
+
+    invoker.should_giveup = should_giveup
+    return invoker
+
+
+def task_heartbeat(client: Any) -> Callable[[], bool]:
+    """A task's heartbeat (Flower's ``make_task_heartbeat_fn_http``) that never signals this process.
+
+    Flower's raises SIGINT when the SuperNode answers that the task is no
+    longer claimed, to end a one-shot ClientApp process; here that would end
+    the site. A task the SuperNode no longer holds is logged and its
+    heartbeats stop; its reply, if one comes, is refused at the push, and the
+    worker goes on.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+
+    gone = threading.Event()
+
+    def beat() -> bool:
+        if gone.is_set():
+            return True
+        try:
+            res = client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False  # retried by the HeartbeatSender
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            log.warning("fedmm worker: the SuperNode refused the task's heartbeat (HTTP %d); the task is no "
+                        "longer its own", err.response.status_code)
+            gone.set()
+            return True
+        if not res.success:
+            log.warning("fedmm worker: the SuperNode no longer holds this task; its reply will be refused")
+            gone.set()
+        return True
+
+    return beat
