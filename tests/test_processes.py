@@ -254,6 +254,71 @@ def test_core_slot_waiters_queue_on_the_turnstile_and_only_one_polls(tmp_path, m
     assert len(got) == 4  # and each waiter got the slot in turn
 
 
+def test_core_slot_waiters_that_arrive_together_go_longest_first_and_none_starves(tmp_path):
+    """Ten sites, two slots: in arrival order a long task started last left the other slot idle at the end."""
+    import threading
+    import time
+
+    from fedmm.deploy.core_slots import core_slot, make_core_slots
+
+    slots = make_core_slots(tmp_path / "slots", 1)
+    order = []
+
+    def wait_for_the_slot(name, expected):
+        with core_slot(slots, expected):
+            order.append(name)
+
+    # name, expected seconds, arrival (s): e arrives 0.85 s after d expecting only 0.1 s more, so d keeps its place
+    waiters = [("a", 1.0, 0.0), ("b", 5.0, 0.05), ("c", 3.0, 0.1), ("d", 0.0, 0.15), ("e", 0.1, 1.0), ("f", 10.0, 1.05)]
+    threads = []
+    with core_slot(slots):  # the one slot taken while they all arrive
+        start = time.perf_counter()
+        for name, expected, arrival in waiters:
+            time.sleep(max(0.0, start + arrival - time.perf_counter()))
+            threads.append(threading.Thread(target=wait_for_the_slot, args=(name, expected)))
+            threads[-1].start()
+        time.sleep(0.25)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == ["f", "b", "c", "a", "d", "e"]
+    assert not list((slots / "queue").iterdir())  # every waiter left the queue
+
+
+def test_a_waiter_that_dies_in_the_core_slot_queue_does_not_hold_up_the_ones_behind_it(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from fedmm.deploy.core_slots import core_slot, make_core_slots
+
+    slots = make_core_slots(tmp_path / "slots", 1)
+    got = threading.Event()
+
+    def wait_for_the_slot():
+        with core_slot(slots, 0.0):
+            got.set()
+
+    with core_slot(slots):
+        dying = subprocess.Popen([sys.executable, "-c", (
+            "import sys; from pathlib import Path; from fedmm.deploy.core_slots import core_slot\n"
+            "with core_slot(Path(sys.argv[1]), 100.0):\n    pass"), str(slots)])
+        try:
+            deadline = time.time() + 30
+            while not any(f"-{dying.pid}-" in p.name for p in (slots / "queue").iterdir()):
+                assert time.time() < deadline and dying.poll() is None, "the subprocess never joined the queue"
+                time.sleep(0.05)
+            behind = threading.Thread(target=wait_for_the_slot)
+            behind.start()  # queues behind the subprocess, which expects a longer task
+            time.sleep(0.3)
+        finally:
+            os.kill(dying.pid, signal.SIGKILL)
+            dying.wait()
+    behind.join(timeout=5)
+    assert got.is_set()
+    assert not list((slots / "queue").iterdir())  # the dead waiter's ticket was cleared
+
+
 def test_a_wakeup_ends_a_wait_at_once_across_processes_and_is_consumed():
     import subprocess
     import sys

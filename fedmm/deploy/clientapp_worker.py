@@ -62,6 +62,9 @@ class ClientAppWorker:
         # notified by the SuperNode when it has stored a message; this worker notifies reply_pushed after a task
         self.task_ready, self.reply_pushed = task_ready, reply_pushed
         self.tasks_run = 0
+        # ClientApp seconds of the last task of each message type: the next one's expected length, by which
+        # the machine's core slots go to the longest task first
+        self.last_seconds: dict[str, float] = {}
         self._app_dir: Path | None = None
         self._fab_hash: str | None = None  # the app version loaded now, and its ClientApp
         self._app: Any = None
@@ -142,9 +145,11 @@ class ClientAppWorker:
                 self._fab_hash = fab.hash_str
             client_app = self._app
             pulled = time.perf_counter()
-            with core_slot(self.core_slots) as waited:
+            kind = message.metadata.message_type
+            with core_slot(self.core_slots, self.last_seconds.get(kind, 0.0)) as waited:
                 reply = client_app(message=message, context=context)
             ran = time.perf_counter()
+            self.last_seconds[kind] = ran - pulled - waited
             status, details = SubStatus.COMPLETED, ""
             if heartbeat.is_running:  # pushing the reply completes the task: a heartbeat after it is refused
                 heartbeat.stop()

@@ -1,4 +1,4 @@
-"""Core slots: SuperNodes that share one machine run at most K ClientApp tasks at a time.
+"""Core slots: SuperNodes that share one machine run at most K ClientApp tasks at a time, longest first.
 
 A rehearsal puts every site on one machine (``fedmm run --deployment``). Ten
 sites training at once on two cores each get a fifth of a core, all of them
@@ -11,24 +11,36 @@ files that every worker on the machine shares; a task's ClientApp call holds
 one (``fcntl.flock``: released by the OS if the process dies). Sites on their
 own machines need none.
 
-Only one waiter at a time looks for a free slot: the others sleep in the
-kernel on the folder's turnstile lock (a blocking ``flock``), so eight sites
-waiting for two slots wake nothing. When each of them polled the slots every
-``WAIT`` s, their wake-ups (160 a second) preempted the two training
-processes (docs/benchmarks.md).
+Waiters queue in order of arrival minus the seconds they expect their task
+to take (the worker's last task of the same kind): tasks of one round arrive
+within a few seconds of each other, so the longest go first and the short
+ones fill the gaps at the end, where in arrival order a long task started
+last left the other slot idle (two slots, ten sites: ~2 s a round on the
+default job, docs/benchmarks.md). A task never waits behind one that arrived
+more than its own expected length later, so none starves.
+
+Only the waiter at the head of the queue looks for a free slot; every other
+one sleeps in the kernel on the lock of the ticket just ahead of it (a
+blocking ``flock``) and looks again when that waiter leaves or dies. When
+each waiter polled the slots every ``WAIT`` s, their wake-ups (160 a second)
+preempted the two training processes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-WAIT = 0.05  # seconds between the turnstile holder's tries while every slot is taken
-TURNSTILE = "turnstile"  # the lock the waiters queue on; not a slot (slot files are slot-*)
+WAIT = 0.05  # seconds between the head's tries while every slot is taken
+QUEUE = "queue"  # the waiters' tickets: one file each, locked by its waiter; not a slot (slot files are slot-*)
+QUEUE_LOCK = "queue.lock"  # taken to join the queue and to read it, so no one sees a ticket before it is locked
+_KEY_OFFSET = 10**18  # keeps a ticket's key positive for any expected length, so names sort as numbers
 
 
 def make_core_slots(folder: Path, count: int) -> Path:
@@ -38,13 +50,18 @@ def make_core_slots(folder: Path, count: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         (folder / f"slot-{i}").touch()
-    (folder / TURNSTILE).touch()
+    (folder / QUEUE).mkdir(exist_ok=True)
+    (folder / QUEUE_LOCK).touch()
     return folder
 
 
 @contextlib.contextmanager
-def core_slot(folder: Path | None) -> Iterator[float]:
-    """Hold one of ``folder``'s slots (none: no limit); yields the seconds waited for it."""
+def core_slot(folder: Path | None, expected_seconds: float = 0.0) -> Iterator[float]:
+    """Hold one of ``folder``'s slots (none: no limit); yields the seconds waited for it.
+
+    ``expected_seconds``: how long the caller expects to hold it; among waiters that arrived together the
+    longest goes first.
+    """
     if folder is None:
         yield 0.0
         return
@@ -52,12 +69,11 @@ def core_slot(folder: Path | None) -> Iterator[float]:
     if not slots:
         raise ValueError(f"core slots: no slot files in {folder}")
     start = time.perf_counter()
-    with open(folder / TURNSTILE, "a") as turnstile:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)  # blocks; released by the OS if this process dies
-        try:
-            handle = _take_free_slot(slots)
-        finally:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
+    ticket = _Ticket(folder, expected_seconds)
+    try:
+        handle = ticket.wait_for_slot(slots)
+    finally:
+        ticket.leave()
     try:
         yield time.perf_counter() - start
     finally:
@@ -65,15 +81,77 @@ def core_slot(folder: Path | None) -> Iterator[float]:
         handle.close()
 
 
-def _take_free_slot(slots: list[Path]) -> IO[str]:
-    """An open, locked slot file: the first free one, trying every ``WAIT`` s until one is."""
-    while True:
-        for path in slots:
-            handle = open(path, "a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+class _Ticket:
+    """A waiter's place in the queue: a file named by its key, locked while the waiter lives."""
+
+    def __init__(self, folder: Path, expected_seconds: float) -> None:
+        self.folder, self.queue = folder, folder / QUEUE
+        self.queue.mkdir(exist_ok=True)
+        with self._queue_locked():
+            key = time.monotonic_ns() - int(expected_seconds * 1e9) + _KEY_OFFSET
+            self.name = f"{key:020d}-{os.getpid()}-{threading.get_ident()}"
+            self.handle: IO[str] = open(self.queue / self.name, "w")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def wait_for_slot(self, slots: list[Path]) -> IO[str]:
+        """An open, locked slot file, taken once this ticket is at the head of the queue."""
+        while True:
+            ahead = self._ahead()
+            if ahead is not None:
+                _wait_until_gone(self.queue / ahead)
                 continue
-            return handle
-        time.sleep(WAIT)
+            for path in slots:
+                handle = open(path, "a")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                return handle
+            time.sleep(WAIT)
+
+    def leave(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.queue / self.name).unlink()
+        self.handle.close()  # releases the lock: the waiter behind this one looks again
+
+    def _ahead(self) -> str | None:
+        """The live ticket just ahead of this one (None: this one is the head); dead ones are removed."""
+        with self._queue_locked():
+            ahead = None
+            for name in sorted(os.listdir(self.queue)):
+                if name == self.name:
+                    return ahead
+                if _alive(self.queue / name):
+                    ahead = name
+        raise RuntimeError(f"core slots: this waiter's ticket {self.name} left {self.queue}")
+
+    @contextlib.contextmanager
+    def _queue_locked(self) -> Iterator[None]:
+        with open(self.folder / QUEUE_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
+
+def _alive(ticket: Path) -> bool:
+    """Whether the ticket's waiter still holds it; a dead waiter's ticket is removed."""
+    try:
+        with open(ticket) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        ticket.unlink()
+    return False
+
+
+def _wait_until_gone(ticket: Path) -> None:
+    """Sleep in the kernel until the ticket's waiter leaves the queue or dies."""
+    try:
+        with open(ticket) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)  # granted once its waiter closed (or lost) its exclusive lock
+    except FileNotFoundError:
+        pass
