@@ -401,45 +401,6 @@ def test_a_supernode_joined_to_its_worker_wakes_it_per_stored_message_and_stops_
     assert time.perf_counter() - start < 5
 
 
-def test_supernodes_of_one_machine_wake_each_other_and_a_gone_ones_fifo_is_cleared(tmp_path):
-    """A round's messages reach every site at once; backed off to 3 s, the others found theirs up to 3 s late."""
-    import os
-
-    from fedmm.deploy.polling import PeerWakeups
-
-    folder = tmp_path / "peers"
-    a, b, c = (PeerWakeups(folder, name) for name in "abc")
-    os.mkfifo(folder / "gone")  # a node that died: nobody holds its FIFO open
-    a.notify()
-    assert b.wait(0) and c.wait(0) and not a.wait(0)  # every other node, not itself
-    assert not b.wait(0)  # consumed
-    assert sorted(p.name for p in folder.iterdir()) == ["a", "b", "c"]
-    b.notify()
-    b.notify()  # two wake-ups pending are one
-    assert a.wait(0) and not a.wait(0)
-
-
-def test_a_supernode_with_peers_ends_its_idle_wait_when_one_stores_a_message(tmp_path, monkeypatch):
-    import threading
-    import time
-    import time as real_time
-
-    from flwr.supernode import start_client_internal
-
-    from fedmm.deploy import polling
-
-    monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
-    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
-    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kwargs: 7)
-    this, peer = polling.PeerWakeups(tmp_path / "peers", "this"), polling.PeerWakeups(tmp_path / "peers", "peer")
-    module = polling.shorten_idle_poll(idle=3.0, peers=this)
-    threading.Timer(0.1, peer.notify).start()
-    start = time.perf_counter()
-    module.time.sleep(polling.FLOWER_IDLE_WAIT)  # an idle wait of 3 s, ended by the peer
-    assert time.perf_counter() - start < 1.0
-    assert module._pull_and_store_message(state=None) == 7 and peer.wait(0)  # a stored message wakes the peer
-
-
 def test_the_server_and_the_supernode_retry_an_object_still_being_pushed_within_a_tenth_of_a_second(monkeypatch):
     import time
     import types

@@ -1,40 +1,32 @@
-"""``python -m fedmm.deploy.flower_node [--wake-fds R,W] [--peers FOLDER] <flower-supernode options>``:
-Flower's SuperNode, idle poll shortened.
+"""``python -m fedmm.deploy.flower_node [--wake-fds R,W] <flower-supernode options>``: Flower's SuperNode,
+idle poll shortened.
 
 What ``fedmm supernode`` starts beside its ClientApp worker: Flower's own
 ``flower-supernode`` entry point with every option passed through, after
 ``fedmm.deploy.polling.shorten_idle_poll`` (0.5 s between empty message pulls
 instead of 3 s). With ``--wake-fds R,W`` (two inherited pipe ends) the worker
 cuts the SuperNode's wait for a reply short through R, and the SuperNode wakes
-the worker through W once a message is stored. With ``--peers FOLDER`` (the
-SuperNodes sharing this machine) a stored message also wakes the other
-nodes' idle wait, and theirs wake this one's.
+the worker through W once a message is stored.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pathlib import Path
-
-from .polling import PeerWakeups, Wakeup, shorten_idle_poll
+from .polling import Wakeup, shorten_idle_poll
 
 WAKE_FDS = "--wake-fds"
-PEERS = "--peers"
 
 
 def main(argv: list[str]) -> int:
     from flwr.supernode.cli import flower_supernode
 
-    reply_pushed = message_stored = peers = None
-    while argv[:1] in ([WAKE_FDS], [PEERS]):
-        if argv[0] == WAKE_FDS:
-            read_fd, write_fd = (int(fd) for fd in argv[1].split(","))
-            reply_pushed, message_stored = Wakeup(read_fd=read_fd), Wakeup(write_fd=write_fd)
-        else:
-            peers = PeerWakeups(Path(argv[1]))
+    if argv[:1] == [WAKE_FDS]:
+        read_fd, write_fd = (int(fd) for fd in argv[1].split(","))
         argv = argv[2:]
-    shorten_idle_poll(reply_pushed=reply_pushed, message_stored=message_stored, peers=peers)
+        shorten_idle_poll(reply_pushed=Wakeup(read_fd=read_fd), message_stored=Wakeup(write_fd=write_fd))
+    else:
+        shorten_idle_poll()
     sys.argv = ["flower-supernode", *argv]
     try:
         flower_supernode()

@@ -22,11 +22,6 @@ to shorten without touching Flower's protocol:
   worker as soon as it has stored a message, and the worker wakes the
   SuperNode as soon as it has pushed the reply; the polls stay, as the
   fallback, at their old pace;
-- ``PeerWakeups`` join the SuperNodes that share one machine (a
-  rehearsal's sites): the one that stores a message wakes the others' idle
-  wait, since a round's messages reach every site at once. Backed off to
-  3 s, the other sites found theirs up to 3 s after the first did, and the
-  evaluate phase waited for the last of them every round;
 - ``short_object_pull_backoff`` makes the ServerApp and the SuperNode retry
   an object its sender has not finished pushing after 0.05 s instead of
   Flower's 1 s (``PULL_INITIAL_BACKOFF``). A reply is visible to the
@@ -45,13 +40,10 @@ and costs an idle node what Flower's own 3 s poll costs.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import select
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -175,54 +167,13 @@ class Wakeup:
         return True
 
 
-class PeerWakeups:
-    """The SuperNodes of one machine, each a FIFO in ``folder``: ``notify`` wakes every other one's ``wait``.
-
-    A FIFO that no process holds open belongs to a node that is gone and is
-    removed by the next ``notify``. ``name`` defaults to this process's id.
-    """
-
-    def __init__(self, folder: Path, name: str | None = None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.path = folder, folder / (name or str(os.getpid()))
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a dead node's, with this pid
-        os.mkfifo(self.path)
-        # read-write: the FIFO always has a writer, so an empty one never reads as end-of-file
-        self.wakeup = Wakeup(read_fd=os.open(self.path, os.O_RDWR | os.O_NONBLOCK))
-
-    def notify(self) -> None:
-        for peer in self.folder.iterdir():
-            if peer == self.path:
-                continue
-            try:
-                fd = os.open(peer, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # nobody reads it: its node is gone
-                    with contextlib.suppress(FileNotFoundError):
-                        peer.unlink()
-                continue
-            try:
-                os.write(fd, b"!")
-            except BlockingIOError:  # full: a wake-up is already pending
-                pass
-            finally:
-                os.close(fd)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s; True if a peer woke this node."""
-        return self.wakeup.wait(timeout)
-
-
 class _ShortIdleWait:
-    """The ``time`` module as Flower's SuperNode loop sees it: its idle wait backs off from ``idle`` to 3 s
-    and ends early when a peer on the machine got a message; its other waits (for the ClientApp's reply)
-    end early when ``reply_pushed`` is notified."""
+    """The ``time`` module as Flower's SuperNode loop sees it: its idle wait backs off from ``idle`` to 3 s;
+    its other waits (for the ClientApp's reply) end early when ``reply_pushed`` is notified."""
 
-    def __init__(self, idle: float, reply_pushed: Wakeup | None = None, peers: PeerWakeups | None = None) -> None:
+    def __init__(self, idle: float, reply_pushed: Wakeup | None = None) -> None:
         self.idle = idle
         self.reply_pushed = reply_pushed
-        self.peers = peers
         self.wait = idle
         self.last = float("-inf")  # when the previous idle wait ended
 
@@ -240,36 +191,30 @@ class _ShortIdleWait:
         # message in between: poll quickly again.
         now = time.monotonic()
         self.wait = self.idle if now - self.last > WORK_GAP else min(2 * self.wait, FLOWER_IDLE_WAIT)
-        if self.peers is None:
-            time.sleep(self.wait)
-        else:  # woken by a peer: pull now; an empty pull goes on backing off from where it was
-            self.peers.wait(self.wait)
+        time.sleep(self.wait)
         self.last = time.monotonic()
 
 
 def shorten_idle_poll(idle: float = NODE_IDLE_POLL, *, reply_pushed: Wakeup | None = None,
-                      message_stored: Wakeup | None = None, peers: PeerWakeups | None = None) -> ModuleType:
+                      message_stored: Wakeup | None = None) -> ModuleType:
     """Make the SuperNode loop of this process back off from ``idle`` s to 3 s between empty pulls, end its
-    wait for a reply when ``reply_pushed`` is notified, and notify ``message_stored`` (and its ``peers``)
-    after each message it has stored for the ClientApp; its idle wait ends when a peer notifies it. Returns
-    the patched module."""
+    wait for a reply when ``reply_pushed`` is notified, and notify ``message_stored`` after each message it
+    has stored for the ClientApp; returns the patched module."""
     from flwr.supernode import start_client_internal
 
-    start_client_internal.time = _ShortIdleWait(idle, reply_pushed, peers)  # that module's name: time is untouched
+    start_client_internal.time = _ShortIdleWait(idle, reply_pushed)  # that module's name: time is untouched
     short_object_pull_backoff(start_client_internal)
-    listeners = [w for w in (message_stored, peers) if w is not None]
-    if listeners:
+    if message_stored is not None:
         start_client_internal._pull_and_store_message = _notifying(  # pylint: disable=protected-access
-            start_client_internal._pull_and_store_message, listeners)  # pylint: disable=protected-access
+            start_client_internal._pull_and_store_message, message_stored)  # pylint: disable=protected-access
     return start_client_internal
 
 
-def _notifying(pull_and_store: Callable[..., Any], listeners: list[Wakeup | PeerWakeups]) -> Callable[..., Any]:
+def _notifying(pull_and_store: Callable[..., Any], message_stored: Wakeup) -> Callable[..., Any]:
     def pull_and_store_then_notify(*args: Any, **kwargs: Any) -> Any:
         run_id = pull_and_store(*args, **kwargs)
         if run_id is not None:  # a message (and its objects) is in the node's store: its task can start
-            for listener in listeners:
-                listener.notify()
+            message_stored.notify()
         return run_id
 
     return pull_and_store_then_notify

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 from .clientapp_worker import ClientAppWorker
-from .flower_node import PEERS, WAKE_FDS
+from .flower_node import WAKE_FDS
 from .polling import Wakeup
 
 log = logging.getLogger("fedmm.supernode")
@@ -71,8 +71,7 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
     """Run ``flower-supernode <flower_args>`` with a ClientAppWorker until either exits.
 
     ``threads`` caps torch's intra-op threads and ``core_slots`` (fedmm/deploy/core_slots.py) how many
-    ClientApp calls run at once, for several SuperNodes sharing one machine; those SuperNodes also wake
-    each other when one gets a message (``PeerWakeups``, in the folder's ``peers``).
+    ClientApp calls run at once, for several SuperNodes sharing one machine.
     """
     for arg in flower_args:
         if arg.split("=")[0] in _OWNED:
@@ -80,10 +79,8 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
                              "Runtime API on 127.0.0.1); use --runtime-port to choose the port")
     task_ready, reply_pushed = Wakeup(), Wakeup()  # node -> worker, worker -> node
     node_ends = (reply_pushed.read_fd, task_ready.write_fd)
-    # the machine's other SuperNodes (they share the core slots' folder) wake this one's idle wait, and it theirs
-    peers = [PEERS, str(core_slots / "peers")] if core_slots is not None else []
-    cmd = [sys.executable, "-m", "fedmm.deploy.flower_node", WAKE_FDS, ",".join(map(str, node_ends)), *peers,
-           *flower_args, "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
+    cmd = [sys.executable, "-m", "fedmm.deploy.flower_node", WAKE_FDS, ",".join(map(str, node_ends)), *flower_args,
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     node = subprocess.Popen(cmd, pass_fds=node_ends)
     os.close(reply_pushed.read_fd)  # the node's end; this process keeps task_ready's write end for stop()
