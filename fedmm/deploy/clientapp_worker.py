@@ -28,9 +28,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmm.logs import quiet_root_logger
+
+if TYPE_CHECKING:  # Flower's modules load lazily, as everywhere in this file
+    from flwr.supercore.retry import RetryInvoker
+    from flwr.supercore.runtime import RuntimeHttpClient
 
 from .core_slots import core_slot
 from .polling import PULL_BACKOFF, Wakeup
@@ -237,7 +241,7 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any]:
     return message, context, fab_from_proto(res.fab)
 
 
-def task_retry_invoker() -> Any:
+def task_retry_invoker() -> RetryInvoker:
     """Flower's HTTP retries for one task's Runtime API calls, except that a refused token ends the call.
 
     ``make_simple_http_retry_invoker`` answers a 401 (the task's token is no
@@ -264,7 +268,7 @@ def task_retry_invoker() -> Any:
     return invoker
 
 
-def task_heartbeat(client: Any) -> Callable[[], bool]:
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     """A task's heartbeat (Flower's ``make_task_heartbeat_fn_http``) that never signals this process.
 
     Flower's raises SIGINT when the SuperNode answers that the task is no
