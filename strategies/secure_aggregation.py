@@ -83,6 +83,7 @@ class SecureAggregation(StrategyWrapper):
         self._grid: Grid | None = None
         self._dim = 0
         self._errors: dict[int, str] = {}  # node -> why its last stage reply was an error (this round)
+        self._cohort: set[int] = set()  # the nodes this round's train instruction went to
 
     def summary(self) -> None:
         log(INFO, "\t├──> SecureAggregation: SecAgg+ in Z_2^%d, threshold %d of neighbourhoods of %d, clip %g%s",
@@ -96,6 +97,16 @@ class SecureAggregation(StrategyWrapper):
         self._grid = grid
         self._dim = protocol.trainable_size(arrays)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        # the ring's width, the noise shares and the ledger were sized for plan.clients contributors: a round
+        # that sampled more (nodes joined after the ServerApp started) is cut to that many, at random, so its
+        # sum can never wrap
+        capped = len(messages) - self.plan.clients
+        if capped > 0:
+            log(WARNING, "round %d: %d nodes sampled, secure aggregation's plan is sized for %d contributors: "
+                "%d are left out of this round", server_round, len(messages), self.plan.clients, capped)
+            messages = random.sample(messages, self.plan.clients)
+        self.stats.setdefault(server_round, {})["secagg/capped"] = float(max(0, capped))
+        self._cohort = {m.metadata.dst_node_id for m in messages}
         for message in messages:
             message.content[protocol.CONFIG][protocol.SECAGG] = True
         return messages
@@ -106,8 +117,18 @@ class SecureAggregation(StrategyWrapper):
         start = time.perf_counter()
         replies = list(replies)
         errors = [r for r in replies if r.has_error()]
-        valid = {r.metadata.src_node_id: r for r in replies if not r.has_error()}
         stats = self.stats.setdefault(server_round, {})
+        valid: dict[int, Message] = {}
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                continue
+            if nid not in self._cohort or nid in valid:
+                reason = "secure aggregation, keys: a reply from a node not in this round's cohort, or a second one"
+                log(WARNING, "round %d: dropped node %s: %s", server_round, nid, reason)
+                self.drops.append({"round": server_round, "node": nid, "reason": reason})
+                continue
+            valid[nid] = reply
         try:
             mean, contributors = self._run(server_round, valid)
         except SecAggAbort as exc:
@@ -134,6 +155,9 @@ class SecureAggregation(StrategyWrapper):
         if len(valid) < plan.threshold:
             raise SecAggAbort(f"secure aggregation, keys: {len(valid)} clients replied to training, threshold "
                               f"{plan.threshold}")
+        if len(valid) > plan.clients:  # configure_train cut the cohort; this holds whatever called it
+            raise SecAggAbort(f"secure aggregation, keys: {len(valid)} contributors, the ring Z_2^{plan.bits} and "
+                              f"the noise shares are sized for at most {plan.clients}")
         weights = {nid: float(r.content[protocol.METRICS][self.weight_key]) for nid, r in valid.items()}
         top = max(weights.values())
         ratio = {nid: w / top for nid, w in weights.items()}

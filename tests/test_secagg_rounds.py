@@ -304,3 +304,38 @@ def test_every_dp_mode_codec_and_feedback_under_secure_aggregation_holds_or_is_r
         make_strategy(_settings(**overrides), MetricsHistory(), num_nodes=len(IDS))
     assert "'secure-aggregation'" in str(err.value) or "'codec'" in str(err.value)
     assert (f"'dp' = '{dp}'" in str(err.value)) if dp not in ACCEPTED_DP else f"'codec' = '{codec}'" in str(err.value)
+
+
+def test_a_round_never_sums_more_clients_than_its_code_was_sized_for():
+    """The plan (and the ring's width, the noise shares, the ledger) is sized when the ServerApp starts: here
+    for 2 nodes. Ten connect; Flower's FedAvg samples all ten. The round aggregates at most the plan's two,
+    so the ring sum cannot wrap and the released mean is exactly theirs (audit item 1: 10 summed into a ring
+    sized for 2 moved the mean by 0.17 on coordinates of ~0.14, silently)."""
+    settings = _settings(**{"secagg-bits": 16})
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=2)
+    fed = _Federation(settings)
+    messages = list(chain.configure_train(1, to_record(_global()), ConfigRecord({}), fed))
+    arrays, _ = chain.aggregate_train(1, fed.train(messages))
+    secagg = find_wrapper(chain, SecureAggregation)
+    assert secagg.plan.clients == 2 and len(messages) == 2
+    assert secagg.stats[1]["secagg/contributors"] == 2 and secagg.stats[1]["secagg/capped"] == 8
+    contributors = [m.metadata.dst_node_id for m in messages]
+    _check_mean(arrays, _expected(fed, contributors, settings.secagg_clip_norm, weighted=True), chain)
+
+
+def test_replies_from_outside_the_round_cohort_are_not_summed():
+    """A reply whose node was not sent this round's instruction never enters the sum (the ring was sized for
+    the cohort)."""
+    settings = _settings(**{"secagg-bits": 24})
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=len(IDS))
+    fed = _Federation(settings)
+    messages = list(chain.configure_train(1, to_record(_global()), ConfigRecord({}), fed))
+    replies = fed.train(messages[:-1])
+    stranger = copy.deepcopy(messages[-1])  # a reply from a node nobody asked, claiming to answer the round
+    extra = fed.train([stranger])[0]
+    extra.metadata.__dict__["_src_node_id"] = 12345
+    arrays, _ = chain.aggregate_train(1, replies + [extra])
+    secagg = find_wrapper(chain, SecureAggregation)
+    assert any(d["node"] == 12345 and "not in this round's cohort" in d["reason"] for d in secagg.drops)
+    asked = [m.metadata.dst_node_id for m in messages[:-1]]
+    _check_mean(arrays, _expected(fed, asked, settings.secagg_clip_norm, weighted=True), chain)
