@@ -17,12 +17,24 @@ mean, then its server optimiser if any) computes exactly its usual result
 from it, and every wrapper beneath (decoding, validation, DP accounting,
 constraints) reads the replies as it always does, metrics per client.
 
-What the server can still check: each reply's metrics, the shape and dtype
-of each masked vector, and the decoded mean (finite, norm bounded by C).
-What it cannot: a single client's update — a hostile client can spoil the
-sum within the ring (its clipping is its own obligation), but no reply can
-crash the round: a malformed one drops its sender, with the stage and the
-reason, and the round completes while at least t clients remain.
+What the server checks: that a round sums at most the contributors its plan
+was sized for (a larger sampled cohort is cut at random to that size, so the
+ring sum cannot wrap), each reply's metrics, each public key (PEM on the
+protocol's curve, secp384r1, or its sender is dropped before any neighbour
+uses it), the shape, dtype and range of each masked vector, that the
+contributors stay one connected group of neighbours (otherwise unmasking
+would reveal each group's sum: the round aborts), and the decoded mean:
+honest contributors' weighted mean of updates clipped to C has norm at most
+C plus the rounding's and the noise's bounded share
+(``IntegerCode.mean_bound``), and a mean beyond that is clipped to it.
+What it cannot check: a single client's update — a hostile client can spoil
+the sum within those bounds (its clipping is its own obligation) — nor,
+without verifiable secret sharing, whether a secret that does not rebuild to
+its commitment was shared inconsistently by its owner or answered wrongly by
+two or more of its holders: the round aborts naming the owner, and that node
+takes no further part in the run's secure aggregation. No reply can crash the
+round: a malformed one drops its sender, with the stage and the reason, and
+the round completes while at least t clients remain.
 """
 
 from __future__ import annotations
@@ -84,6 +96,7 @@ class SecureAggregation(StrategyWrapper):
         self._dim = 0
         self._errors: dict[int, str] = {}  # node -> why its last stage reply was an error (this round)
         self._cohort: set[int] = set()  # the nodes this round's train instruction went to
+        self.excluded: dict[int, str] = {}  # node -> why it takes no further part (an abort attributed to it)
 
     def summary(self) -> None:
         log(INFO, "\t├──> SecureAggregation: SecAgg+ in Z_2^%d, threshold %d of neighbourhoods of %d, clip %g%s",
@@ -97,6 +110,8 @@ class SecureAggregation(StrategyWrapper):
         self._grid = grid
         self._dim = protocol.trainable_size(arrays)
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if self.excluded:
+            messages = [m for m in messages if m.metadata.dst_node_id not in self.excluded]
         # the ring's width, the noise shares and the ledger were sized for plan.clients contributors: a round
         # that sampled more (nodes joined after the ServerApp started) is cut to that many, at random, so its
         # sum can never wrap
@@ -133,7 +148,11 @@ class SecureAggregation(StrategyWrapper):
             mean, contributors = self._run(server_round, valid)
         except SecAggAbort as exc:
             log(WARNING, "round %d: secure aggregation released nothing: %s", server_round, exc)
-            self.drops.append({"round": server_round, "node": None, "reason": str(exc)})
+            self.drops.append({"round": server_round, "node": exc.culprit, "reason": str(exc)})
+            if exc.culprit is not None:  # it cannot abort round after round
+                self.excluded[exc.culprit] = f"round {server_round}: {exc}"
+                log(WARNING, "round %d: node %s takes no further part in secure aggregation", server_round,
+                    exc.culprit)
             stats.update({"secagg/contributors": 0.0, "secagg/aborted": 1.0})
             return self.strategy.aggregate_train(server_round, errors)
         finally:
@@ -188,8 +207,15 @@ class SecureAggregation(StrategyWrapper):
             stats["secagg/dropped"] = float(len(server.dropped))
             stats["bytes/secagg-requests-per-client"] = float(np.mean(list(sent.values()))) if sent else 0.0
         contributors = server.contributors
-        weighted_sum = decode_sum(total, code)
-        return weighted_sum / sum(ratio[nid] for nid in contributors), contributors
+        weights = [ratio[nid] for nid in contributors]
+        mean = decode_sum(total, code) / sum(weights)
+        norm, bound = float(np.linalg.norm(mean)), code.mean_bound(weights)
+        stats["secagg/mean-clipped"] = float(norm > bound)
+        if norm > bound:  # some contributor added more than a clipped update: its effect is capped
+            log(WARNING, "round %d: the decoded mean has norm %.4g, more than honest contributors' updates "
+                "clipped to %g allow (%.4g): clipped to it", server_round, norm, code.clip, bound)
+            mean = mean * (bound / norm)
+        return mean, contributors
 
     def _stage(self, server_round: int, stage: str, requests: dict[int, ConfigRecord],
                parse: Callable[[Message], Any], sent: dict[int, int]) -> dict[int, Any]:
@@ -244,8 +270,8 @@ def _share_request(keys: dict[int, tuple[bytes, bytes]], code: IntegerCode, thre
 def _shares_of(reply: Message) -> tuple[dict[int, bytes], bytes]:
     record = _record(reply)
     holders, ciphertexts = ids_of(record[protocol.SA_TO]), list(record[protocol.SA_CIPHERTEXTS])
-    if len(holders) != len(ciphertexts):
-        raise ValueError("holders and ciphertexts differ in number")
+    if len(holders) != len(ciphertexts) or len(set(holders)) != len(holders):
+        raise ValueError("holders and ciphertexts differ in number, or a holder repeats")
     return dict(zip(holders, ciphertexts)), record[protocol.SA_COMMITMENT]
 
 

@@ -57,3 +57,20 @@ def neighbourhood_size(clients: int, dropout: float = 0.0, threshold: int = 0) -
             return size
         size += 2
     return clients
+
+
+def components(nodes: set[int], groups: dict[int, tuple[int, ...]]) -> list[set[int]]:
+    """The connected parts of the graph over ``nodes`` whose edges are the neighbourhoods' (both ends in
+    ``nodes``): after a round's dropouts, the contributors' masks cancel only within each part."""
+    left, parts = set(nodes), []
+    while left:
+        start = left.pop()
+        part, frontier = {start}, [start]
+        while frontier:
+            for other in groups[frontier.pop()]:
+                if other in left:
+                    left.discard(other)
+                    part.add(other)
+                    frontier.append(other)
+        parts.append(part)
+    return parts

@@ -160,6 +160,16 @@ class IntegerCode:
     def l1_sensitivity(self) -> float:
         return min(math.sqrt(self.length) * self.l2_sensitivity(), self.length * self.bound)
 
+    def mean_bound(self, weights: list[float]) -> float:
+        """The largest L2 norm the decoded weighted mean of honest contributors can have (except with probability
+        WRAP_PROBABILITY): each scales its update, clipped to C, by its weight in (0, 1], so their weighted mean
+        is within C; rounding adds < 1 per coordinate per client (at most the conditional-rounding bound in
+        all), the summed noise shares at most the ring check's tail per coordinate."""
+        root = math.sqrt(self.length)
+        signal = sum(min(self.rounding_bound(), w * self.scale * self.clip + root) for w in weights)
+        noise = root * bernstein_tail(len(weights) * self.noise_variance, self.length, WRAP_PROBABILITY)
+        return (signal + noise) / self.scale / sum(weights)
+
     def sum_bound(self, clients: int) -> float:
         """|coordinate| of a sum of ``clients`` contributions, except with probability WRAP_PROBABILITY."""
         noise = bernstein_tail(clients * self.noise_variance, self.length, WRAP_PROBABILITY)

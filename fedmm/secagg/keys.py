@@ -32,6 +32,7 @@ from .integer import ring_dtype
 # the order of SECP384R1, the curve of Flower's key pairs (ec.derive_private_key accepts n - 1, refuses n)
 _P384_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
 SEED_BYTES = 16  # a shared secret is one block of pycryptodome's Shamir (GF(2^128))
+SHARE_BYTES = 4 + SEED_BYTES  # one share: its 4-byte index, then the block
 _NONCE = b"fedmm-secagg-prg"  # 16 bytes; every seed is fresh per round, so one fixed nonce is safe
 
 
@@ -52,7 +53,7 @@ def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
 
 def combine_secret(shares: list[bytes]) -> bytes:
     """The secret of ``split_secret`` from ``threshold`` of its shares (ValueError on a malformed share)."""
-    if any(not isinstance(s, bytes) or len(s) != 4 + SEED_BYTES for s in shares):
+    if any(not isinstance(s, bytes) or len(s) != SHARE_BYTES for s in shares):
         raise ValueError("combine_secret: a share is not 4 + 16 bytes")
     return Shamir.combine([(int.from_bytes(s[:4], "little"), s[4:]) for s in shares], ssss=False)
 
@@ -78,6 +79,24 @@ def agreed_seed(private_key: bytes, public_key: bytes) -> bytes:
     return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(private_key),
                                                         bytes_to_public_key(public_key)))
 
+
+
+def public_key_problem(key: object) -> str | None:
+    """Why ``key`` is not a public key of the protocol's curve (PEM, SECP384R1, as Flower's key pairs), or None.
+
+    A key that does not parse, or one of another curve or algorithm, would fail every honest neighbour's key
+    agreement at the share stage: the server checks each on arrival and drops only its sender."""
+    if not isinstance(key, bytes):
+        return f"a {type(key).__name__}, not PEM bytes"
+    try:
+        parsed = bytes_to_public_key(key)
+    except Exception as exc:  # noqa: BLE001 - cryptography raises ValueError, TypeError or its own for bad PEM
+        return f"not a PEM public key ({type(exc).__name__})"
+    if not isinstance(parsed, ec.EllipticCurvePublicKey):
+        return f"a {type(parsed).__name__.lstrip('_')}, not an elliptic-curve key"
+    if not isinstance(parsed.curve, ec.SECP384R1):
+        return f"a key on {parsed.curve.name}, the protocol's curve is secp384r1"
+    return None
 
 
 def public_of(private_key: bytes) -> bytes | None:

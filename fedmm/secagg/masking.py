@@ -43,14 +43,16 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from .graph import neighbourhoods
+from .graph import components, neighbourhoods
 from .integer import RING_BITS, ring_dtype, ring_sum
 from .keys import (
     SEED_BYTES,
+    SHARE_BYTES,
     agreed_seed,
     combine_secret,
     mask_key_from_seed,
     prg_mask,
+    public_key_problem,
     public_of,
     self_mask,
     split_secret,
@@ -58,7 +60,14 @@ from .keys import (
 
 
 class SecAggAbort(RuntimeError):
-    """The round cannot complete (too few clients left at some stage); the reason names the stage."""
+    """The round cannot complete (too few clients left at some stage); the reason names the stage.
+
+    ``culprit``: the node the abort is attributed to, where one can be (its secret did not rebuild to what it
+    committed to), else None."""
+
+    def __init__(self, reason: str, culprit: int | None = None) -> None:
+        super().__init__(reason)
+        self.culprit = culprit
 
 
 def _pack(src: int, dst: int, b_share: bytes, s_share: bytes) -> bytes:
@@ -254,6 +263,12 @@ class SecAggServer:
                     or len(set(keys)) != 2 or any(k in flat for k in keys for flat in self.keys.values())):
                 self._drop(nid, "keys: malformed or repeated public keys")
                 continue
+            # parsed here, or one bad key would fail every honest neighbour's key agreement at the share stage
+            problem = next((f"{name} key: {why}" for name, key in zip(("encryption", "mask-agreement"), keys)
+                            if (why := public_key_problem(key))), None)
+            if problem:
+                self._drop(nid, f"keys: {problem}")
+                continue
             self.keys[nid] = keys
         self._settle("keys", set(self.keys))
         return {nid: {o: self.keys[o] for o in self.groups[nid] if o in self.alive} for nid in self.alive}
@@ -289,8 +304,19 @@ class SecAggServer:
             if not isinstance(y, np.ndarray) or y.shape != (self.length,) or y.dtype != ring_dtype(self.bits):
                 self._drop(nid, f"mask: malformed: not a ({self.length},) vector of {np.dtype(ring_dtype(self.bits))}")
                 continue
+            if self.bits < 8 * y.dtype.itemsize and int(y.max(initial=0)) >> self.bits:
+                self._drop(nid, f"mask: values outside Z_2^{self.bits}")
+                continue
             self.masked[nid] = y
         self._settle("mask", set(self.masked))
+        # dropouts can cut the graph: the masks then cancel within each part, and the unmask stage would let
+        # the server compute each part's sum on its own. Nothing is unmasked.
+        parts = components(set(self.masked), self.groups)
+        if len(parts) > 1:
+            sizes = sorted((len(p) for p in parts), reverse=True)
+            raise SecAggAbort(f"secure aggregation, mask: the {len(self.masked)} contributors fell apart into "
+                              f"{len(parts)} groups that share no neighbours (sizes {sizes}); unmasking would reveal "
+                              f"each group's sum; dropped: {self.dropped}")
         out = {}
         for nid in self.alive:
             group = [o for o in self.groups[nid] if o in self.shared]
@@ -305,7 +331,8 @@ class SecAggServer:
         for nid, reply in replies.items():
             if nid not in self.alive:
                 continue
-            if not isinstance(reply, dict) or not all(isinstance(s, bytes) and o in shares for o, s in reply.items()):
+            if not isinstance(reply, dict) or not all(isinstance(s, bytes) and len(s) == SHARE_BYTES and o in shares
+                                                      for o, s in reply.items()):
                 self._drop(nid, "unmask: malformed shares")
                 continue
             for owner, share in reply.items():
@@ -344,4 +371,7 @@ class SecAggServer:
                 continue
             if valid(secret):
                 return secret
-        raise SecAggAbort(f"secure aggregation, unmask: node {owner}'s secret does not rebuild from its shares")
+        # without verifiable secret sharing the server cannot tell an owner that shared inconsistent shares (or
+        # committed to another seed) from two or more holders that answered wrong ones: it blames the owner
+        raise SecAggAbort(f"secure aggregation, unmask: node {owner}'s secret does not rebuild from its "
+                          f"{len(got)} shares to what it committed to", culprit=owner)
