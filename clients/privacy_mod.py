@@ -28,7 +28,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from clients.messages import decline, number_problem
 from clients.settings import run_settings
 from fedmm import protocol
-from fedmm.privacy import privatize_update, sample_epsilon, update_norm
+from fedmm.privacy import privatize_update, sample_epsilon
 from fedmm.protocol import to_numpy, to_record
 
 LEDGER_KEY = "dp-ledger"  # context.state: this client's (sigma, q, steps) releases, across rounds
@@ -147,15 +147,14 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return reply
     local = to_numpy(reply.content[protocol.ARRAYS])
     delta_arrays = OrderedDict((k, local[k] - global_arrays[k]) for k in local)
-    norm = update_norm(delta_arrays)
     # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
     # distributed: the noise share is integer (Skellam), added inside the masked sum by secagg_mod
     std = 0.0 if mode == "distributed" else sigma * clip
     private = privatize_update(delta_arrays, clip, std, np.random.default_rng())
     reply.content[protocol.ARRAYS] = to_record(OrderedDict((k, global_arrays[k] + private[k]) for k in local))
+    # the update's norm before clipping, and whether clipping bound, are the private examples' function with
+    # no noise: withheld (fedmm/privacy/release.py)
     metrics = reply.content[protocol.METRICS]
-    metrics[protocol.UPDATE_NORM] = norm
-    metrics[protocol.CLIPPED] = float(norm > clip)
     if ledger_sigma > 0:
         ledger = ledger + [(ledger_sigma, 1.0, 1)]
         store_ledger(context, ledger)

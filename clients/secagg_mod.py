@@ -56,7 +56,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics = reply.content[protocol.METRICS]
     itemsize = np.dtype(ring_dtype(settings.secagg_bits)).itemsize
     metrics[protocol.BYTES_UPLINK] = padded_length(payload["values"].size) * itemsize
-    if protocol.CLIPPED not in metrics:  # under DP the privacy mod reports its own clipping
+    if not distributed:  # under DP whether clipping bound is withheld (fedmm/privacy/release.py)
         metrics[protocol.CLIPPED] = float(np.linalg.norm(payload["values"]) > settings.secagg_clip_norm)
     return reply
 

@@ -319,3 +319,56 @@ def test_a_site_trains_on_its_own_manifest_and_declines_labels_outside_the_runs_
     assert declined.has_error() and "'zebra'" in declined.error.reason and "'classes'" in declined.error.reason
     unnamed = call(good, cfg={k: v for k, v in config.items() if k not in ("classes", "groups")})
     assert unnamed.has_error() and "names no 'classes'" in unnamed.error.reason
+
+
+DP_RUNS = {  # every dp mode, as the server's chain configures its train instruction
+    "dp-sgd": {"dp": "dp-sgd"},
+    "local": {"dp": "local"},
+    "central-client": {"dp": "central-client"},
+    "central-server": {"dp": "central-server"},
+    "distributed": {"dp": "distributed", "secure-aggregation": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(DP_RUNS))
+def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outside_the_guarantee(
+        mode, run_config, global_arrays):
+    """Audit item 2: the raw, unclipped update norm (and the clipped bit) left every client under local and
+    distributed DP. Every metric of a train and an evaluate reply, under each dp mode (with constraints on where
+    the mode allows them, so their statistics are sent too), must have a release rule: withheld, data-independent, or named in the
+    report's outside-the-guarantee list. A metric added later without one fails here."""
+    from fedmm.config import Settings
+    from fedmm.privacy.plan import privacy_summary
+    from fedmm.privacy.release import release_rule
+    from server.chain import make_strategy
+    from server.history import MetricsHistory
+
+    arrays, _ = global_arrays
+    constraints = {} if mode == "dp-sgd" else {"constraints": "group-gap"}  # dp-sgd refuses them
+    settings = Settings.from_run_config({**run_config, **DP_RUNS[mode], **constraints, "min-nodes": 2})
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=4)
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3, 4]
+
+    import random
+    random.seed(0)
+    train = next(iter(chain.configure_train(1, arrays, ConfigRecord({}), Grid())))
+    evaluate = next(iter(chain.configure_evaluate(1, arrays, ConfigRecord({}), Grid())))
+    sent = {}
+    for msg in (train, evaluate):
+        node = msg.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": 10},
+                          state=RecordDict(), run_config=settings.to_run_config())
+        reply = client_app(Message(content=msg.content, dst_node_id=node, message_type=msg.metadata.message_type),
+                           context)
+        assert not reply.has_error(), reply.error
+        sent.update(dict(reply.content["metrics"]))
+    assert "zs-acc" in sent and (mode == "dp-sgd" or any(k.startswith("cstat-") for k in sent))  # both read
+    unruled = sorted(k for k in sent if release_rule(k) is None)
+    assert not unruled, f"dp = {mode}: these metrics leave the client with no release rule: {unruled}"
+    listed = privacy_summary(settings, 4, [])["outside-guarantee"]
+    for key in sent:
+        rule = release_rule(key)
+        assert rule.startswith("data-independent: ") or rule.removeprefix("outside the guarantee: ") in listed, key

@@ -1,11 +1,21 @@
 """What a client's replies carry under DP: what the guarantee covers, and what it explicitly does not.
 
 The guarantees (fedmm/privacy/plan.py: ``PRIVACY_LEVELS``) cover the adapter
-update a client sends, computed from its training split. Everything else a
-reply carries is either withheld under DP (``WITHHELD_UNDER_DP``: the raw
-training losses, which are a function of the private examples with no noise
-at all, and DP-SGD's sampling rate) or listed in ``OUTSIDE_GUARANTEE`` with
-the reason it is sent; the report prints that list beside the guarantee.
+update a client sends, computed from its training split. Every metric a reply
+carries under DP is one of three kinds, and ``release_rule`` says which:
+
+- withheld (``WITHHELD_UNDER_DP``): a function of the private examples with no
+  noise at all — the raw training losses, DP-SGD's sampling rate, and the
+  update's norm before clipping and whether clipping bound (the update is
+  covered only after clipping and noise); a client never sends these under DP;
+- data-independent (``DATA_INDEPENDENT``): fixed by the run or the site's
+  configuration, whatever its examples hold;
+- outside the guarantee (``OUTSIDE``): data-dependent, sent for a stated
+  reason, and listed as such beside the guarantee in the report.
+
+A metric of none of the three kinds must not leave a client under DP
+(tests/test_client_app.py enumerates every metric of every reply under each
+mode against this rule, so a new metric is caught).
 """
 
 from __future__ import annotations
@@ -15,21 +25,50 @@ from collections.abc import Mapping
 from .. import protocol
 
 # train-reply metrics a client does not send under any DP mode
-WITHHELD_UNDER_DP = (protocol.TRAIN_LOSS, protocol.CONTRASTIVE_LOSS, protocol.GLOBAL_TRAIN_LOSS, protocol.DP_SAMPLE_RATE)
+WITHHELD_UNDER_DP = (protocol.TRAIN_LOSS, protocol.CONTRASTIVE_LOSS, protocol.GLOBAL_TRAIN_LOSS,
+                     protocol.DP_SAMPLE_RATE, protocol.UPDATE_NORM, protocol.CLIPPED)
 
-# what still leaves a client under DP, not covered by the guarantee, and why it is sent
-OUTSIDE_GUARANTEE = (
-    "num-examples (train and evaluate): how many examples a client holds, and under dp-sgd the epsilon it reports, "
-    "which follows from that count; sent because aggregation weights and per-client metrics need it. The "
-    "guarantee protects what the examples contain, not how many there are",
-    "timing and effort (train-seconds, step-seconds, steps-done, work-fraction, encode-seconds, bytes-uplink): "
-    "sent for the report's cost figures; they depend on the client's hardware and data size, not on content",
-    "evaluate replies (zero-shot accuracy, retrieval, grounding, per-group and toxic-retrieval counts): computed "
-    "on the client's held-out split, which never trains and which the guarantee does not cover; they are "
-    "aggregated, and also shown per client in the report's clients.csv",
-    "constraint statistics (cstat-*, with constraints on): per-group counts of the training batches, which the "
-    "server needs for its dual step",
+# metrics that do not depend on a client's examples, and why
+DATA_INDEPENDENT = {
+    protocol.UNIT_WEIGHT: "always 1 (the weight of a uniform mean)",
+    protocol.PARTITION_ID: "the site's index in the run (or its node id): its identity, not its data",
+    protocol.LORA_RANK: "the LoRA rank the site's tier trains",
+}
+
+# data-dependent metrics sent under DP, by the keys (or key prefixes) they cover, and why they are sent
+OUTSIDE: tuple[tuple[tuple[str, ...], str], ...] = (
+    ((protocol.NUM_EXAMPLES, protocol.DP_EPSILON),
+     "num-examples (train and evaluate): how many examples a client holds, and under dp-sgd the epsilon it reports, "
+     "which follows from that count; sent because aggregation weights and per-client metrics need it. The "
+     "guarantee protects what the examples contain, not how many there are"),
+    ((protocol.TRAIN_SECONDS, protocol.STEP_SECONDS, protocol.STEPS_DONE, protocol.WORK_FRACTION,
+      protocol.ENCODE_SECONDS, protocol.BYTES_UPLINK),
+     "timing and effort (train-seconds, step-seconds, steps-done, work-fraction, encode-seconds, bytes-uplink): "
+     "sent for the report's cost figures; they depend on the client's hardware and data size, not on content"),
+    ((*protocol.EVALUATE_SCALARS, *protocol.EVALUATE_COUNTS),
+     "evaluate replies (zero-shot accuracy, retrieval, grounding, per-group and toxic-retrieval counts): computed "
+     "on the client's held-out split, which never trains and which the guarantee does not cover; they are "
+     "aggregated, and also shown per client in the report's clients.csv"),
+    ((protocol.CONSTRAINT_STAT,),
+     "constraint statistics (cstat-*, with constraints on): per-group counts of the training batches, which the "
+     "server needs for its dual step"),
 )
+
+# the report's list, beside the guarantee
+OUTSIDE_GUARANTEE = tuple(why for _, why in OUTSIDE)
+
+
+def release_rule(key: str) -> str | None:
+    """Why metric ``key`` may leave a client under DP (data-independent, or listed outside the guarantee), or
+    None: then it must not."""
+    if key in WITHHELD_UNDER_DP:
+        return None
+    if key in DATA_INDEPENDENT:
+        return f"data-independent: {DATA_INDEPENDENT[key]}"
+    for keys, why in OUTSIDE:
+        if any(key == k or (k.endswith("-") and key.startswith(k)) for k in keys):
+            return f"outside the guarantee: {why}"
+    return None
 
 
 def released_train_metrics(metrics: Mapping[str, float], dp: str) -> dict[str, float]:
