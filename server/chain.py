@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 import strategies
 from fedmm import protocol
 from fedmm.config import ConfigError, Settings
+from fedmm.privacy.plan import release_independent_of_one_client
 from fedmm.secagg.plan import SecAggPlan
 from server.history import MetricsHistory, RecordsRound
 from strategies.builtin import RANGES, check_local_optimizer, check_population
@@ -138,10 +139,12 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
                                                settings.delay_compensation, central_dp)
     # every decoded update is checked (finiteness, absurd norms) before anything below aggregates it; names,
     # dtypes and sizes are the codec's check on the payload, just above
-    validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound)
+    keep_every_reply = release_independent_of_one_client(settings.dp)  # a drop would void the release
+    validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound,
+                                  keep_every_reply=keep_every_reply)
     # always wrapped: with fp32 both ways the codec is the identity, and every run gets the same decoding checks
     codec = CompressedUpdates(validation, settings.codec, settings.codec_downlink, settings.error_feedback,
-                              settings.seed)
+                              settings.seed, keep_every_reply)
     secagg = None
     if plan is not None:  # the replies hold keys, then the stages' sum: every contributor's reply carries the mean
         secagg = SecureAggregation(codec, plan, settings.round_timeout, settings.seed)

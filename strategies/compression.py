@@ -10,7 +10,10 @@ reference + delta, where the reference is exactly the global the clients
 decoded (the downlink payload is encoded once per round and sent to all). The
 wrapped strategy then aggregates plain adapter arrays, so any Message-API
 strategy, built-in or plugin, gets compression without change. A reply that
-does not decode is dropped with its reason in the log, and the round goes on.
+does not decode is dropped with its reason in the log, and the round goes on
+— except with ``keep_every_reply`` (central DP: ``fedmm.privacy.plan.
+release_independent_of_one_client``), where it enters as a zero update, so
+that what one client sent cannot void the round's accounted release.
 Error replies pass through untouched (``ReplyBook``, above it, counts them).
 """
 
@@ -41,8 +44,10 @@ class CompressedUpdates(StrategyWrapper):
         downlink: str = "fp32",
         error_feedback: bool = True,
         seed: int = 0,
+        keep_every_reply: bool = False,
     ) -> None:
         super().__init__(strategy)
+        self.keep_every_reply = keep_every_reply
         self.uplink, self.downlink = make_codec(uplink), make_codec(downlink)
         if self.downlink.topk is not None:
             raise ValueError("downlink codec must be dense (no top-k)")
@@ -106,12 +111,19 @@ class CompressedUpdates(StrategyWrapper):
             try:
                 delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)
             except Exception as exc:  # noqa: BLE001 - whatever a payload holds, it is this reply's fault alone
-                log(WARNING, "round %d: dropped the update of node %s: %s",
+                if not self.keep_every_reply:
+                    log(WARNING, "round %d: dropped the update of node %s: %s",
+                        server_round, msg.metadata.src_node_id, exc)
+                    self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
+                                       "reason": f"payload does not decode: {exc}"})
+                    stats["dropped-updates"] = stats.get("dropped-updates", 0.0) + 1
+                    continue
+                log(WARNING, "round %d: the update of node %s enters as a zero update: %s",
                     server_round, msg.metadata.src_node_id, exc)
                 self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                   "reason": f"payload does not decode: {exc}"})
-                stats["dropped-updates"] = stats.get("dropped-updates", 0.0) + 1
-                continue
+                                   "reason": f"payload does not decode: {exc}: entered as a zero update (central DP)"})
+                stats["zeroed-updates"] = stats.get("zeroed-updates", 0.0) + 1
+                delta = OrderedDict((k, np.zeros_like(v)) for k, v in reference.items())
             msg.content[self.key] = to_record(
                 OrderedDict((k, reference[k] + delta[k]) for k in reference)
             )

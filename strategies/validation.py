@@ -21,6 +21,12 @@ scaled or boosted update can do to the mean without dropping anybody).
 Error replies pass through untouched: the wrapped strategy counts them as
 failures. The round goes on with what is left; if that is fewer than the
 strategy's minimum, the strategy decides, as for any missing reply.
+
+With ``keep_every_reply`` (central DP, ``fedmm.privacy.plan.
+release_independent_of_one_client``) no update is dropped, since a missing
+one would void the accounted release: the ratio rule is off, and a
+non-finite update enters as a zero update (the global unchanged), counted as
+``zeroed-updates`` and logged with its reason.
 """
 
 from __future__ import annotations
@@ -47,12 +53,22 @@ def finiteness_problem(local: dict[str, np.ndarray]) -> str | None:
     return None
 
 
+def _one_ulp_off(ref: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """``ref`` with its first value moved one float step up: an update of the smallest non-zero norm."""
+    out = OrderedDict((k, v.copy()) for k, v in ref.items())
+    first = next(iter(out.values())).reshape(-1)
+    first[0] = np.nextafter(first[0], np.inf, dtype=first.dtype)
+    return out
+
+
 class UpdateValidation(StrategyWrapper):
-    def __init__(self, strategy: Strategy, max_norm_ratio: float = 10.0, norm_bound: float = 0.0) -> None:
+    def __init__(self, strategy: Strategy, max_norm_ratio: float = 10.0, norm_bound: float = 0.0,
+                 keep_every_reply: bool = False) -> None:
         super().__init__(strategy)
         if max_norm_ratio < 0 or norm_bound < 0:
             raise ValueError("UpdateValidation: max_norm_ratio and norm_bound must be >= 0 (0 = off)")
-        self.max_norm_ratio, self.norm_bound = max_norm_ratio, norm_bound
+        self.max_norm_ratio = 0.0 if keep_every_reply else max_norm_ratio
+        self.norm_bound, self.keep_every_reply = norm_bound, keep_every_reply
         self.key = self.arrays_key
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}
@@ -81,7 +97,7 @@ class UpdateValidation(StrategyWrapper):
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
         ref = self._reference
-        self.stats[server_round] = {"dropped-updates": 0.0, "clipped-updates": 0.0}
+        self.stats[server_round] = {"dropped-updates": 0.0, "clipped-updates": 0.0, "zeroed-updates": 0.0}
         passed, candidates = [], []
         for msg in replies:
             if msg.has_error():
@@ -93,11 +109,25 @@ class UpdateValidation(StrategyWrapper):
                 self._drop(server_round, msg, f"no readable '{self.key}' record: {exc}")
                 continue
             problem = finiteness_problem(local)
-            if problem is not None:
+            if problem is not None and self.keep_every_reply:
+                log(WARNING, "round %d: the update of node %s enters as a zero update: %s", server_round,
+                    msg.metadata.src_node_id, problem)
+                self.drops.append({"round": server_round, "node": msg.metadata.src_node_id,
+                                   "reason": f"{problem}: entered as a zero update (central DP)"})
+                self.stats[server_round]["zeroed-updates"] += 1
+                msg.content[self.key] = to_record(OrderedDict((k, v.copy()) for k, v in ref.items()))
+                local = ref
+            elif problem is not None:
                 self._drop(server_round, msg, problem)
                 continue
             delta = OrderedDict((k, local[k] - ref[k]) for k in ref)
-            candidates.append((msg, delta, float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))))
+            norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
+            if norm == 0 and self.keep_every_reply:
+                # Flower's server-side clipping divides by the update's norm: an update of exactly zero would
+                # raise there and end the run. One ulp on one coordinate moves the mean by less than float32
+                # resolves, and keeps the client's contribution inside the clipping ball
+                msg.content[self.key] = to_record(_one_ulp_off(ref))
+            candidates.append((msg, delta, norm))
         median = float(np.median([n for _, _, n in candidates])) if len(candidates) >= 3 else None
         for msg, delta, norm in candidates:
             if self.max_norm_ratio and median is not None and norm > self.max_norm_ratio * max(median, 1e-12):

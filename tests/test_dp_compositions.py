@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 import strategies
 from clients.compression_mod import compression_mod
 from clients.privacy_mod import privacy_mod
+from fedmm.compression import make_codec
 from fedmm.config import DP_MODES, ConfigError, Settings
 from fedmm.privacy import update as dp_update
 from fedmm.privacy import update_norm
@@ -166,3 +167,49 @@ def test_a_strategy_that_reads_client_losses_is_refused_under_dp():
         settings = Settings.from_run_config({"dp": dp, "strategy": "qfedavg", "local-optimizer": "sgd"})
         with pytest.raises(ConfigError, match=f"'strategy' = 'qfedavg' with 'dp' = '{dp}'"):
             build(settings, MetricsHistory())
+
+
+def _central_round(dp: str, outlier: float | None) -> tuple[object, object]:
+    """One central-DP round of five clients with small updates, the fifth replaced by ``outlier`` if given."""
+    settings = Settings.from_run_config({"dp": dp, "dp-clip-norm": CLIP, "lora-rank": 2, "min-nodes": 2,
+                                         "dp-noise-multiplier": 0.3})
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=5)
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3, 4, 5]
+
+    random.seed(1)
+    glob = _global()
+    messages = list(chain.configure_train(1, to_record(glob), ConfigRecord({}), Grid()))
+    replies = []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        rng = np.random.default_rng(node)
+        delta = OrderedDict((k, (0.01 * rng.normal(size=v.shape)).astype(np.float32)) for k, v in glob.items())
+        if node == 5 and outlier is not None:
+            delta = OrderedDict((k, (v * 0 + outlier).astype(np.float32)) for k, v in delta.items())
+        metrics = MetricRecord({"num-examples": 10, "unit-weight": 1, "partition-id": node - 1, "lora-rank": 2})
+        payload = make_codec("fp32").encode(delta, np.random.default_rng(0))  # what compression_mod sends
+        replies.append(Message(RecordDict({"arrays": to_record(payload), "metrics": metrics}), reply_to=msg))
+    arrays, _ = chain.aggregate_train(1, replies)
+    return arrays, chain
+
+
+@pytest.mark.parametrize("dp", ["central-server", "central-client"])
+@pytest.mark.parametrize("outlier", [None, 1e3, np.nan, 0.0], ids=["honest", "norm-1e5x", "nan", "zero"])
+def test_under_central_dp_one_clients_update_cannot_decide_whether_a_round_is_released(dp, outlier):
+    """Audit item 3: UpdateValidation dropped an update above 10x the round's median norm, and Flower's
+    accounted wrapper then released nothing for the round: one client's data switched a round between
+    released and not, uncharged (and an update of exactly zero made Flower's server-side clipping divide by
+    zero, which ended the run). Under central DP every reply reaches the wrapper (which clips), and a
+    payload that does not decode (the
+    codec refuses non-finite values) enters as a zero update: the round is released and accounted whatever client 5 sent."""
+    arrays, chain = _central_round(dp, outlier)
+    assert arrays is not None
+    dp_wrapper = next(s for s in strategies.wrapper_chain(chain) if hasattr(s, "privacy_spent"))
+    assert dp_wrapper.privacy_spent().num_releases == 1
+    codec = find_wrapper(chain, CompressedUpdates)  # the fp32 codec refuses the NaN: it enters as zero
+    assert codec.stats[1]["dropped-updates"] == 0
+    assert codec.stats[1].get("zeroed-updates", 0) == (1 if outlier is not None and np.isnan(outlier) else 0)
+    assert all(np.all(np.isfinite(v)) for v in to_numpy(arrays).values())

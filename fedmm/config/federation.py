@@ -36,7 +36,9 @@ class FederationSettings:
     min_nodes: int = key(2, "minimum nodes per round (train and evaluate)", positive)
     round_timeout: float = key(600.0, "seconds to wait for replies in a round", positive)
     max_update_norm_ratio: float = key(
-        10.0, "drop updates whose norm exceeds this x the round's median (0 = off)", non_negative)
+        10.0, "drop updates whose norm exceeds this x the round's median (0 = off; off under central DP, whose "
+              "wrapper clips each update itself: a drop there would let one client decide whether a round is "
+              "released)", non_negative)
     update_norm_bound: float = key(
         0.0, "clip every update to this L2 norm before aggregation (0 = off)", non_negative)
     inject_faults: str = key(

@@ -29,6 +29,23 @@ def needs_uniform_mean(dp: str) -> bool:
     return dp in CENTRAL_MODES
 
 
+def release_independent_of_one_client(dp: str) -> bool:
+    """Whether the server's checks beneath the DP wrapper must not decide a release on one client's update.
+
+    Under central DP (central-server, central-client) Flower's accounted wrapper releases a round only when
+    every sampled client's update reaches it (its event was planned for that cohort). A check above it that
+    drops an update (``max-update-norm-ratio``: more than r x the round's median norm) therefore lets one
+    client's data switch a round between released and not released, visibly to anyone who sees the global
+    models and never charged by the accountant. Such a check is not needed there: the wrapper bounds each
+    client's influence itself by clipping to C. So under central DP the ratio drop is off, and an update
+    that cannot be used (non-finite) enters as a zero update: a contribution inside the clipping ball, which
+    the mechanism's sensitivity already covers, so the release and its accounting stand whatever one client
+    sent. Distributed DP is released by the secure sum, which no per-client check sees; local and dp-sgd
+    updates are private before they leave the client, and every check on them is post-processing.
+    """
+    return dp in ("central-server", "central-client")
+
+
 # What each dp mode guarantees, to whom, and under which assumptions (written into the report).
 PRIVACY_LEVELS = {
     "none": "no differential privacy",
