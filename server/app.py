@@ -32,7 +32,7 @@ from fedmm.privacy.plan import privacy_plan, privacy_summary
 from server.asynchronous import AsynchronousLoop
 from server.central import CentralModel
 from server.chain import build_chain, build_strategy, check_ring
-from server.checkpoint import ResumedRounds, load_checkpoint, load_rng_state, load_strategy_state
+from server.checkpoint import ResumedRounds, check_ledger, load_checkpoint, load_rng_state, load_strategy_state
 from server.history import MetricsHistory
 from server.recording import RoundRecorder
 
@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     history = MetricsHistory()
     strategy = build_strategy(settings, history)
     out = output_dir(settings)
-    checkpoint = load_checkpoint(out) if settings.resume else None
+    checkpoint = load_checkpoint(out, settings) if settings.resume else None
     if checkpoint is not None:
         checkpoint.check_config(settings)
     elif settings.resume:
@@ -95,6 +95,8 @@ def main(grid: Grid, context: Context) -> None:
         load_strategy_state(chain.stateful, checkpoint.strategy, checkpoint.state_arrays,
                             f"checkpoint {checkpoint.state_file}")
         history.load_state_dict(checkpoint.history)
+        check_ledger(chain.ledger() if chain.ledger else None, done, history.rounds,
+                     f"checkpoint {checkpoint.state_file}")
         load_rng_state(checkpoint.rng, checkpoint.state_arrays)
         log(INFO, "fedmm: resuming %s after round %d of %d", out, done, num_rounds)
     recorder = RoundRecorder(settings, out, central, chain, history, num_rounds, done)

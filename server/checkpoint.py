@@ -8,6 +8,13 @@ references, drop and failure logs), the metrics history and the RNG states
 continues after the last completed round: no round is lost or repeated, and
 in simulation the result equals an uninterrupted run's (tests/test_resume.py).
 
+Every checkpoint is signed (server/signing.py: an HMAC of its files under a
+key kept outside the output folder). Resuming verifies it first, so whoever can write the output folder
+but not read that key cannot edit a checkpoint, nor forge one; they can still
+delete it, or put back an older one this key signed (a rollback). Then the
+restored privacy ledger must agree with the checkpoint: no more releases than
+rounds, and exactly the releases and epsilon its round recorded.
+
 No pickle: arrays go to safetensors, everything else to JSON. A strategy's
 state is its attributes of data types (numbers, strings, NumPy arrays,
 ArrayRecords, and dicts, lists and tuples of them) plus any attribute with
@@ -19,6 +26,7 @@ config, which must therefore be the one the checkpoint was written with.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -36,12 +44,14 @@ from flwr.serverapp.strategy import Strategy
 from safetensors.numpy import load_file, save_file
 
 from fedmm.config import ConfigError, Settings
+from server.signing import sign, verify
 from strategies import wrapper_chain
 from fedmm.protocol import to_numpy, to_record
 from strategies.wrapper import StrategyWrapper
 
 CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"
+
 # Keys a resumed run may change: more rounds, a longer wait.
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "round-timeout", "resume"})
 
@@ -177,6 +187,29 @@ def load_strategy_state(strategy: Strategy, levels: list[dict[str, Any]], arrays
             setattr(level, name, value)
 
 
+RELEASES = "privacy/releases"  # the history's per-round record of the ledger (server/recording.py)
+EPSILON = "privacy/epsilon"
+
+
+def check_ledger(spent: Any, server_round: int, history: dict[int, dict[str, Any]], where: str) -> None:
+    """The restored privacy ledger (``privacy_spent()``'s result, None without one) against the checkpoint:
+    at most one release per round, and the releases and epsilon the checkpoint's round recorded."""
+    if spent is None:
+        return
+    row = history.get(server_round, {})
+    if spent.num_releases > server_round:
+        raise ConfigError(f"{where}: the privacy ledger holds {spent.num_releases} releases after "
+                          f"{server_round} rounds; the checkpoint is corrupt or was altered")
+    recorded = row.get(RELEASES)
+    if recorded is not None and spent.num_releases != recorded:
+        raise ConfigError(f"{where}: the privacy ledger holds {spent.num_releases} releases, round "
+                          f"{server_round} recorded {recorded:g}; the checkpoint is corrupt or was altered")
+    epsilon = row.get(EPSILON)
+    if epsilon is not None and not math.isclose(spent.epsilon, epsilon, rel_tol=1e-6, abs_tol=1e-9):
+        raise ConfigError(f"{where}: the privacy ledger gives epsilon {spent.epsilon:.6g}, round {server_round} "
+                          f"recorded {epsilon:.6g}; the checkpoint is corrupt or was altered")
+
+
 def rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Python's RNG (Flower's node sampling) and torch's. NumPy's global RNG is left out on purpose:
     Flower's DP wrappers draw their noise from it, and noise must not be replayable from a file."""
@@ -231,6 +264,7 @@ def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, strategy:
     state = {"server-round": server_round, "run-config": settings.to_run_config(),
              "strategy": levels, "history": history, "rng": rng}
     (folder / "state.json").write_text(json.dumps(state))
+    sign(folder, settings)
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(json.dumps({"folder": folder.name, "server-round": server_round}))
     os.replace(tmp, root / LATEST)  # atomic: a kill leaves the previous or the new checkpoint, never half of one
@@ -240,8 +274,9 @@ def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, strategy:
     return folder
 
 
-def load_checkpoint(out: Path) -> Checkpoint | None:
-    """The last completed round's checkpoint in ``out``, or None when there is none."""
+def load_checkpoint(out: Path, settings: Settings) -> Checkpoint | None:
+    """The last completed round's checkpoint in ``out``, or None when there is none; its signature is checked
+    (the key: ``settings``' cache dir) before anything in it is read."""
     latest = out / CHECKPOINT_DIR / LATEST
     if not latest.is_file():
         return None
@@ -250,6 +285,7 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         raise ConfigError(f"checkpoint {latest}: field 'folder' = {name!r} is not a round folder")
     folder = out / CHECKPOINT_DIR / name
     state_file = folder / "state.json"
+    verify(folder, settings)
     state = _read_json(state_file)
     try:
         checkpoint = Checkpoint(

@@ -80,6 +80,7 @@ class RoundRecorder:
         spent = chain.ledger() if chain.ledger is not None else None
         if spent is not None:
             record(server_round, "privacy/epsilon", spent.epsilon)
+            record(server_round, "privacy/releases", spent.num_releases)
 
     def dropped_updates(self) -> list[dict[str, object]]:
         """Every update dropped before aggregation, with its round, node and reason."""

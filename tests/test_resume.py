@@ -43,7 +43,7 @@ def _chain(settings: Settings, history: MetricsHistory, num_nodes: int = 5):
 
 def test_strategy_state_survives_a_checkpoint(tmp_path):
     """Server-optimizer moments, multipliers, codec logs and the metrics history come back as they were."""
-    settings = Settings.from_run_config({"strategy": "fedadam", "constraints": "group-gap", "output-dir": str(tmp_path)})
+    settings = Settings.from_run_config({"strategy": "fedadam", "constraints": "group-gap", "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache")})
     history = MetricsHistory()
     chain = _chain(settings, history)
     adam = strategies.innermost(chain)
@@ -58,7 +58,7 @@ def test_strategy_state_survives_a_checkpoint(tmp_path):
     history.clients.append({"round": 3, "phase": "train", "partition-id": 1})
 
     save_checkpoint(tmp_path, 3, ArrayRecord(), chain, history.state_dict(), settings)
-    saved = load_checkpoint(tmp_path)
+    saved = load_checkpoint(tmp_path, settings)
     assert saved.server_round == 3
 
     fresh_history = MetricsHistory()
@@ -81,7 +81,7 @@ def test_strategy_state_survives_a_checkpoint(tmp_path):
 
 
 def test_privacy_ledger_and_rng_survive_a_checkpoint(tmp_path):
-    settings = Settings.from_run_config({"dp": "central-server", "output-dir": str(tmp_path)})
+    settings = Settings.from_run_config({"dp": "central-server", "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache")})
     chain = _chain(settings, MetricsHistory())
     dp = next(s for s in strategies.wrapper_chain(chain) if hasattr(s, "privacy_spent"))
     for _ in range(3):
@@ -91,7 +91,7 @@ def test_privacy_ledger_and_rng_survive_a_checkpoint(tmp_path):
     save_checkpoint(tmp_path, 3, ArrayRecord(), chain, MetricsHistory().state_dict(), settings)
     expected = torch.rand(3)
 
-    saved = load_checkpoint(tmp_path)
+    saved = load_checkpoint(tmp_path, settings)
     fresh = _chain(settings, MetricsHistory())
     load_strategy_state(fresh, saved.strategy, saved.state_arrays)
     fresh_dp = next(s for s in strategies.wrapper_chain(fresh) if hasattr(s, "privacy_spent"))
@@ -102,29 +102,29 @@ def test_privacy_ledger_and_rng_survive_a_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_is_replaced_only_once_the_next_is_complete(tmp_path):
-    settings = Settings.from_run_config({"output-dir": str(tmp_path)})
+    settings = Settings.from_run_config({"output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache")})
     chain = _chain(settings, MetricsHistory())
     for rnd in (1, 2):
         save_checkpoint(tmp_path, rnd, ArrayRecord(), chain, MetricsHistory().state_dict(), settings)
-    assert load_checkpoint(tmp_path).server_round == 2
+    assert load_checkpoint(tmp_path, settings).server_round == 2
     assert [p.name for p in (tmp_path / "checkpoint").glob("round-*")] == ["round-00002"]
     # a half-written round-3 folder (killed mid-write) is ignored: latest.json still names round 2
     (tmp_path / "checkpoint" / "round-00003").mkdir()
-    assert load_checkpoint(tmp_path).server_round == 2
-    assert load_checkpoint(tmp_path / "elsewhere") is None
+    assert load_checkpoint(tmp_path, settings).server_round == 2
+    assert load_checkpoint(tmp_path / "elsewhere", settings) is None
 
 
 def test_resume_refuses_a_different_config_naming_the_key(tmp_path):
-    settings = Settings.from_run_config({"output-dir": str(tmp_path), "lr": 0.01})
+    settings = Settings.from_run_config({"output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache"), "lr": 0.01})
     save_checkpoint(tmp_path, 2, ArrayRecord(), _chain(settings, MetricsHistory()), MetricsHistory().state_dict(),
                     settings)
-    saved = load_checkpoint(tmp_path)
-    saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "lr": 0.01, "resume": True,
+    saved = load_checkpoint(tmp_path, settings)
+    saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache"), "lr": 0.01, "resume": True,
                                                  "num-server-rounds": 20}))  # more rounds: allowed
     with pytest.raises(ConfigError, match="'lr'"):
-        saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "lr": 0.02, "resume": True}))
+        saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache"), "lr": 0.02, "resume": True}))
     with pytest.raises(ConfigError, match="already completed round 2"):
-        saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "lr": 0.01, "resume": True,
+        saved.check_config(Settings.from_run_config({"output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache"), "lr": 0.01, "resume": True,
                                                      "num-server-rounds": 1}))
     with pytest.raises(ConfigError, match="'output-dir'"):
         Settings.from_run_config({"resume": True})
@@ -183,7 +183,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_pat
     before, code, text = _ctrl_c_after_round(config, tmp_path / "killed", 1, tmp_path / "ctrl-c.log")
     assert code == 130, text[-3000:]
     time.sleep(2)  # nothing is left to write another round
-    completed = load_checkpoint(tmp_path / "killed").server_round
+    completed = load_checkpoint(tmp_path / "killed", base_settings).server_round
     assert before == completed == 1 and not (tmp_path / "killed" / "metrics.json").exists()
     assert "stopped by SIGINT" in text and "(round 1)" in text and "resume=true" in text
 
@@ -213,17 +213,27 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(base_settings, tmp_pat
         np.testing.assert_array_equal(clean[key], resumed[key])
 
 
+def _resign(folder: Path, settings: Settings) -> None:
+    """What only the holder of the checkpoint key can do: sign an edited checkpoint again."""
+    from server.signing import sign
+
+    sign(folder, settings)
+
+
 def test_a_tampered_or_corrupt_checkpoint_is_refused_naming_file_and_field(tmp_path):
-    settings = Settings.from_run_config({"dp": "central-server", "output-dir": str(tmp_path)})
+    settings = Settings.from_run_config({"dp": "central-server", "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache")})
     chain = _chain(settings, MetricsHistory())
     save_checkpoint(tmp_path, 2, ArrayRecord(), chain, MetricsHistory().state_dict(), settings)
-    saved = load_checkpoint(tmp_path)
+    saved = load_checkpoint(tmp_path, settings)
     state_file = saved.state_file
     state = json.loads(state_file.read_text())
     dp = next(level for level in state["strategy"] if "noise_multiplier" in level["attrs"])
     dp["attrs"]["noise_multiplier"] = 0.01  # less noise than the run's: a smaller epsilon would be reported
     state_file.write_text(json.dumps(state))
-    tampered = load_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match=r"signature does not match the checkpoint's files"):
+        load_checkpoint(tmp_path, settings)  # whoever edits the folder lacks the key
+    _resign(state_file.parent, settings)  # and with it, the field checks still hold the run config
+    tampered = load_checkpoint(tmp_path, settings)
     fresh = _chain(settings, MetricsHistory())
     with pytest.raises(ConfigError, match=r"state\.json.*field 'noise_multiplier' = 0\.01, but this run's config gives 1\.0"):
         load_strategy_state(fresh, tampered.strategy, tampered.state_arrays, f"checkpoint {tampered.state_file}")
@@ -232,8 +242,62 @@ def test_a_tampered_or_corrupt_checkpoint_is_refused_naming_file_and_field(tmp_p
     dp["attrs"]["noise_multiplier"] = 1.0
     dp["attrs"]["clipping_norm"] = "1.0"  # the right value, the wrong type
     state_file.write_text(json.dumps(state))
+    _resign(state_file.parent, settings)
     with pytest.raises(ConfigError, match="field 'clipping_norm'"):
-        load_strategy_state(_chain(settings, MetricsHistory()), load_checkpoint(tmp_path).strategy, {})
+        load_strategy_state(_chain(settings, MetricsHistory()), load_checkpoint(tmp_path, settings).strategy, {})
     state_file.write_text(state_file.read_text()[:-20])  # truncated
+    _resign(state_file.parent, settings)
     with pytest.raises(ConfigError, match=r"checkpoint .*state\.json: unreadable"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, settings)
+
+
+@pytest.mark.parametrize("dp", ["central-server", "distributed"])
+def test_an_emptied_privacy_ledger_is_refused_on_resume(tmp_path, dp):
+    """Audit item 8: emptying the distributed ledger's released rounds, or the compositions of Flower's
+    accountant, in state.json was accepted on resume and epsilon dropped from 12.3 to 0. Unsigned, the edit
+    is refused by the signature; signed again (by someone holding the key), by the ledger's check against
+    the releases and epsilon the checkpoint's round recorded."""
+    from server.checkpoint import check_ledger
+
+    extra = {"secure-aggregation": True} if dp == "distributed" else {}
+    settings = Settings.from_run_config({"dp": dp, "output-dir": str(tmp_path), "cache-dir": str(tmp_path / "key-cache"),
+                                         **extra})
+    history = MetricsHistory()
+    chain = _chain(settings, history)
+    ledger = next(s for s in strategies.wrapper_chain(chain) if hasattr(s, "privacy_spent"))
+    if dp == "distributed":
+        ledger._dim = 1000
+        ledger.released = [1, 2, 3]
+    else:
+        for _ in range(3):
+            ledger.accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=5, population_size=5))
+    spent = ledger.privacy_spent()
+    assert spent.num_releases == 3 and spent.epsilon > 0
+    history.record(3, "privacy/epsilon", spent.epsilon)
+    history.record(3, "privacy/releases", spent.num_releases)
+    folder = save_checkpoint(tmp_path, 3, ArrayRecord(), chain, history.state_dict(), settings)
+    state = json.loads((folder / "state.json").read_text())
+    level = next(lv for lv in state["strategy"] if ("released" if dp == "distributed" else "accountant") in lv["attrs"])
+    if dp == "distributed":
+        level["attrs"]["released"] = {"$list": []}
+    else:
+        level["attrs"]["accountant"]["$state"]["compositions"] = []
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="signature does not match"):
+        load_checkpoint(tmp_path, settings)
+    _resign(folder, settings)
+    saved = load_checkpoint(tmp_path, settings)
+    fresh_history = MetricsHistory()
+    fresh = _chain(settings, fresh_history)
+    load_strategy_state(fresh, saved.strategy, saved.state_arrays)
+    fresh_history.load_state_dict(saved.history)
+    fresh_ledger = next(s for s in strategies.wrapper_chain(fresh) if hasattr(s, "privacy_spent"))
+    if dp == "distributed":
+        fresh_ledger._dim = 1000
+    assert fresh_ledger.privacy_spent().num_releases == 0  # what the edit did
+    with pytest.raises(ConfigError, match=r"state\.json: the privacy ledger holds 0 releases, round 3 recorded 3"):
+        check_ledger(fresh_ledger.privacy_spent(), 3, fresh_history.rounds, f"checkpoint {saved.state_file}")
+    # more releases than rounds is refused even where the round recorded nothing
+    fresh_history.rounds[3].clear()
+    with pytest.raises(ConfigError, match="holds 3 releases after 2 rounds"):
+        check_ledger(spent, 2, fresh_history.rounds, "checkpoint")
