@@ -37,6 +37,7 @@ import strategies
 from fedmm import protocol
 from fedmm.config import ConfigError, Settings
 from fedmm.privacy.plan import release_independent_of_one_client
+from fedmm.privacy.release import EVALUATE_ALWAYS, EVALUATE_FAMILIES, TRAIN_FAMILIES, train_metric_keys
 from fedmm.secagg.plan import SecAggPlan
 from server.history import MetricsHistory, RecordsRound
 from strategies.builtin import RANGES, check_local_optimizer, check_population
@@ -150,7 +151,11 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
         secagg = SecureAggregation(codec, plan, settings.round_timeout, settings.seed)
     book = ReplyBook(secagg or codec)
     # outermost: no reply reaches anything above unless it is well formed, so no client can crash or end the run
-    reply_check = ReplyCheck(book, settings.global_rank, settings.secure_aggregation)
+    expected = {"train": (train_metric_keys(settings.dp, settings.secure_aggregation,
+                                            hasattr(strategies.innermost(strategy), "train_loss_key")),
+                          TRAIN_FAMILIES),
+                "evaluate": (frozenset(EVALUATE_ALWAYS), EVALUATE_FAMILIES)}
+    reply_check = ReplyCheck(book, settings.global_rank, settings.secure_aggregation, expected)
     outer = TimedStrategy(RecordsRound(reply_check, history))
     return Chain(outer, strategies.innermost(user_timer), reply_check, book, codec, validation, constraints, ledger,
                  user_timer, secagg, staleness)

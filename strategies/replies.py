@@ -17,10 +17,12 @@ A reply that breaks any of this is dropped here, with the node, the round
 and what was wrong, logged and kept in ``drops``; it never reaches the
 wrapped strategies. Then the round's metric keys are made consistent (Flower's
 built-in strategies raise ``InconsistentMessageReplies``, which ends the
-whole run, when replies' keys differ): the round's key set is the most common
-one among the valid replies; a reply lacking one of its keys is dropped,
-and keys beyond it are removed. Honest clients of one run all send the same
-keys, so their replies pass unchanged whatever else arrives. Error replies
+whole run, when replies' keys differ): the round's key set is the one the
+protocol expects of the run's clients (``fedmm.privacy.release.
+train_metric_keys``), plus the family keys (per-group counts) that most
+replies carry; a reply lacking one of its keys is dropped, and keys beyond
+it are removed. Honest clients of one run all send the same keys, so their
+replies pass unchanged whatever else arrives. Error replies
 (crashes, declines) pass through: ``CompressedUpdates`` counts them.
 """
 
@@ -126,18 +128,32 @@ def reply_problem(msg: Message, phase: str, max_rank: int, secure_aggregation: b
         return f"unreadable reply: {type(exc).__name__}: {exc}"
 
 
-def round_key_set(replies: list[Message]) -> frozenset[str]:
-    """The round's metric keys: the most common key set among (valid) replies; ties go to the larger set."""
-    sets = Counter(frozenset(msg.content[protocol.METRICS].keys()) for msg in replies)
-    return max(sets, key=lambda s: (sets[s], len(s), sorted(s)))
+def round_key_set(replies: list[Message], expected: frozenset[str] | None = None,
+                  families: tuple[str, ...] = ()) -> frozenset[str]:
+    """The round's metric keys. With ``expected`` (the protocol's keys for the run): those, plus each key of a
+    family (a prefix whose names depend on the run's groups and classes) that more than half of the valid
+    replies carry. Without it (a strategy's own replies): the most common key set, ties to the larger."""
+    if expected is None:
+        sets = Counter(frozenset(msg.content[protocol.METRICS].keys()) for msg in replies)
+        return max(sets, key=lambda s: (sets[s], len(s), sorted(s)))
+    counts = Counter(k for msg in replies for k in msg.content[protocol.METRICS].keys()
+                     if k.startswith(families) and k not in expected)
+    return expected | {k for k, n in counts.items() if 2 * n > len(replies)}
 
 
 class ReplyCheck(StrategyWrapper):
-    """Drops malformed train and evaluate replies, and makes the round's metric keys consistent."""
+    """Drops malformed train and evaluate replies, and makes the round's metric keys consistent.
 
-    def __init__(self, strategy: Strategy, max_rank: int, secure_aggregation: bool = False) -> None:
+    ``expected``: per phase, the metric keys every honest reply carries and the key families
+    (``fedmm.privacy.release``); the round's keys are then the protocol's, not a vote, so one reply with an
+    extra or a missing key cannot get honest replies dropped, whatever the number of replies (the
+    asynchronous loop checks them one at a time)."""
+
+    def __init__(self, strategy: Strategy, max_rank: int, secure_aggregation: bool = False,
+                 expected: dict[str, tuple[frozenset[str], tuple[str, ...]]] | None = None) -> None:
         super().__init__(strategy)
         self.max_rank, self.secure_aggregation = max_rank, secure_aggregation
+        self.expected = expected or {}
         self.drops: list[dict[str, object]] = []  # round, phase, node, reason of every rejected reply
         self.stats: dict[int, dict[str, float]] = {}  # round -> rejected-replies (train and evaluate)
 
@@ -175,7 +191,7 @@ class ReplyCheck(StrategyWrapper):
                 valid.append(msg)
         if not valid:
             return errors
-        keys = round_key_set(valid)
+        keys = round_key_set(valid, *self.expected.get(phase, (None, ())))
         kept = []
         for msg in valid:
             metrics = msg.content[protocol.METRICS]

@@ -105,3 +105,20 @@ def base_model(_base_model) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tokenizer(base_settings):
     return models.create_tokenizer(base_settings.model)
+
+
+def honest_metrics(phase: str = "train", dp: str = "none", secure_aggregation: bool = False,
+                   **values: float) -> dict[str, float]:
+    """A stand-in reply's metrics: exactly the keys fedmm's ClientApp sends in a ``phase`` reply of a run
+    under ``dp`` (the protocol's set, which the server's ReplyCheck expects), ``values`` set, the rest
+    neutral."""
+    from fedmm import protocol
+    from fedmm.privacy.release import EVALUATE_ALWAYS, train_metric_keys
+
+    keys = EVALUATE_ALWAYS if phase == "evaluate" else sorted(train_metric_keys(dp, secure_aggregation, False))
+    base = {k: 0.0 for k in keys}
+    base.update({protocol.NUM_EXAMPLES: 1, protocol.UNIT_WEIGHT: 1, protocol.PARTITION_ID: 0})
+    if phase != "evaluate":
+        base[protocol.LORA_RANK] = 1
+    base.update(values)
+    return base

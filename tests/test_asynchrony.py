@@ -29,6 +29,7 @@ from fedmm.protocol import to_numpy, to_record
 from server.asynchronous import AsynchronousLoop
 from server.chain import build_chain, build_strategy
 from server.history import MetricsHistory
+from conftest import honest_metrics
 
 RANK = 4
 
@@ -141,9 +142,9 @@ def _delta(node: int, version: int) -> OrderedDict[str, np.ndarray]:
 def _train_reply(msg: Message, node: int, version: int, codec: str = "fp32") -> Message:
     payload = make_codec(codec).encode(_delta(node, version), np.random.default_rng([node, version]))
     # group 0 right 9 of 10, group 1 right 2 of 10 on every client: an accuracy gap of 0.7
-    metrics = MetricRecord({"num-examples": 10 + node, "unit-weight": 1, "partition-id": node - 1,
-                            "lora-rank": RANK, "train-loss": 1.0 / node, "cstat-correct-g0": 9.0,
-                            "cstat-count-g0": 10.0, "cstat-correct-g1": 2.0, "cstat-count-g1": 10.0})
+    metrics = MetricRecord(honest_metrics(**{
+        "num-examples": 10 + node, "partition-id": node - 1, "lora-rank": RANK, "train-loss": 1.0 / node,
+        "cstat-correct-g0": 9.0, "cstat-count-g0": 10.0, "cstat-correct-g1": 2.0, "cstat-count-g1": 10.0}))
     return Message(RecordDict({"arrays": to_record(payload), "metrics": metrics}), reply_to=msg)
 
 
@@ -197,8 +198,8 @@ class _Federation:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            replies.append(Message(RecordDict({"metrics": MetricRecord(
-                {"num-examples": 5, "unit-weight": 1, "partition-id": node - 1, "zs-acc": 0.5})}), reply_to=msg))
+            replies.append(Message(RecordDict({"metrics": MetricRecord(honest_metrics(
+                "evaluate", **{"num-examples": 5, "partition-id": node - 1, "zs-acc": 0.5}))}), reply_to=msg))
         return replies
 
 

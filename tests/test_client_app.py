@@ -322,6 +322,8 @@ def test_a_site_trains_on_its_own_manifest_and_declines_labels_outside_the_runs_
 
 
 DP_RUNS = {  # every dp mode, as the server's chain configures its train instruction
+    "none": {"dp": "none"},
+    "none-secagg": {"dp": "none", "secure-aggregation": True},
     "dp-sgd": {"dp": "dp-sgd"},
     "local": {"dp": "local"},
     "central-client": {"dp": "central-client"},
@@ -356,7 +358,7 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
     random.seed(0)
     train = next(iter(chain.configure_train(1, arrays, ConfigRecord({}), Grid())))
     evaluate = next(iter(chain.configure_evaluate(1, arrays, ConfigRecord({}), Grid())))
-    sent = {}
+    sent, phases = {}, {}
     for msg in (train, evaluate):
         node = msg.metadata.dst_node_id
         context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": 10},
@@ -365,7 +367,15 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
                            context)
         assert not reply.has_error(), reply.error
         sent.update(dict(reply.content["metrics"]))
+        phases[msg.metadata.message_type] = set(reply.content["metrics"].keys())
     assert "zs-acc" in sent and (mode == "dp-sgd" or any(k.startswith("cstat-") for k in sent))  # both read
+    # the keys the server expects of the run's clients (strategies/replies.py: never a vote) are exactly these
+    from fedmm.privacy.release import EVALUATE_ALWAYS, EVALUATE_FAMILIES, TRAIN_FAMILIES, train_metric_keys
+    expected = train_metric_keys(settings.dp, settings.secure_aggregation, False)
+    assert {k for k in phases[MessageType.TRAIN] if not k.startswith(TRAIN_FAMILIES)} == expected
+    assert {k for k in phases[MessageType.EVALUATE] if not k.startswith(EVALUATE_FAMILIES)} == set(EVALUATE_ALWAYS)
+    if mode.startswith("none"):
+        return
     unruled = sorted(k for k in sent if release_rule(k) is None)
     assert not unruled, f"dp = {mode}: these metrics leave the client with no release rule: {unruled}"
     listed = privacy_summary(settings, 4, [])["outside-guarantee"]

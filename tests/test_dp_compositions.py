@@ -35,6 +35,7 @@ from server.chain import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from strategies.compression import CompressedUpdates
 from fedmm.protocol import to_numpy, to_record
+from conftest import honest_metrics
 
 CODECS = ["fp32", "fp16", "bf16", "q8", "q4", "q2", "q4-row", "topk0.1", "topk0.1+q4"]
 CLIP = 0.5
@@ -66,7 +67,7 @@ class _Grid:
         return list(range(1, NODES + 1))
 
 
-def _trainer(rnd: int):
+def _trainer(rnd: int, dp: str):
     """The ClientApp's handler, reduced to its contract: local = received global + an update of norm 5 C."""
 
     def handler(msg: Message, context: Context) -> Message:
@@ -75,8 +76,8 @@ def _trainer(rnd: int):
         raw = OrderedDict((k, rng.normal(size=v.shape).astype(np.float32)) for k, v in received.items())
         scale = 5 * CLIP / update_norm(raw)
         local = OrderedDict((k, received[k] + scale * raw[k]) for k in received)
-        metrics = MetricRecord({"num-examples": 10, "unit-weight": 1, "partition-id": context.node_id - 1,
-                                "lora-rank": 2})
+        metrics = MetricRecord(honest_metrics(dp=dp, **{
+            "num-examples": 10, "partition-id": context.node_id - 1, "lora-rank": 2}))
         return Message(RecordDict({"arrays": to_record(local), "metrics": metrics}), reply_to=msg)
 
     return handler
@@ -115,7 +116,7 @@ def _noised_norms(settings: Settings, monkeypatch) -> list[float]:
     for rnd in range(1, ROUNDS + 1):
         random.seed(rnd)
         messages = list(chain.configure_train(rnd, arrays, ConfigRecord({}), _Grid()))
-        handler = _trainer(rnd)
+        handler = _trainer(rnd, settings.dp)
         # each client gets its own copy, as over the wire (Flower's FedAvg shares one content object)
         messages = [copy.deepcopy(m) for m in messages]
         replies = [compression_mod(m, contexts[m.metadata.dst_node_id],
@@ -189,7 +190,7 @@ def _central_round(dp: str, outlier: float | None) -> tuple[object, object]:
         delta = OrderedDict((k, (0.01 * rng.normal(size=v.shape)).astype(np.float32)) for k, v in glob.items())
         if node == 5 and outlier is not None:
             delta = OrderedDict((k, (v * 0 + outlier).astype(np.float32)) for k, v in delta.items())
-        metrics = MetricRecord({"num-examples": 10, "unit-weight": 1, "partition-id": node - 1, "lora-rank": 2})
+        metrics = MetricRecord(honest_metrics(dp=dp, **{"num-examples": 10, "partition-id": node - 1, "lora-rank": 2}))
         payload = make_codec("fp32").encode(delta, np.random.default_rng(0))  # what compression_mod sends
         replies.append(Message(RecordDict({"arrays": to_record(payload), "metrics": metrics}), reply_to=msg))
     arrays, _ = chain.aggregate_train(1, replies)

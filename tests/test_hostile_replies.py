@@ -24,6 +24,7 @@ from server.chain import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from fedmm.protocol import to_numpy, to_record
 from strategies.replies import ReplyCheck
+from conftest import honest_metrics
 
 RANK = 4
 HONEST = 5
@@ -57,14 +58,15 @@ def _honest_train(msg: Message, node: int, rnd: int, codec: str) -> Message:
     rng = np.random.default_rng([node, rnd])
     delta = OrderedDict((k, (0.01 * rng.normal(size=v.shape)).astype(np.float32)) for k, v in _global().items())
     payload = make_codec(codec).encode(delta, np.random.default_rng([node, rnd, 1]))
-    metrics = MetricRecord({"num-examples": 10 + node, "unit-weight": 1, "partition-id": node - 1, "lora-rank": RANK,
-                            "train-loss": 1.0 / node, "bytes-uplink": 100})
+    metrics = MetricRecord(honest_metrics(**{"num-examples": 10 + node, "partition-id": node - 1, "lora-rank": RANK,
+                                              "train-loss": 1.0 / node, "bytes-uplink": 100}))
     return Message(RecordDict({"arrays": to_record(payload), "metrics": metrics}), reply_to=msg)
 
 
 def _honest_evaluate(msg: Message, node: int, rnd: int) -> Message:
-    metrics = MetricRecord({"num-examples": 20 + node, "unit-weight": 1, "partition-id": node - 1,
-                            "zs-acc": (node * rnd % 7) / 7, "loss": 1.0 + node, "fair-n-g0-c0": node})
+    metrics = MetricRecord(honest_metrics("evaluate", **{"num-examples": 20 + node, "partition-id": node - 1,
+                                                         "zs-acc": (node * rnd % 7) / 7, "loss": 1.0 + node,
+                                                         "fair-n-g0-c0": node}))
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -118,10 +120,10 @@ def _instruction(node: int, kind: str = MessageType.TRAIN) -> Message:
 
 
 def _bad_metrics(rng: random.Random, phase: str, node: int) -> MetricRecord:
-    base = {"num-examples": 10, "unit-weight": 1, "partition-id": node - 1, "train-loss": 0.5, "bytes-uplink": 100}
+    base = honest_metrics(**{"num-examples": 10, "partition-id": node - 1, "train-loss": 0.5, "bytes-uplink": 100})
     if phase == "evaluate":
-        base = {"num-examples": 10, "unit-weight": 1, "partition-id": node - 1, "zs-acc": 0.5, "loss": 1.0,
-                "fair-n-g0-c0": 3}
+        base = honest_metrics("evaluate", **{"num-examples": 10, "partition-id": node - 1, "zs-acc": 0.5,
+                                             "loss": 1.0, "fair-n-g0-c0": 3})
     else:
         base["lora-rank"] = RANK
     kind = rng.randrange(10)

@@ -32,6 +32,7 @@ from server.chain import find_wrapper, make_strategy
 from server.history import MetricsHistory
 from strategies.privacy import DistributedSkellam
 from strategies.secure_aggregation import SecureAggregation
+from conftest import honest_metrics
 
 IDS = [2**63 + 7919 * k for k in range(10)]  # Flower's node ids use all 64 bits
 
@@ -83,8 +84,9 @@ class _Federation:
         update = _update(context.node_id, rnd, received, self.norm)
         self.updates[context.node_id] = update
         local = OrderedDict((k, received[k] + update[k]) for k in received)
-        metrics = MetricRecord({"num-examples": 10 + context.node_config["partition-id"], "unit-weight": 1,
-                                "partition-id": context.node_config["partition-id"], "lora-rank": 2})
+        metrics = MetricRecord(honest_metrics(dp=context.run_config.get("dp", "none"), secure_aggregation=True, **{
+                                                 "num-examples": 10 + context.node_config["partition-id"],
+                                                 "partition-id": context.node_config["partition-id"], "lora-rank": 2}))
         return Message(RecordDict({"arrays": to_record(local), "metrics": metrics}), reply_to=msg)
 
     def _answer(self, msg: Message, handler) -> Message:

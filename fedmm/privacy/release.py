@@ -71,6 +71,31 @@ def release_rule(key: str) -> str | None:
     return None
 
 
+# what every train reply of fedmm's ClientApp carries, whatever the run (clients/app.py, compression_mod)
+TRAIN_ALWAYS = (protocol.NUM_EXAMPLES, protocol.UNIT_WEIGHT, protocol.PARTITION_ID, protocol.LORA_RANK,
+                protocol.TRAIN_SECONDS, protocol.STEP_SECONDS, protocol.STEPS_DONE, protocol.WORK_FRACTION,
+                protocol.BYTES_UPLINK, protocol.ENCODE_SECONDS)
+EVALUATE_ALWAYS = (protocol.NUM_EXAMPLES, protocol.UNIT_WEIGHT, protocol.PARTITION_ID, *protocol.EVALUATE_SCALARS)
+# key families whose names depend on the run's groups and classes: their keys are settled per round
+TRAIN_FAMILIES = (protocol.CONSTRAINT_STAT,)
+EVALUATE_FAMILIES = protocol.EVALUATE_COUNTS
+
+
+def train_metric_keys(dp: str, secure_aggregation: bool, report_train_loss: bool) -> frozenset[str]:
+    """The metric keys (outside the families) every honest train reply carries in a run: what the server
+    expects, so that the round's key set is the protocol's and never a vote among replies."""
+    keys = set(TRAIN_ALWAYS)
+    if dp == "none":
+        keys |= {protocol.TRAIN_LOSS, protocol.CONTRASTIVE_LOSS}
+        if report_train_loss:
+            keys.add(protocol.GLOBAL_TRAIN_LOSS)
+        if secure_aggregation:
+            keys.add(protocol.CLIPPED)
+    if dp in ("dp-sgd", "local"):
+        keys.add(protocol.DP_EPSILON)  # the client's own ledger
+    return frozenset(keys)
+
+
 def released_train_metrics(metrics: Mapping[str, float], dp: str) -> dict[str, float]:
     """The train-reply metrics a client sends under ``dp`` (everything, without DP)."""
     if dp == "none":
