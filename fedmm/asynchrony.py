@@ -37,6 +37,9 @@ from typing import Generic, TypeVar
 import numpy as np
 
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
+# past these, s(tau) of a few versions' staleness is below any weight that matters: (tau+1)^-10, 1/(1e6 tau + 1)
+MAX_STALENESS_A = {"constant": 1.0, "polynomial": 10.0, "hinge": 1e6}
+MIN_WEIGHT = 1e-12  # s(tau) never underflows to 0: a buffer of stale updates keeps a positive total weight
 _PARAMETERS = {"constant": {}, "polynomial": {"a": 0.5}, "hinge": {"a": 10.0, "b": 4.0}}
 
 
@@ -52,9 +55,9 @@ class Staleness:
         if tau < 0:
             raise ValueError(f"staleness {tau} < 0")
         if self.kind == "polynomial":
-            return float((tau + 1) ** -self.a)
+            return max(MIN_WEIGHT, float((tau + 1) ** -self.a))
         if self.kind == "hinge":
-            return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
+            return 1.0 if tau <= self.b else max(MIN_WEIGHT, 1.0 / (self.a * (tau - self.b) + 1.0))
         return 1.0
 
     @property
@@ -78,8 +81,10 @@ def parse_staleness(text: str) -> Staleness:
             values[name] = float(value)
         except ValueError:
             raise ValueError(f"staleness '{kind}': {name} = {value!r} is not a number") from None
-    if values.get("a", 1.0) <= 0 or not np.isfinite(values.get("a", 1.0)):
-        raise ValueError(f"staleness '{kind}': a must be a finite number > 0")
+    a_max = MAX_STALENESS_A[kind]
+    if not 0 < values.get("a", 1.0) <= a_max:
+        raise ValueError(f"staleness '{kind}': a must be a number in (0, {a_max:g}] (a larger one weights every "
+                         "stale update as zero)")
     if values.get("b", 0.0) < 0 or not np.isfinite(values.get("b", 0.0)):
         raise ValueError(f"staleness '{kind}': b must be a finite number >= 0")
     return Staleness(kind, **values)
@@ -87,11 +92,21 @@ def parse_staleness(text: str) -> Staleness:
 
 def delay_compensated(delta: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray],
                       trained_on: Mapping[str, np.ndarray], lam: float) -> OrderedDict[str, np.ndarray]:
-    """DC-ASGD's first-order correction of ``delta`` (computed at ``trained_on``) to the ``current`` model."""
+    """DC-ASGD's first-order correction of ``delta`` (computed at ``trained_on``) to the ``current`` model,
+    held to the uncorrected update's norm: the correction turns an update, it never lengthens it (so a norm
+    bound or a clipping norm applied before it still holds after it); a correction that is not finite
+    (an update of huge entries squared) leaves the update as it was."""
     if lam == 0:
         return OrderedDict(delta)
-    return OrderedDict((k, (d - lam * d * d * (current[k] - trained_on[k])).astype(d.dtype))
-                       for k, d in delta.items())
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = OrderedDict((k, (d.astype(np.float64) - lam * d.astype(np.float64) ** 2
+                               * (current[k] - trained_on[k]))) for k, d in delta.items())
+    if not all(np.all(np.isfinite(v)) for v in out.values()):
+        return OrderedDict(delta)
+    before = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.values())))
+    after = float(np.sqrt(sum(float(np.sum(v * v)) for v in out.values())))
+    scale = before / after if after > before else 1.0
+    return OrderedDict((k, (scale * v).astype(delta[k].dtype)) for k, v in out.items())
 
 
 T = TypeVar("T")

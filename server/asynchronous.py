@@ -12,8 +12,14 @@ runs this loop instead, on the Grid's ``push_messages`` / ``pull_messages``:
    — is dropped, so a reply is applied at most once), checked by ``ReplyCheck``
    (a malformed one is dropped with the node and the aggregation named), and
    buffered with the version it trained on; the client's slot is refilled at
-   once with the current global. An error reply (a crash, a decline) is
-   counted as a failure, and that node waits for the next version.
+   once with the current global. Each update is decoded and checked on
+   arrival (the codec's checks, finiteness), so junk never takes a buffer
+   slot; a reply from another node than its dispatch's, a malformed one and
+   an error reply (a crash, a decline) are counted with their reason, never
+   in an aggregation's batch, and that node waits for the next version. With
+   ``distinct-clients`` (always under central DP: one update per client per
+   release) a client whose update still waits is not dispatched again, so
+   nothing piles up behind it.
 3. When the buffer holds ``buffer-size`` updates, the whole chain aggregates
    them as aggregation t + 1: the codec decodes each update and rebases it
    onto the current global, validation checks it, ``StalenessWeighting``
@@ -21,9 +27,12 @@ runs this loop instead, on the Grid's ``push_messages`` / ``pull_messages``:
    multipliers' dual step and the user's strategy (FedAvg's weighted mean,
    FedAdam's step...) run per aggregation. Then the server evaluates the new
    global on its held-out data and writes the checkpoint (``RoundRecorder``).
+   A new global that is not finite is not applied (the global stays).
 4. ``num-server-rounds`` aggregations end the run; clients still in flight are
    abandoned (their replies are never applied), and the clients evaluate the
-   final global once.
+   final global once. A run whose buffer cannot fill — no aggregation for two
+   round-timeouts, e.g. buffer-size distinct clients needed and one silent —
+   stops with the reason.
 
 Resume: a checkpoint holds everything applied so far; the updates that were
 in flight or buffered at that point were never applied, and a resumed run
@@ -37,14 +46,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedmm import protocol
 from fedmm.asynchrony import Arrival, UpdateBuffer
+from fedmm.compression import layout_of
 from fedmm.config import ConfigError, Settings
 from fedmm.deploy.polling import SERVER_PULL_INTERVAL
 from fedmm.privacy.plan import needs_uniform_mean
@@ -53,6 +64,7 @@ from server.chain import Chain
 from server.history import MetricsHistory
 from server.recording import RoundRecorder
 from strategies.replies import TRAIN
+from strategies.validation import finiteness_problem
 
 
 class _Cohort:
@@ -87,10 +99,12 @@ class AsynchronousLoop:
         self.train_config, self.evaluate_config = train_config, evaluate_config
         self.num_rounds, self.done, self.pull_interval = num_rounds, done, pull_interval
         self.version = done  # aggregations applied so far
-        self.buffer: UpdateBuffer[Message] = UpdateBuffer(settings.buffer_size, needs_uniform_mean(settings.dp))
+        distinct = settings.distinct_clients or needs_uniform_mean(settings.dp)
+        self.buffer: UpdateBuffer[Message] = UpdateBuffer(settings.buffer_size, distinct)
         self.in_flight: dict[str, Dispatch] = {}
-        self.errors: list[Message] = []  # error replies since the last aggregation: the chain counts them
-        self.parked: dict[int, int] = {}  # node -> the version its error reply came at: it waits for the next
+        self.parked: dict[int, int] = {}  # node -> the version its failed or refused reply came at: it waits
+        self.stopped: str | None = None  # why the run stopped before its last aggregation
+        self._progress = time.monotonic()  # when the last aggregation (or the run) began
         self.versions: dict[int, Mapping[str, np.ndarray]] = {}  # versions still trained on (delay compensation)
         self._content: tuple[int, RecordDict] | None = None
         self.nodes: list[int] = []
@@ -117,7 +131,8 @@ class AsynchronousLoop:
 
     def _fill(self, idle: deque[int], arrays: ArrayRecord, concurrency: int) -> None:
         """Refill every free slot with the current global (nodes parked at this version wait)."""
-        ready = [n for n in idle if self.parked.get(n, -1) != self.version]
+        waiting = {a.client for a in self.buffer.waiting} if self.buffer.distinct_clients else set()
+        ready = [n for n in idle if self.parked.get(n, -1) != self.version and n not in waiting]
         free = concurrency - len(self.in_flight)
         if not ready or free <= 0:
             return
@@ -145,17 +160,38 @@ class AsynchronousLoop:
             self.dropped.append({"round": at, "node": node, "reason": reason})
             return
         idle.append(dispatch.node)
+        if node != dispatch.node:
+            self._refuse(at, dispatch.node, f"a reply from node {node} to the dispatch sent to node {dispatch.node}")
+            return
         checked = self.chain.reply_check.check(at, TRAIN, [reply])
-        if not checked:
-            return  # malformed: ReplyCheck logged and kept the reason
-        if checked[0].has_error():
-            self.errors.append(checked[0])
+        if not checked:  # malformed: ReplyCheck logged and kept the reason
             self.parked[dispatch.node] = self.version
             return
-        problem = self.buffer.add(Arrival(reply.metadata.message_id, dispatch.node, dispatch.version, checked[0]))
+        if checked[0].has_error():  # counted where a synchronous round counts it, never in a release's batch
+            self.chain.book.fail(at, checked[0])
+            self.parked[dispatch.node] = self.version
+            return
+        problem = self._update_problem(checked[0], dispatch.version)
+        if problem is None:
+            problem = self.buffer.add(Arrival(reply.metadata.message_id, dispatch.node, dispatch.version,
+                                              checked[0]))
         if problem:
-            log(WARNING, "aggregation %d: dropped the reply of node %s: %s", at, node, problem)
-            self.dropped.append({"round": at, "node": node, "reason": problem})
+            self._refuse(at, node, problem)
+
+    def _update_problem(self, reply: Message, version: int) -> str | None:
+        """Why the update of ``reply`` (trained on ``version``) must not take a buffer slot, or None: it does not
+        decode against the adapter's layout, or holds non-finite values."""
+        try:
+            delta = self.chain.codec.uplink.decode(to_numpy(reply.content[protocol.ARRAYS]),
+                                                   layout_of(self.versions[version]))
+        except Exception as exc:  # noqa: BLE001 - whatever a payload holds, it is this reply's fault alone
+            return f"payload does not decode: {exc}"
+        return finiteness_problem(delta)
+
+    def _refuse(self, at: int, node: int, reason: str) -> None:
+        log(WARNING, "aggregation %d: dropped the reply of node %s: %s", at, node, reason)
+        self.dropped.append({"round": at, "node": node, "reason": reason})
+        self.parked[node] = self.version
 
     def _abandon_late(self, idle: deque[int]) -> None:
         """A dispatch older than round-timeout is given up (its reply, if it comes, is dropped); the node is
@@ -178,12 +214,17 @@ class AsynchronousLoop:
         for arrival in batch:
             self.chain.staleness.expect(arrival.item.metadata.message_id, self.version - arrival.version,
                                         arrival.version, self.versions[arrival.version])
-        replies, self.errors = self.errors + [a.item for a in batch], []
-        new, _ = self.chain.outer.aggregate_train(at, replies)
+        new, _ = self.chain.outer.aggregate_train(at, [a.item for a in batch])
         self._record(at, batch)
         self.version = at
-        if new is not None:
+        self._progress = time.monotonic()
+        problem = finiteness_problem(to_numpy(new)) if new is not None else None
+        if new is not None and problem is None:
             arrays = new
+        elif problem is not None:
+            log(WARNING, "aggregation %d: the new global is not finite (%s); the global stays as it was", at,
+                problem)
+            self.history.record(at, "async/non-finite-global", 1)
         else:
             log(WARNING, "aggregation %d: the strategy released no model; the global stays as it was", at)
         live = {d.version for d in self.in_flight.values()} | {a.version for a in self.buffer.waiting}
@@ -224,9 +265,11 @@ class AsynchronousLoop:
         order = list(nodes)
         random.Random(self.settings.seed + self.done).shuffle(order)  # which nodes go first
         idle = deque(order)
-        log(INFO, "fedmm: asynchronous: %d nodes, %d training at once, %d updates per aggregation, staleness %s%s",
-            len(nodes), concurrency, self.settings.buffer_size, self.settings.staleness,
+        log(INFO, "fedmm: asynchronous: %d nodes, %d training at once, %d updates per aggregation%s, staleness "
+            "%s%s", len(nodes), concurrency, self.settings.buffer_size,
+            " from distinct clients" if self.buffer.distinct_clients else "", self.settings.staleness,
             f", delay compensation {self.settings.delay_compensation:g}" if self.settings.delay_compensation else "")
+        self._progress = time.monotonic()
         while self.version < self.num_rounds:
             self._fill(idle, arrays, concurrency)
             if not self.in_flight and not self.buffer.ready():
@@ -239,6 +282,14 @@ class AsynchronousLoop:
             self._abandon_late(idle)
             while self.buffer.ready() and self.version < self.num_rounds:
                 arrays = self._aggregate(arrays)
+            if time.monotonic() - self._progress > 2 * self.settings.round_timeout:
+                clients = len({a.client for a in self.buffer.waiting})
+                self.stopped = (f"no aggregation for {2 * self.settings.round_timeout:g} s (two round-timeouts): "
+                                f"the buffer holds {len(self.buffer.waiting)} updates from {clients} clients and "
+                                f"needs {self.settings.buffer_size}"
+                                + (" from distinct clients" if self.buffer.distinct_clients else ""))
+                log(ERROR, "aggregation %d: the run stops: %s", self.version + 1, self.stopped)
+                break
             if not replies:
                 time.sleep(self.pull_interval)
         if self.in_flight or self.buffer.waiting:

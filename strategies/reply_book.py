@@ -46,7 +46,8 @@ class ReplyBook(StrategyWrapper):
     ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         # less each reply that arrives in time
-        self.stats[server_round] = {"failed-replies": 0.0, "missing-replies": float(len(messages))}
+        failed = self.stats.get(server_round, {}).get("failed-replies", 0.0)  # the asynchronous loop's, if any
+        self.stats[server_round] = {"failed-replies": failed, "missing-replies": float(len(messages))}
         return messages
 
     def aggregate_train(
@@ -57,10 +58,15 @@ class ReplyBook(StrategyWrapper):
         stats["missing-replies"] = max(stats["missing-replies"] - len(replies), 0.0)  # timed out, lost
         for msg in replies:
             if msg.has_error():  # the wrapped strategy logs and skips it
-                stats["failed-replies"] += 1
-                self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
-                                      "reason": msg.error.reason or f"error code {msg.error.code}"})
+                self.fail(server_round, msg)
         return self.strategy.aggregate_train(server_round, replies)
+
+    def fail(self, server_round: int, msg: Message) -> None:
+        """Count one error reply (a crash, a decline) of ``server_round``, with its node and reason."""
+        stats = self.stats.setdefault(server_round, {"failed-replies": 0.0, "missing-replies": 0.0})
+        stats["failed-replies"] = stats.get("failed-replies", 0.0) + 1
+        self.failures.append({"round": server_round, "node": msg.metadata.src_node_id,
+                              "reason": msg.error.reason or f"error code {msg.error.code}"})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, in_partition_order(replies))

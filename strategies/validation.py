@@ -14,8 +14,9 @@ A reply is dropped, with its reason logged and kept in ``drops``, when any
 value is NaN or infinite (a payload can decode to that: huge quantization
 scales overflow float32), or when its update norm
 ||local - global|| is absurd: more than ``max_norm_ratio`` times the median
-norm of the round's replies (with three or more replies; a median of fewer
-is the attacker's to move). With ``norm_bound`` > 0 every kept update is
+norm of the round's replies (a round of fewer than three also counts the
+last accepted updates' norms: a median of one or two is the attacker's to
+move). With ``norm_bound`` > 0 every kept update is
 clipped to that norm first (norm bounding, Sun et al. 2019: it caps what one
 scaled or boosted update can do to the mean without dropping anybody).
 Error replies pass through untouched: the wrapped strategy counts them as
@@ -43,6 +44,9 @@ from flwr.supercore import log
 
 from fedmm.protocol import to_numpy, to_record, trainable
 from strategies.wrapper import StrategyWrapper
+
+
+RECENT_NORMS = 16
 
 
 def finiteness_problem(local: dict[str, np.ndarray]) -> str | None:
@@ -73,6 +77,7 @@ class UpdateValidation(StrategyWrapper):
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}
         self.drops: list[dict[str, object]] = []  # round, node, reason of every dropped update
+        self.recent_norms: list[float] = []  # the last accepted updates' norms, for rounds of too few peers
 
     def summary(self) -> None:
         log(INFO, "\t├──> UpdateValidation: drop malformed or non-finite updates, and norms > %s x the median; "
@@ -128,7 +133,11 @@ class UpdateValidation(StrategyWrapper):
                 # resolves, and keeps the client's contribution inside the clipping ball
                 msg.content[self.key] = to_record(_one_ulp_off(ref))
             candidates.append((msg, delta, norm))
-        median = float(np.median([n for _, _, n in candidates])) if len(candidates) >= 3 else None
+        # a round of fewer than three updates (an asynchronous buffer of two) is compared with the norms the
+        # last rounds accepted as well: a median of one or two is the attacker's to move
+        norms = [n for _, _, n in candidates]
+        peers = norms if len(norms) >= 3 else norms + self.recent_norms
+        median = float(np.median(peers)) if len(peers) >= 3 else None
         for msg, delta, norm in candidates:
             if self.max_norm_ratio and median is not None and norm > self.max_norm_ratio * max(median, 1e-12):
                 self._drop(server_round, msg, f"update norm {norm:.4g} is more than {self.max_norm_ratio:g}x "
@@ -139,4 +148,5 @@ class UpdateValidation(StrategyWrapper):
                 msg.content[self.key] = to_record(OrderedDict((k, ref[k] + scale * delta[k]) for k in ref))
                 self.stats[server_round]["clipped-updates"] += 1
             passed.append(msg)
+            self.recent_norms = (self.recent_norms + [norm])[-RECENT_NORMS:]
         return self.strategy.aggregate_train(server_round, passed)

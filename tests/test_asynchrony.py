@@ -58,7 +58,9 @@ def test_staleness_functions_are_fedasync_s():
 
 @pytest.mark.parametrize("text, message", [
     ("exponential", "unknown staleness function 'exponential'"),
-    ("polynomial a=0", "a must be a finite number > 0"),
+    ("polynomial a=0", r"a must be a number in \(0, 10\]"),
+    ("polynomial a=2000", r"a must be a number in \(0, 10\]"),  # audit: s underflowed to 0, the run divided by 0
+    ("hinge a=1e308", r"a must be a number in \(0, 1e\+06\]"),
     ("polynomial b=1", "unknown parameter 'b=1'"),
     ("hinge a=1 b=-1", "b must be a finite number >= 0"),
     ("hinge a=x", "a = 'x' is not a number"),
@@ -105,8 +107,12 @@ def _fedbuff_step(deltas, weights, staleness) -> OrderedDict[str, np.ndarray]:
 def test_dc_is_dc_asgd_s_correction_and_leaves_fresh_updates_alone():
     d1 = {"w": np.array([1.0, 2.0])}
     now, then = {"w": np.array([0.5, 1.0])}, {"w": np.array([0.0, 3.0])}
+    dc = d1["w"] - 0.1 * d1["w"] ** 2 * (now["w"] - then["w"])  # DC-ASGD: [0.95, 2.8], longer than d1
     out = delay_compensated(d1, now, then, lam=0.1)
-    np.testing.assert_allclose(out["w"], d1["w"] - 0.1 * d1["w"] ** 2 * (now["w"] - then["w"]))
+    # its direction, held to the update's norm (audit: a correction lengthened a bounded update past its bound)
+    np.testing.assert_allclose(out["w"], dc * np.linalg.norm(d1["w"]) / np.linalg.norm(dc))
+    shorter = delay_compensated(d1, then, now, lam=0.1)  # the other way the correction shortens: exact
+    np.testing.assert_allclose(shorter["w"], d1["w"] - 0.1 * d1["w"] ** 2 * (then["w"] - now["w"]))
     np.testing.assert_array_equal(delay_compensated(d1, now, now, 0.1)["w"], d1["w"])  # fresh: unchanged
     np.testing.assert_array_equal(delay_compensated(d1, now, then, 0.0)["w"], d1["w"])
 

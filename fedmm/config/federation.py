@@ -5,6 +5,7 @@ concurrency), and what the server does with updates it distrusts (strategies/).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from typing import Any
@@ -19,6 +20,10 @@ from .declare import (
     parses,
     positive,
 )
+
+
+def _finite_non_negative(v: Any) -> str | None:
+    return non_negative(v) or (None if math.isfinite(v) else "must be finite")
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,17 @@ class FederationSettings:
                                     "of synchronous rounds")
     buffer_size: int = key(4, "asynchronous: updates per aggregation (K)", positive)
     concurrency: int = key(0, "asynchronous: clients kept training at once (0 = every node)", non_negative)
+    distinct_clients: bool = key(
+        False, "asynchronous: each aggregation takes at most one update per client, and a client whose update "
+               "waits is not dispatched again (always so under central DP: one update per client per release). "
+               "Off by default: FedBuff lets a fast client contribute as often as it finishes, for throughput",
+    )
     staleness: str = key("polynomial a=0.5", "asynchronous: weight of an update by its staleness tau: constant, "
                                              "'polynomial a=A' ((tau+1)^-A), 'hinge a=A b=B'",
                          parses(parse_staleness))
     delay_compensation: float = key(0.0, "asynchronous: DC-ASGD's lambda of the first-order correction of a stale "
-                                         "update, delta - lambda delta*delta*(theta_now - theta_sent) (0 = off)",
-                                    non_negative)
+                                         "update, delta - lambda delta*delta*(theta_now - theta_sent), held to "
+                                         "the update's norm (0 = off)", _finite_non_negative)
 
     def sampled_per_round(self, num_nodes: int) -> int:
         """Updates per aggregation: nodes per training round, as Flower's FedAvg samples them, or asynchronous
