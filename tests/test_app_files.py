@@ -44,3 +44,18 @@ def test_staged_app_holds_what_flower_would_package(tmp_path):
 
 def test_this_checkout_stages_the_same_files_as_flower_packages():
     assert set(app_files(ROOT)) == set(filter_paths_for_publish(collect_files(ROOT)))
+
+
+def test_no_site_of_the_compose_rehearsal_can_write_the_cache_the_others_load():
+    """Audit item 10: every container mounted one writable cache volume, so one site could replace the base
+    model the ServerApp and the other sites load. Every SuperNode mounts it read-only."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    services = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    sites = {name: svc for name, svc in services.items() if name.startswith("supernode")}
+    assert len(sites) == 3
+    for name, svc in sites.items():
+        cache = [v for v in svc["volumes"] if v.split(":")[-2 if v.endswith((":ro", ":rw")) else -1]
+                 == "/root/.cache/fedmm"]
+        assert cache and all(v.endswith(":ro") for v in cache), (name, svc["volumes"])

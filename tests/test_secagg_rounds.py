@@ -274,7 +274,8 @@ def test_distributed_dp_puts_the_accounted_noise_in_the_released_mean():
     ({"dp": "local"}, "'dp' = 'local'"),
     ({"codec": "q8"}, "'codec' = 'q8': secure aggregation rounds each update"),
     ({"secure-aggregation": False, "dp": "distributed"}, "'dp' = 'distributed' needs 'secure-aggregation' = true"),
-    ({"secagg-threshold": 11}, "'secagg-threshold' = 11: must be in 2..10"),
+    ({"secagg-threshold": 11}, "'secagg-threshold' = 11: must be in 6..10"),
+    ({"secagg-threshold": 2}, "'secagg-threshold' = 2: must be in 6..10 .* below a majority of it, a server that lies"),
     ({"secagg-threshold": 8, "secagg-dropout": 0.3}, "'secagg-threshold' = 8 with 'secagg-dropout' = 0.3: a round where 3 of its 10 "
                               "clients vanish keeps 7 < t"),
     ({"secagg-dropout": 1.0}, "'secagg-dropout' = 1.0: must be a fraction in"),

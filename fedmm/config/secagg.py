@@ -50,8 +50,9 @@ class SecureAggregationSettings:
                           "clients report 'clipped'); under dp = 'distributed' the bound is dp-clip-norm", positive)
     secagg_threshold: int = key(
         0, "secure aggregation's t: shares needed to rebuild a client's secret, and the fewest clients a round "
-           "completes with; 0 = a majority of a neighbourhood (raise it, e.g. to two thirds, to withstand "
-           "clients colluding with the server)", _threshold)
+           "completes with; 0 = a majority of a neighbourhood, the least accepted (below it a server that lies "
+           "about dropouts could unmask a client); raise it, e.g. to two thirds, to withstand more clients "
+           "colluding with the server", _threshold)
     secagg_dropout: float = key(
         0.1, "the fraction of a round's clients secure aggregation must survive vanishing after they shared keys: "
              "sizes SecAgg+'s neighbourhoods (a round fails with probability <= 2^-20 when clients vanish "

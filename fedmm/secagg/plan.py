@@ -36,9 +36,14 @@ class SecAggPlan:
             raise ValueError(f"secure aggregation needs at least 2 clients per round, the run samples {clients}")
         size = neighbourhood_size(clients, dropout, threshold)
         t = threshold or default_threshold(size)
-        if not 2 <= t <= size:
-            raise ValueError(f"'secagg-threshold' = {threshold}: must be in 2..{size} (a neighbourhood of "
-                             f"{clients} clients per round has {size})")
+        majority = default_threshold(size)
+        if not majority <= t <= size:
+            # below a majority, two disjoint groups of one neighbourhood could each rebuild one of a client's two
+            # secrets: a server that tells them different stories about who dropped gets both and unmasks that
+            # client's update; and a smaller coalition of clients suffices to help it
+            raise ValueError(f"'secagg-threshold' = {threshold}: must be in {majority}..{size} (a neighbourhood of "
+                             f"{clients} clients per round has {size}; below a majority of it, a server that lies "
+                             "about dropouts can rebuild both secrets of a client and unmask its update)")
         if size == clients and clients - math.floor(dropout * clients) < t:
             raise ValueError(
                 f"'secagg-threshold' = {t} with 'secagg-dropout' = {dropout:g}: a round where "
