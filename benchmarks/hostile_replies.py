@@ -8,6 +8,9 @@ A crash is an exception escaping ``aggregate_train``/``aggregate_evaluate``;
 of the honest replies alone.
 
     .venv/bin/python benchmarks/hostile_replies.py [--rounds 20]
+
+``--secagg N`` runs instead the secure-aggregation stage fuzz of tests/test_secagg_hostile.py for N rounds,
+``--asynchronous N`` the asynchronous loop fuzz of tests/test_async_hostile.py, N seeds per configuration.
 """
 
 from __future__ import annotations
@@ -44,15 +47,102 @@ def kind_of(reason: str) -> str:
     return reason[:90]
 
 
+def secure_aggregation(trials: int) -> None:
+    """The stage fuzz of tests/test_secagg_hostile.py, ``trials`` rounds: 3 of 10 clients answer one stage each
+    with a crafted reply. A crash is an exception escaping the chain; 'exact' means the released mean is the
+    contributors' and exactly the hostile senders were dropped."""
+    import test_secagg_hostile as t
+
+    kinds: Counter[str] = Counter()
+    original = t._bad_stage_reply
+
+    def counted(rng, stage, request, reply):
+        out, kind = original(rng, stage, request, reply)
+        kinds[f"{stage}: {kind}"] += 1
+        return out, kind
+
+    t._bad_stage_reply = counted
+    crashes = wrong = 0
+    start = time.perf_counter()
+    for trial in range(trials):
+        try:
+            t.test_hostile_stage_replies_drop_only_their_senders_and_the_mean_stays_exact(trial)
+        except AssertionError:
+            wrong += 1
+        except Exception as exc:  # noqa: BLE001 - what this benchmark counts
+            crashes += 1
+            print(f"trial {trial}: CRASH {type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - start
+    hostile = 3 * trials
+    kinds["keys: crafted public key"] = hostile - sum(kinds.values())
+    print("| rounds | hostile replies | crashes | rounds not exact or a wrong drop | seconds |")
+    print("|---|---|---|---|---|")
+    print(f"| {trials} | {hostile} | {crashes} | {wrong} | {seconds:.1f} |\n")
+    print("| stage: kind | count |\n|---|---|")
+    for kind, count in sorted(kinds.items()):
+        print(f"| {kind} | {count} |")
+
+
+def asynchronous(repeats: int) -> None:
+    """The loop fuzz of tests/test_async_hostile.py: every configuration (plain, delay compensation, central
+    DP with and without it, central-client) at buffer sizes 2 and 3, ``repeats`` seeds each."""
+    import random as py_random
+
+    import test_async_hostile as t
+    from fedmm.protocol import to_record
+
+    kinds: Counter[str] = Counter()
+    runs = crashes = non_finite = vetoed = 0
+    start = time.perf_counter()
+    for seed in range(repeats):
+        for config in t.CONFIGS:
+            for buffer_size in (2, 3):
+                py_random.seed(seed)
+                grid = t._HostileFederation(seed=1000 * seed + buffer_size)
+                loop, recorder, _ = t._loop(grid, rounds=8, **{"buffer-size": buffer_size, "round-timeout": 5.0,
+                                                               "min-nodes": 2, **config})
+                runs += 1
+                try:
+                    loop.run(to_record(t._global()))
+                except Exception as exc:  # noqa: BLE001 - what this benchmark counts
+                    crashes += 1
+                    print(f"{config} K={buffer_size}: CRASH {type(exc).__name__}: {exc}")
+                    continue
+                kinds.update(grid.kinds)
+                non_finite += sum(not all(np.all(np.isfinite(v)) for v in a.values()) for _, a in recorder.calls)
+                if "dp" in config:
+                    import strategies
+
+                    ledger = next(w for w in strategies.wrapper_chain(loop.chain.stateful)
+                                  if hasattr(w, "privacy_spent"))
+                    vetoed += loop.version - ledger.privacy_spent().num_releases
+    seconds = time.perf_counter() - start
+    print("| runs (8 aggregations each) | hostile replies | crashes | non-finite globals | central-DP "
+          "aggregations not released | seconds |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {runs} | {sum(kinds.values())} | {crashes} | {non_finite} | {vetoed} | {seconds:.1f} |\n")
+    print("| kind | count |\n|---|---|")
+    for kind, count in sorted(kinds.items()):
+        print(f"| {kind} | {count} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--secagg", type=int, default=0, metavar="TRIALS",
+                        help="instead: the secure-aggregation stage fuzz, this many rounds")
+    parser.add_argument("--asynchronous", type=int, default=0, metavar="SEEDS",
+                        help="instead: the asynchronous loop fuzz, this many seeds per configuration")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr in ("_run_id", "_node_id", "_task_id"):
         setattr(TaskIdentity, attr, 1)
+    if args.secagg:
+        return secure_aggregation(args.secagg)
+    if args.asynchronous:
+        return asynchronous(args.asynchronous)
     h = _harness()
     h.ROUNDS = args.rounds
     from fedmm.config import Settings

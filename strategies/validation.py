@@ -102,7 +102,9 @@ class UpdateValidation(StrategyWrapper):
         if self._reference is None:
             raise RuntimeError("aggregate_train before configure_train")
         ref = self._reference
-        self.stats[server_round] = {"dropped-updates": 0.0, "clipped-updates": 0.0, "zeroed-updates": 0.0}
+        self.stats[server_round] = {"dropped-updates": 0.0, "clipped-updates": 0.0}
+        if self.keep_every_reply:
+            self.stats[server_round]["zeroed-updates"] = 0.0
         passed, candidates = [], []
         for msg in replies:
             if msg.has_error():

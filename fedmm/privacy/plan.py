@@ -57,7 +57,9 @@ PRIVACY_LEVELS = {
     "central-server": "client level: (epsilon, delta)-DP for any one client's whole data, against anyone who "
                       "sees the global models (not against the server, which sees raw updates). Server clips "
                       "each update to C and adds N(0, (sigma C / n)^2) to the uniform mean; Flower's RDP "
-                      "accountant, add/remove one client, no amplification from client sampling claimed",
+                      "accountant, add/remove one client, no amplification from client sampling claimed. No "
+                      "per-client check decides whether a round is released (an update that does not decode "
+                      "enters as a zero update; the norm-ratio drop is off)",
     "central-client": "client level, as central-server, but clients clip their own updates "
                       "(Flower's fixedclipping_mod); the server adds the noise; Flower's RDP accountant. Only with "
                       "codec fp32: a lossy codec's output is not bounded by C, so it is refused",
@@ -71,7 +73,9 @@ PRIVACY_LEVELS = {
                    "its update to C, rounds it to integers and adds a Skellam share of the noise inside the "
                    "secure-aggregation sum (SecAgg+), so the server only ever sees the sum, which carries noise "
                    "of multiplier sigma whenever at least t (secagg-threshold) of the round's contributors are "
-                   "honest. Skellam RDP bound (Agarwal, Kairouz & Liu 2021), add/remove one client, no "
+                   "honest. The mechanism is Skellam (not the distributed discrete Gaussian; only its "
+                   "conditional rounding is used): Skellam RDP bound (Agarwal, Kairouz & Liu 2021), add/remove "
+                   "one client, no "
                    "amplification claimed. Assumes a semi-honest server (it follows the protocol; SecAgg+'s "
                    "consistency check against a server that lies about dropouts is not run) and fewer than t "
                    "colluding clients in any neighbourhood",
@@ -82,8 +86,12 @@ SECURE_AGGREGATION = (
     "SecAgg+ (Bell et al. 2020) in Z_2^{b}, threshold t = {t}: the server, and anyone who reads the wire, learns "
     "only the sum of a round's contributors' clipped, integer-rounded updates, never one of them, provided it "
     "follows the protocol (semi-honest) and fewer than t clients of a neighbourhood collude with it; a round with "
-    "fewer than t contributors releases nothing. Not covered: each reply's metrics (losses, example counts, "
-    "evaluation counts) travel in the clear, and a hostile client can spoil the sum (no one can check a masked vector)"
+    "fewer than t contributors releases nothing, a round sums at most the contributors its ring was sized for, and "
+    "a round whose contributors fall apart into groups that share no neighbours aborts before anything is "
+    "unmasked. Not covered: each reply's metrics (losses, example counts, evaluation counts) travel in the clear; "
+    "a hostile client can spoil the sum within what an update clipped to C allows (the server clips a decoded "
+    "mean beyond that bound; no one can check a masked vector), and can make a round abort (shares are not "
+    "verifiable: an owner whose secret does not rebuild is named and excluded from later rounds)"
 )
 
 
