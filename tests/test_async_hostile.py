@@ -152,3 +152,24 @@ def test_distinct_clients_is_offered_without_dp():
     nodes = {f"r{m.metadata.message_id}": m.metadata.dst_node_id for m, _, _ in grid.sent}
     batches = [applied[i:i + 3] for i in range(0, len(applied), 3)]
     assert len(batches) == 5 and all(len({nodes[rid] for rid, _, _ in b}) == 3 for b in batches)
+
+
+def test_a_node_whose_replies_are_refused_waits_for_the_next_version():
+    """Audit item 9 (small): a node whose reply was malformed was dispatched again at every pull (80 pushes
+    and warnings in 5 aggregations). It now waits for the next global version, as a declining node does."""
+
+    class Broken(_Federation):
+        def _answer(self, msg, version):
+            reply = super()._answer(msg, version)
+            if msg.metadata.dst_node_id == 4:
+                reply.content["arrays"] = ArrayRecord({"values": Array(dtype="float32", shape=(7,),
+                                                                       stype="numpy.ndarray", data=b"xyz")})
+            return reply
+
+    random.seed(0)
+    grid = Broken({1: 3, 2: 3, 3: 3, 4: 1})
+    loop, _, _ = _loop(grid, rounds=5, **{"buffer-size": 3, "round-timeout": 5.0})
+    loop.run(to_record(_global()))
+    assert loop.version == 5
+    to_broken = [v for m, _, v in grid.sent if m.metadata.dst_node_id == 4]
+    assert len(to_broken) == len(set(to_broken)) <= 6  # at most one dispatch per global version
