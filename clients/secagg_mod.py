@@ -38,7 +38,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if reply.has_error():
         return reply
     payload = to_numpy(reply.content[protocol.ARRAYS])
-    if list(payload) != ["values"] or payload["values"].dtype != np.float32:
+    if list(payload) != [protocol.PAYLOAD_VALUES] or payload[protocol.PAYLOAD_VALUES].dtype != np.float32:
         return decline(msg, f"node {context.node_id}: secure aggregation needs the fp32 codec's payload, got "
                             f"{sorted(payload)}")
     client = SecAggClient(context.node_id)
@@ -46,7 +46,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     distributed = config.get(protocol.DP_MODE) == "distributed"
     promise = (float(config[protocol.DP_NOISE_MULTIPLIER]), float(config[protocol.DP_NOISE_SHARES])) \
         if distributed else (0.0, 1.0)
-    context.state[UPDATE_KEY] = to_record({"values": payload["values"]})
+    context.state[UPDATE_KEY] = to_record({protocol.PAYLOAD_VALUES: payload[protocol.PAYLOAD_VALUES]})
     context.state[CLIENT_KEY] = ConfigRecord({**client.state(), protocol.SA_ROUND: int(config[protocol.SERVER_ROUND]),
                                               **dict(zip(_PROMISE, promise))})
     del reply.content[protocol.ARRAYS]
@@ -55,9 +55,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     settings = run_settings(context)
     metrics = reply.content[protocol.METRICS]
     itemsize = np.dtype(ring_dtype(settings.secagg_bits)).itemsize
-    metrics[protocol.BYTES_UPLINK] = padded_length(payload["values"].size) * itemsize
+    metrics[protocol.BYTES_UPLINK] = padded_length(payload[protocol.PAYLOAD_VALUES].size) * itemsize
     if not distributed:  # under DP whether clipping bound is withheld (fedmm/privacy/release.py)
-        metrics[protocol.CLIPPED] = float(np.linalg.norm(payload["values"]) > settings.secagg_clip_norm)
+        metrics[protocol.CLIPPED] = float(np.linalg.norm(payload[protocol.PAYLOAD_VALUES]) > settings.secagg_clip_norm)
     return reply
 
 
@@ -108,7 +108,7 @@ def _share(client: SecAggClient, record: ConfigRecord) -> RecordDict:
 def _mask(client: SecAggClient, record: ConfigRecord, context: Context, promise: tuple[float, float]) -> RecordDict:
     code = IntegerCode.from_dict({k[len(protocol.SA_CODE):]: v for k, v in record.items()
                                   if k.startswith(protocol.SA_CODE)})
-    update = to_numpy(context.state[UPDATE_KEY])["values"].astype(np.float64)
+    update = to_numpy(context.state[UPDATE_KEY])[protocol.PAYLOAD_VALUES].astype(np.float64)
     if (code.dim, code.length, code.bits) != (update.size, client.length, client.bits):
         raise ValueError(f"the code's dim {code.dim}, length {code.length}, bits {code.bits} do not fit this "
                          f"round's update ({update.size} values) and ring ({client.length}, {client.bits} bits)")

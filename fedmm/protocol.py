@@ -87,6 +87,11 @@ SA_MASKED = "masked"  # mask reply, under ARRAYS: the masked ring vector
 SA_CONTRIBUTORS, SA_DROPPED = "contributors", "dropped"  # unmask request
 SA_OWNERS, SA_SHARES = "owners", "shares"  # unmask reply
 
+# --- a codec payload's arrays (fedmm.compression: the encoded update under ARRAYS, and the encoded global)
+PAYLOAD_VALUES = "values"  # dense values (fp32, fp16, bf16 bits); secure aggregation takes the fp32 codec's
+PAYLOAD_CODES, PAYLOAD_SCALES = "codes", "scales"  # quantized: packed codes and per-row scales
+PAYLOAD_INDEX = "index"  # top-k: the kept positions
+
 # --- metric keys of a reply (client -> server)
 NUM_EXAMPLES = "num-examples"  # examples the client trained (train) or evaluated (evaluate) on
 UNIT_WEIGHT = "unit-weight"  # always 1: the weight of a uniform mean (client-level DP)

@@ -158,7 +158,7 @@ class SecureAggregation(StrategyWrapper):
         finally:
             stats["secagg/seconds"] = time.perf_counter() - start
         kept = []
-        payload = to_record({"values": mean.astype(np.float32)})  # the fp32 codec's payload (CompressedUpdates)
+        payload = to_record({protocol.PAYLOAD_VALUES: mean.astype(np.float32)})  # the fp32 codec's payload (CompressedUpdates)
         for nid in contributors:
             reply = valid[nid]
             del reply.content[protocol.SECAGG]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..protocol import PAYLOAD_CODES, PAYLOAD_INDEX, PAYLOAD_SCALES, PAYLOAD_VALUES
+
 from .quantize import (
     dequantize,
     from_bf16,
@@ -146,14 +148,14 @@ class Codec:
         if index:
             # Concatenate in the widest index type needed; per-tensor sizes fix the split.
             dt = max((i.dtype for i in index), key=lambda d: d.itemsize)
-            payload["index"] = np.concatenate([i.astype(dt) for i in index])
+            payload[PAYLOAD_INDEX] = np.concatenate([i.astype(dt) for i in index])
         values = np.concatenate([v for _, v, _ in flat]) if flat else np.zeros(0, np.float32)
         if self.value == "fp32":
-            payload["values"] = values
+            payload[PAYLOAD_VALUES] = values
         elif self.value == "fp16":
-            payload["values"] = values.astype(np.float16)
+            payload[PAYLOAD_VALUES] = values.astype(np.float16)
         elif self.value == "bf16":
-            payload["values"] = to_bf16(values)
+            payload[PAYLOAD_VALUES] = to_bf16(values)
         else:
             codes, scales = [], []
             for _name, v, shape in flat:
@@ -161,8 +163,8 @@ class Codec:
                 c, s = quantize_stochastic(v.reshape(rows_shape), self.bits, rng, self.per_row and self.topk is None)
                 codes.append(c)
                 scales.append(s)
-            payload["codes"] = pack_bits(np.concatenate(codes), self.bits)
-            payload["scales"] = np.concatenate(scales).astype(np.float32)
+            payload[PAYLOAD_CODES] = pack_bits(np.concatenate(codes), self.bits)
+            payload[PAYLOAD_SCALES] = np.concatenate(scales).astype(np.float32)
         return payload
 
     # -- decode ---------------------------------------------------------------
@@ -170,8 +172,8 @@ class Codec:
         return shape[0] if (self.per_row and self.topk is None and len(shape) >= 2) else 1
 
     def decode(self, payload: Mapping[str, np.ndarray], layout: Layout) -> OrderedDict[str, np.ndarray]:
-        expected_keys = {"index"} if self.topk is not None else set()
-        expected_keys |= {"codes", "scales"} if self.value == "q" else {"values"}
+        expected_keys = {PAYLOAD_INDEX} if self.topk is not None else set()
+        expected_keys |= {PAYLOAD_CODES, PAYLOAD_SCALES} if self.value == "q" else {PAYLOAD_VALUES}
         if set(payload) != expected_keys:
             raise CodecError(f"codec {self.spec}: payload keys {sorted(payload)}, expected {sorted(expected_keys)}")
         sizes = [int(np.prod(shape)) for _, shape in layout]
@@ -179,7 +181,7 @@ class Codec:
         total = sum(kept)
         positions = None
         if self.topk is not None:
-            index = np.asarray(payload["index"])
+            index = np.asarray(payload[PAYLOAD_INDEX])
             want = max((index_dtype(n) for n in sizes), key=lambda d: d.itemsize) if sizes else np.dtype(np.uint8)
             _check(index, want, total, "index", self.spec)
             positions = np.split(index.astype(np.int64), np.cumsum(kept)[:-1])
@@ -188,8 +190,8 @@ class Codec:
                     raise CodecError(f"codec {self.spec}: '{name}': indices out of range or not increasing")
         if self.value == "q":
             num_scales = sum(self._rows(shape) for _, shape in layout)
-            codes = np.asarray(payload["codes"])
-            scales = np.asarray(payload["scales"])
+            codes = np.asarray(payload[PAYLOAD_CODES])
+            scales = np.asarray(payload[PAYLOAD_SCALES])
             _check(codes, np.dtype(np.uint8), packed_length(total, self.bits), "codes", self.spec)
             _check(scales, np.dtype(np.float32), num_scales, "scales", self.spec)
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
@@ -198,7 +200,7 @@ class Codec:
             if flat_codes.size and flat_codes.max() > 2 * (2 ** (self.bits - 1) - 1):
                 raise CodecError(f"codec {self.spec}: code out of range")
         else:
-            values = np.asarray(payload["values"])
+            values = np.asarray(payload[PAYLOAD_VALUES])
             dt = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[self.value]
             _check(values, np.dtype(dt), total, "values", self.spec)
             values = from_bf16(values) if self.value == "bf16" else values.astype(np.float32)
