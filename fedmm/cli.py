@@ -64,7 +64,7 @@ class SimulationSuperLink:
 
     def __init__(self, flwr_home: Path, log_file: Path):
         self.flwr_home, self.log_file = flwr_home, log_file
-        # Flower 1.41 serves Control, Fleet and Runtime APIs on one HTTP listener.
+        # Flower 1.41 (and 1.42) serves Control, Fleet and Runtime APIs on one HTTP listener.
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 

@@ -1,7 +1,7 @@
 """The files of a Flower app, as ``flwr run`` would package them, copied to a small folder.
 
 ``flwr run <dir>`` walks and resolves every file below ``dir`` before it
-applies ``.gitignore`` (Flower 1.41 ``collect_files``): in a checkout with its
+applies ``.gitignore`` (Flower's ``collect_files``, 1.41 and 1.42): in a checkout with its
 virtual environment that is ~58k files and ~10 s per run. Here ignored
 directories are pruned during the walk, then Flower's own publish filter
 decides what goes in, so the FAB built from the staged folder has the same

@@ -1,6 +1,6 @@
 """A long-lived ClientApp process for one SuperNode.
 
-Flower 1.41's SuperNode starts a fresh ``flwr-clientapp`` process for every
+Flower's SuperNode (1.41, 1.42) starts a fresh ``flwr-clientapp`` process for every
 message (``--isolation subprocess``): each train or evaluate message pays
 ~7 s of imports and rebuilds the model and the partition, so a deployment
 round took 6-10x a simulation round. With ``flower-supernode --isolation

@@ -1,6 +1,6 @@
 """Shorter waits in Flower's message polling, on both ends of a deployment.
 
-Flower 1.41 moves messages by polling: a SuperNode with nothing to do asks
+Flower 1.41 (and 1.42) moves messages by polling: a SuperNode with nothing to do asks
 the SuperLink for a message every 3 s, and the ServerApp's ``HttpGrid`` asks
 for replies every 3 s. Each exchange (the train messages out, their replies
 back; then the evaluate ones) waits about half of each interval on average,

@@ -1,6 +1,6 @@
 """``fedmm superlink``: Flower's ``flower-superlink`` with message payloads held in memory.
 
-Flower 1.41 keeps the SuperLink's LinkState (runs, nodes, message metadata)
+Flower 1.41 (and 1.42) keeps the SuperLink's LinkState (runs, nodes, message metadata)
 and its ObjectStore (message payloads: every array of every message) in the
 one SQLite file ``--database`` names. Each payload is written once and deleted
 as soon as its receiver has pulled it, so with N SuperNodes pulling at once
