@@ -56,7 +56,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics = reply.content[protocol.METRICS]
     itemsize = np.dtype(ring_dtype(settings.secagg_bits)).itemsize
     metrics[protocol.BYTES_UPLINK] = padded_length(payload[protocol.PAYLOAD_VALUES].size) * itemsize
-    if not distributed:  # under DP whether clipping bound is withheld (fedmm/privacy/release.py)
+    if settings.dp == "none":  # under any DP mode whether clipping bound is withheld (fedmm/privacy/release.py)
         metrics[protocol.CLIPPED] = float(np.linalg.norm(payload[protocol.PAYLOAD_VALUES]) > settings.secagg_clip_norm)
     return reply
 

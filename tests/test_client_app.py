@@ -325,6 +325,7 @@ DP_RUNS = {  # every dp mode, as the server's chain configures its train instruc
     "none": {"dp": "none"},
     "none-secagg": {"dp": "none", "secure-aggregation": True},
     "dp-sgd": {"dp": "dp-sgd"},
+    "dp-sgd-secagg": {"dp": "dp-sgd", "secure-aggregation": True},
     "local": {"dp": "local"},
     "central-client": {"dp": "central-client"},
     "central-server": {"dp": "central-server"},
@@ -346,7 +347,7 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
     from server.history import MetricsHistory
 
     arrays, _ = global_arrays
-    constraints = {} if mode == "dp-sgd" else {"constraints": "group-gap"}  # dp-sgd refuses them
+    constraints = {} if mode.startswith("dp-sgd") else {"constraints": "group-gap"}  # dp-sgd refuses them
     settings = Settings.from_run_config({**run_config, **DP_RUNS[mode], **constraints, "min-nodes": 2})
     chain = make_strategy(settings, MetricsHistory(), num_nodes=4)
 
@@ -368,7 +369,7 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
         assert not reply.has_error(), reply.error
         sent.update(dict(reply.content["metrics"]))
         phases[msg.metadata.message_type] = set(reply.content["metrics"].keys())
-    assert "zs-acc" in sent and (mode == "dp-sgd" or any(k.startswith("cstat-") for k in sent))  # both read
+    assert "zs-acc" in sent and (mode.startswith("dp-sgd") or any(k.startswith("cstat-") for k in sent))  # both read
     # the keys the server expects of the run's clients (strategies/replies.py: never a vote) are exactly these
     from fedmm.privacy.release import EVALUATE_ALWAYS, EVALUATE_FAMILIES, TRAIN_FAMILIES, train_metric_keys
     expected = train_metric_keys(settings.dp, settings.secure_aggregation, False)
