@@ -89,6 +89,8 @@ def asynchronous(repeats: int) -> None:
     import random as py_random
 
     import test_async_hostile as t
+
+    import strategies
     from fedmm.protocol import to_record
 
     kinds: Counter[str] = Counter()
@@ -111,8 +113,6 @@ def asynchronous(repeats: int) -> None:
                 kinds.update(grid.kinds)
                 non_finite += sum(not all(np.all(np.isfinite(v)) for v in a.values()) for _, a in recorder.calls)
                 if "dp" in config:
-                    import strategies
-
                     ledger = next(w for w in strategies.wrapper_chain(loop.chain.stateful)
                                   if hasattr(w, "privacy_spent"))
                     vetoed += loop.version - ledger.privacy_spent().num_releases

@@ -44,7 +44,7 @@ from strategies.builtin import RANGES, check_local_optimizer, check_population
 from strategies.compression import CompressedUpdates
 from strategies.constraints import Constraint, DualAscentConstraints
 from strategies.privacy import make_private, needs_uniform_mean
-from strategies.replies import ReplyCheck
+from strategies.replies import EVALUATE, TRAIN, ReplyCheck
 from strategies.reply_book import ReplyBook
 from fedmm.asynchrony import parse_staleness
 from strategies.secure_aggregation import SecureAggregation, check_secure_aggregation, check_weighted_mean
@@ -151,10 +151,10 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
         secagg = SecureAggregation(codec, plan, settings.round_timeout, settings.seed)
     book = ReplyBook(secagg or codec)
     # outermost: no reply reaches anything above unless it is well formed, so no client can crash or end the run
-    expected = {"train": (train_metric_keys(settings.dp, settings.secure_aggregation,
+    expected = {TRAIN: (train_metric_keys(settings.dp, settings.secure_aggregation,
                                             hasattr(strategies.innermost(strategy), "train_loss_key")),
                           TRAIN_FAMILIES),
-                "evaluate": (frozenset(EVALUATE_ALWAYS), EVALUATE_FAMILIES)}
+                EVALUATE: (frozenset(EVALUATE_ALWAYS), EVALUATE_FAMILIES)}
     reply_check = ReplyCheck(book, settings.global_rank, settings.secure_aggregation, expected)
     outer = TimedStrategy(RecordsRound(reply_check, history))
     return Chain(outer, strategies.innermost(user_timer), reply_check, book, codec, validation, constraints, ledger,

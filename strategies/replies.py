@@ -128,14 +128,10 @@ def reply_problem(msg: Message, phase: str, max_rank: int, secure_aggregation: b
         return f"unreadable reply: {type(exc).__name__}: {exc}"
 
 
-def round_key_set(replies: list[Message], expected: frozenset[str] | None = None,
-                  families: tuple[str, ...] = ()) -> frozenset[str]:
-    """The round's metric keys. With ``expected`` (the protocol's keys for the run): those, plus each key of a
-    family (a prefix whose names depend on the run's groups and classes) that more than half of the valid
-    replies carry. Without it (a strategy's own replies): the most common key set, ties to the larger."""
-    if expected is None:
-        sets = Counter(frozenset(msg.content[protocol.METRICS].keys()) for msg in replies)
-        return max(sets, key=lambda s: (sets[s], len(s), sorted(s)))
+def round_key_set(replies: list[Message], expected: frozenset[str], families: tuple[str, ...]) -> frozenset[str]:
+    """The round's metric keys: ``expected`` (the protocol's keys for the run), plus each key of a family (a
+    prefix whose names depend on the run's groups and classes) that more than half of the valid replies
+    carry."""
     counts = Counter(k for msg in replies for k in msg.content[protocol.METRICS].keys()
                      if k.startswith(families) and k not in expected)
     return expected | {k for k, n in counts.items() if 2 * n > len(replies)}
@@ -149,11 +145,11 @@ class ReplyCheck(StrategyWrapper):
     extra or a missing key cannot get honest replies dropped, whatever the number of replies (the
     asynchronous loop checks them one at a time)."""
 
-    def __init__(self, strategy: Strategy, max_rank: int, secure_aggregation: bool = False,
-                 expected: dict[str, tuple[frozenset[str], tuple[str, ...]]] | None = None) -> None:
+    def __init__(self, strategy: Strategy, max_rank: int, secure_aggregation: bool,
+                 expected: dict[str, tuple[frozenset[str], tuple[str, ...]]]) -> None:
         super().__init__(strategy)
         self.max_rank, self.secure_aggregation = max_rank, secure_aggregation
-        self.expected = expected or {}
+        self.expected = expected
         self.drops: list[dict[str, object]] = []  # round, phase, node, reason of every rejected reply
         self.stats: dict[int, dict[str, float]] = {}  # round -> rejected-replies (train and evaluate)
 
@@ -191,7 +187,7 @@ class ReplyCheck(StrategyWrapper):
                 valid.append(msg)
         if not valid:
             return errors
-        keys = round_key_set(valid, *self.expected.get(phase, (None, ())))
+        keys = round_key_set(valid, *self.expected[phase])
         kept = []
         for msg in valid:
             metrics = msg.content[protocol.METRICS]

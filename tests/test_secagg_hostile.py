@@ -112,6 +112,15 @@ def _bad_stage_reply(rng: random.Random, stage: str, request: Message, reply: Me
     return reply, kind
 
 
+def _trained(tamper=None):
+    """Round 1 of the chain up to the train replies (each holding its client's two public keys)."""
+    settings = _settings(**{"secagg-bits": BITS})
+    chain = make_strategy(settings, MetricsHistory(), num_nodes=len(IDS))
+    fed = _Federation(settings, tamper=tamper)
+    messages = list(chain.configure_train(1, to_record(_global()), ConfigRecord({}), fed))
+    return settings, chain, fed, messages, fed.train(messages)
+
+
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_hostile_stage_replies_drop_only_their_senders_and_the_mean_stays_exact(trial):
     rng = random.Random(trial)
@@ -124,11 +133,7 @@ def test_hostile_stage_replies_drop_only_their_senders_and_the_mean_stays_exact(
         reply, kinds[node] = _bad_stage_reply(rng, stage, request, reply)
         return reply
 
-    settings = _settings(**{"secagg-bits": BITS})
-    chain = make_strategy(settings, MetricsHistory(), num_nodes=len(IDS))
-    fed = _Federation(settings, tamper=tamper)
-    messages = list(chain.configure_train(1, to_record(_global()), ConfigRecord({}), fed))
-    replies = fed.train(messages)
+    settings, chain, fed, messages, replies = _trained(tamper)
     own = {r.metadata.src_node_id: (r.content[protocol.SECAGG][protocol.SA_C_KEY],
                                     r.content[protocol.SECAGG][protocol.SA_S_KEY]) for r in replies}
     for reply in replies:
@@ -153,14 +158,7 @@ def test_hostile_stage_replies_drop_only_their_senders_and_the_mean_stays_exact(
 def test_a_wrong_curve_key_drops_its_sender_not_its_neighbours():
     """Audit item 4: a P-256 encryption key passed the old check (distinct bytes under 4 KiB), every honest
     neighbour's key agreement failed at the share stage, all were dropped and the round released nothing."""
-    def p256(stage, node, request, reply):
-        return reply
-
-    settings = _settings(**{"secagg-bits": BITS})
-    chain = make_strategy(settings, MetricsHistory(), num_nodes=len(IDS))
-    fed = _Federation(settings, tamper=p256)
-    messages = list(chain.configure_train(1, to_record(_global()), ConfigRecord({}), fed))
-    replies = fed.train(messages)
+    settings, chain, fed, messages, replies = _trained()
     liar = replies[0].metadata.src_node_id
     replies[0].content[protocol.SECAGG][protocol.SA_C_KEY] = _pem(ec.generate_private_key(ec.SECP256R1()))
     arrays, _ = chain.aggregate_train(1, replies)
