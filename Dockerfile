@@ -1,5 +1,5 @@
 # One image for every role of the compose rehearsal (SuperLink, SuperNodes with
-# their ClientApp worker, the job submitter): fedmm and Flower 1.41 installed.
+# their ClientApp worker, the job submitter): fedmm and the Flower it pins installed.
 # torch comes from PyPI, i.e. the CUDA build (its nvidia-* libraries make the
 # image ~6 GB); it runs on CPU as is. For CPU-only sites, install torch from
 # https://download.pytorch.org/whl/cpu first (--build-arg TORCH_INDEX=...) to

@@ -79,7 +79,7 @@ def main() -> int:
     args = parser.parse_args()
     args.aggregations = args.aggregations or args.rounds * args.clients // args.buffer_size
 
-    from fedmm.cli import format_run_config
+    from fedmm.config.text import format_run_config
     from fedmm.config import Settings
     from fedmm.deploy.local import LocalFederation
 

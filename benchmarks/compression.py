@@ -70,7 +70,8 @@ def sizes() -> None:
 
 
 def accuracy(clients: int, rounds: int, extra: str, runs: list[tuple[str, bool]]) -> None:
-    from fedmm.cli import parse_run_config, run_simulation
+    from fedmm.config.text import parse_run_config
+from fedmm.deploy.simulation import run_simulation
     from fedmm.config import Settings
     from fedmm.pretrain import ensure_base_checkpoint
 

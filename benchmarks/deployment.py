@@ -65,7 +65,7 @@ def site_folders(overrides: dict, clients: int, work: Path) -> tuple[dict, list[
 
 def deployment_job(name: str, overrides: dict, clients: int, work: Path, warm: bool,
                    sites: list[Path] | None = None) -> tuple[dict, float]:
-    from fedmm.cli import format_run_config
+    from fedmm.config.text import format_run_config
     from fedmm.deploy.local import LocalFederation
 
     out = work / name
@@ -78,7 +78,7 @@ def deployment_job(name: str, overrides: dict, clients: int, work: Path, warm: b
 
 
 def compose_job(overrides: dict, work: Path) -> tuple[dict, float]:
-    from fedmm.cli import format_run_config
+    from fedmm.config.text import format_run_config
 
     env = dict(os.environ)
     env.update(FEDMM_CREDENTIALS=str(work / "compose-credentials"), FEDMM_RUNS=str(work / "compose-runs"),
@@ -104,7 +104,7 @@ def main() -> int:
     parser.add_argument("--sites", action="store_true", help="deployment SuperNodes read their own site folders")
     args = parser.parse_args()
 
-    from fedmm.cli import parse_run_config
+    from fedmm.config.text import parse_run_config
     from fedmm.config import Settings
     from fedmm.pretrain import ensure_base_checkpoint
 

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="keep the reports under this folder")
     parser.add_argument("--reuse", action="store_true", help="reuse reports already under --keep (same overrides)")
     args = parser.parse_args()
-    from fedmm.cli import parse_run_config
+    from fedmm.config.text import parse_run_config
 
     extra = {"model": args.model, **(parse_run_config(args.run_config) if args.run_config else {})}
     names = [n for n in args.settings.split(",") if n]

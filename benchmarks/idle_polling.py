@@ -22,7 +22,7 @@ import psutil
 
 def role(cmdline: list[str]) -> str:
     line = " ".join(cmdline)
-    if "flower_node" in line:
+    if "fedmm.deploy.flower.node" in line:
         return "Flower SuperNode"
     if "superlink" in line.split(" --")[0]:
         return "SuperLink"

@@ -15,7 +15,7 @@ def prepare(run_config: str, rounds: int, name: str) -> tuple[dict, object, Path
 
     The cached base model is built here, so no timed job pays for it.
     """
-    from fedmm.cli import parse_run_config
+    from fedmm.config.text import parse_run_config
     from fedmm.config import Settings
     from fedmm.pretrain import ensure_base_checkpoint
 
@@ -28,7 +28,7 @@ def prepare(run_config: str, rounds: int, name: str) -> tuple[dict, object, Path
 
 def run_job(name: str, overrides: dict, clients: int, work: Path) -> tuple[dict, float]:
     """Run the app with ``overrides`` into ``work/name``; its metrics.json (rounds keyed by int) and wall seconds."""
-    from fedmm.cli import run_simulation
+    from fedmm.deploy.simulation import run_simulation
 
     out = work / name
     start = time.perf_counter()

@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedmm.cli import parse_run_config, run_simulation  # noqa: E402
+from fedmm.config.text import parse_run_config
+from fedmm.deploy.simulation import run_simulation  # noqa: E402
 from fedmm.config import Settings  # noqa: E402
 from fedmm.pretrain import ensure_base_checkpoint  # noqa: E402
 

@@ -194,7 +194,7 @@ def main() -> None:
     elif args.cmd == "_step":
         _step_worker(args.model, args.mode, args.steps, args.repeats)
     else:
-        from fedmm.cli import parse_run_config
+        from fedmm.config.text import parse_run_config
 
         extra = parse_run_config(args.run_config) if args.run_config else {}
         accuracy_benchmark(args.model, args.clients, [float(e) for e in args.epsilons.split(",")],

@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--run-config", default="")
     args = parser.parse_args()
 
-    from fedmm.cli import parse_run_config
+    from fedmm.config.text import parse_run_config
     from fedmm.config import Settings
     from fedmm.pretrain import ensure_base_checkpoint
 

@@ -1,9 +1,10 @@
 """The ``fedmm`` command.
 
 ``fedmm run``      the main job: validate the run config, build the base
-                   checkpoint if missing (with progress), start a simulation
-                   SuperLink on loopback, ``flwr run`` the app against it with
-                   streamed logs, stop everything it started (by PID).
+                   checkpoint if missing (with progress), then run it in the
+                   simulation (fedmm/deploy/simulation.py) or, with
+                   --deployment, on a loopback deployment (fedmm/deploy/local.py);
+                   print the report.
 ``fedmm pretrain`` build (or rebuild) the cached public-pretrained base.
 ``fedmm strategies`` list installed strategies, their descriptions and arguments.
 """
@@ -14,125 +15,18 @@ import argparse
 import inspect
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-import psutil
-
 from . import cli_data
 from .config import ConfigError, Settings
 from .config.data import inline_name_file
 from .config.text import format_run_config, parse_run_config
-from .deploy.app_files import stage_app
-from .deploy.processes import (
-    Interrupted,
-    federation_env,
-    flower_bin,
-    PORT_ATTEMPTS,
-    PortTaken,
-    free_port,
-    interruptible,
-    processes_under,
-    start,
-    stop_under,
-    wait_for_port,
-)
+from .deploy.processes import Interrupted, interruptible
 
 log = logging.getLogger("fedmm")
-CONNECTION = "fedmm-local"
-
-
-def write_flower_config(flwr_home: Path, port: int) -> None:
-    """A Flower config with one connection, to the SuperLink ``fedmm run`` started."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f"""[superlink]
-default = "{CONNECTION}"
-
-[superlink.{CONNECTION}]
-address = "127.0.0.1:{port}"
-insecure = true
-"""
-    )
-
-
-class SimulationSuperLink:
-    """A ``flower-superlink --simulation`` on free loopback ports; stopped by PID."""
-
-    def __init__(self, flwr_home: Path, log_file: Path):
-        self.flwr_home, self.log_file = flwr_home, log_file
-        # Flower 1.41 (and 1.42) serves Control, Fleet and Runtime APIs on one HTTP listener.
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> SimulationSuperLink:
-        for attempt in range(PORT_ATTEMPTS):
-            cmd = [
-                flower_bin("flower-superlink"), "--insecure", "--simulation",
-                "--isolation", "subprocess",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--database", ":flwr-in-memory:",
-            ]
-            self.log_file.write_text("")
-            self.proc = start(cmd, self.flwr_home, self.log_file)
-            try:
-                wait_for_port(self.port, self.proc, "flower-superlink", self.log_file)
-                return self
-            except PortTaken:
-                self.stop()
-                if attempt == PORT_ATTEMPTS - 1:
-                    raise
-                self.port = free_port()  # another process took it between free_port and the bind
-            except RuntimeError:
-                self.stop()
-                raise
-        raise AssertionError("unreachable")
-
-    def processes(self) -> list[psutil.Process]:
-        """Every process this federation started (they all carry its FLWR_HOME)."""
-        return processes_under(self.flwr_home)
-
-    def stop(self, force: bool = False) -> None:
-        if self.proc is not None:
-            stop_under(self.flwr_home, self.proc, force=force)
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        self.stop(force=exc_type is not None and issubclass(exc_type, (Interrupted, KeyboardInterrupt)))
-
-
-def run_simulation(
-    app_dir: Path,
-    run_config: dict,
-    *,
-    num_supernodes: int = 10,
-    cpus_per_client: int = 1,
-    flwr_home: Path | None = None,
-    stream: bool = True,
-    timeout: float | None = None,
-) -> int:
-    """Run the Flower app at ``app_dir`` in the simulation engine; returns flwr's exit code.
-
-    Logs go to the console (``stream``) or to ``<flwr_home>/run.log``.
-    """
-    home = flwr_home or Path(tempfile.mkdtemp(prefix="fedmm-flwr-"))
-    home.mkdir(parents=True, exist_ok=True)
-    with SimulationSuperLink(home, home / "superlink.log") as link:
-        write_flower_config(home, link.port)
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
-        # --stream also makes flwr wait for the run to finish; without it, it
-        # returns once the run is submitted and the SuperLink would be stopped.
-        cmd = [
-            flower_bin("flwr"), "run", str(stage_app(app_dir, home / "app")), CONNECTION, "--stream",
-            "--federation-config", federation,
-            "--run-config", format_run_config(run_config),
-        ]
-        with open(home / "run.log", "w") as log_file:
-            out = None if stream else log_file
-            proc = subprocess.run(cmd, env=federation_env(home), timeout=timeout, stdout=out, stderr=out)
-        return proc.returncode
 
 
 def _validated(run_config: str, defaults: dict | None = None) -> tuple[dict, Settings]:
@@ -222,33 +116,24 @@ def _run(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
                              sites=args.site_manifests) as federation:
             code = federation.run(Path(args.app), format_run_config(overrides))
     else:
+        from .deploy.simulation import run_simulation
+
         log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
         code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
     return _report(settings, code)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .deploy import submit
+    from .deploy.flwr_cli import submit
 
     overrides, settings = _validated(args.run_config) if not args.no_run else ({}, None)
     if args.insecure == bool(args.root_certificates):
         raise ConfigError("fedmm submit: give --root-certificates (TLS), or --insecure to go without TLS")
-    home = Path(tempfile.mkdtemp(prefix="fedmm-submit-"))
-    submit.write_connection(home, submit.CONNECTION, args.superlink,
-                            None if args.insecure else Path(args.root_certificates))
-    env = federation_env(home)
-    submit.wait_for_superlink(env, submit.CONNECTION)
-    for key in args.register:
-        submit.register(env, submit.CONNECTION, Path(key))
-        log.info("fedmm: SuperNode key %s registered", key)
-    if args.no_run:
-        return 0
-    log.info("fedmm: waiting for %d SuperNodes at %s", args.wait_nodes, args.superlink)
-    submit.wait_for_nodes(env, submit.CONNECTION, args.wait_nodes)
-    staged = stage_app(Path(args.app), home / "app")
-    cmd = [flower_bin("flwr"), "run", str(staged), submit.CONNECTION, "--stream",
-           "--run-config", format_run_config(overrides)]
-    return _report(settings, subprocess.run(cmd, env=env).returncode)
+    code = submit(Path(tempfile.mkdtemp(prefix="fedmm-submit-")), args.superlink,
+                  None if args.insecure else Path(args.root_certificates), Path(args.app),
+                  None if args.no_run else format_run_config(overrides),
+                  register_keys=[Path(key) for key in args.register], wait_nodes=args.wait_nodes)
+    return code if settings is None else _report(settings, code)
 
 
 def _passed_through(args: argparse.Namespace) -> list[str]:
@@ -256,7 +141,7 @@ def _passed_through(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    from .deploy.superlink import run_superlink
+    from .deploy.flower.link import run_superlink
 
     return run_superlink(_passed_through(args))
 

@@ -26,7 +26,6 @@ from flwr.supercore.logger import FLOWER_LOGGER
 from fedmm import protocol, report
 from fedmm.config import ConfigError, Settings
 from fedmm.data import class_names, group_names, public_split, server_split
-from fedmm.deploy.polling import polled
 from fedmm.logs import quiet_root_logger
 from fedmm.privacy.plan import privacy_plan, privacy_summary
 from server.asynchronous import AsynchronousLoop
@@ -104,12 +103,12 @@ def main(grid: Grid, context: Context) -> None:
     evaluate_config = ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint})
     loop = None
     if done < num_rounds and settings.asynchronous:  # FedBuff on the Grid's push/pull (server/asynchronous.py)
-        loop = AsynchronousLoop(settings, chain, history, recorder, polled(grid), train_config, evaluate_config,
+        loop = AsynchronousLoop(settings, chain, history, recorder, grid, train_config, evaluate_config,
                                 num_rounds, done)
         arrays = loop.run(arrays)
     elif done < num_rounds:
         result = (ResumedRounds(chain.outer, done) if done else chain.outer).start(
-            grid=polled(grid), initial_arrays=arrays, num_rounds=num_rounds - done, timeout=settings.round_timeout,
+            grid=grid, initial_arrays=arrays, num_rounds=num_rounds - done, timeout=settings.round_timeout,
             train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=recorder,
         )
         arrays = result.arrays if len(result.arrays) else arrays

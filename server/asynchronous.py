@@ -57,7 +57,6 @@ from fedmm import protocol
 from fedmm.asynchrony import Arrival, UpdateBuffer
 from fedmm.compression import layout_of
 from fedmm.config import ConfigError, Settings
-from fedmm.deploy.polling import SERVER_PULL_INTERVAL
 from fedmm.privacy.plan import needs_uniform_mean
 from fedmm.protocol import to_numpy, trainable
 from server.chain import Chain
@@ -65,6 +64,9 @@ from server.history import MetricsHistory
 from server.recording import RoundRecorder
 from strategies.replies import TRAIN
 from strategies.validation import finiteness_problem
+
+# s between the loop's pulls for replies: each is one small request to the SuperLink in a deployment
+PULL_INTERVAL = 0.25
 
 
 class _Cohort:
@@ -92,7 +94,7 @@ class Dispatch:
 class AsynchronousLoop:
     def __init__(self, settings: Settings, chain: Chain, history: MetricsHistory, recorder: RoundRecorder,
                  grid: Grid, train_config: ConfigRecord, evaluate_config: ConfigRecord, num_rounds: int,
-                 done: int = 0, pull_interval: float = SERVER_PULL_INTERVAL) -> None:
+                 done: int = 0, pull_interval: float = PULL_INTERVAL) -> None:
         if chain.staleness is None:
             raise ValueError("the asynchronous loop needs the chain's StalenessWeighting (settings.asynchronous)")
         self.settings, self.chain, self.history, self.recorder, self.grid = settings, chain, history, recorder, grid

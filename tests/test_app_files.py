@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flwr.cli.utils import collect_files, filter_paths_for_publish
 
-from fedmm.deploy.app_files import app_files, stage_app
+from fedmm.deploy.flower.app_files import app_files, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

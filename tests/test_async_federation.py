@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmm.cli import run_simulation
+from fedmm.deploy.simulation import run_simulation
 from fedmm.pretrain import ensure_base_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

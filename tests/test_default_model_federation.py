@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ONE_ACTOR
-from fedmm.cli import run_simulation
+from fedmm.deploy.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration

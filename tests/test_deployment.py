@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from fedmm.cli import format_run_config, run_simulation
+from fedmm.config.text import format_run_config
+from fedmm.deploy.simulation import run_simulation
 from fedmm.config import Settings
 from fedmm.data.digits import CLASS_NAMES
 from fedmm.data.sites import export_sites
 from fedmm.deploy.credentials import certificate_hosts, make_node_key
-from fedmm.deploy.local import CONNECTION, LocalFederation
+from fedmm.deploy.flwr_cli import CONNECTION
+from fedmm.deploy.local import LocalFederation
 from fedmm.deploy.processes import processes_under
 from fedmm.pretrain import ensure_base_checkpoint
 

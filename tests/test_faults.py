@@ -212,7 +212,7 @@ def test_faulty_clients_do_not_stop_the_round_and_are_reported(base_settings, tm
     import json
     from pathlib import Path
 
-    from fedmm.cli import run_simulation
+    from fedmm.deploy.simulation import run_simulation
     from fedmm.pretrain import ensure_base_checkpoint
 
     ensure_base_checkpoint(base_settings, progress=False)

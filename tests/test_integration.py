@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ONE_ACTOR
 from fedmm import lora
-from fedmm.cli import SimulationSuperLink, run_simulation
+from fedmm.deploy.simulation import SimulationSuperLink, run_simulation
 from fedmm.pretrain import ensure_base_checkpoint, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]

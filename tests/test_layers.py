@@ -4,7 +4,10 @@
 - the clients import nothing of ``strategies/`` or ``server/``, the strategies nothing of ``server/`` or
   ``clients/`` (both sides share only ``fedmm/``, the wire protocol among it);
 - no import cycle among the project's modules, counting lazy and type-checking imports;
-- no module over 400 lines (one that long holds more than one concern).
+- no module over 400 lines (one that long holds more than one concern);
+- the ServerApp and the ClientApp never import ``fedmm.deploy`` (whatever a deployment changes in
+  Flower, its launcher installs), and outside the seam (``fedmm/deploy/flower/``) fedmm imports from
+  Flower only what Flower's own strategies, mods and examples use.
 """
 
 from __future__ import annotations
@@ -103,3 +106,71 @@ def test_the_checks_see_a_known_edge_and_would_see_a_cycle():
     # the back edge closes a cycle through both (the path the search reports depends on the other edges)
     assert any(c[0] == c[-1] and {"clients.compression_mod", "fedmm.protocol"} <= set(c) for c in _cycles(back))
     assert not _cycles(GRAPH)
+
+
+def _closure(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(GRAPH[name])
+    return seen
+
+
+def test_neither_app_imports_the_deployment_layer():
+    for app in ("server.app", "clients.app"):
+        wrong = sorted(n for n in _closure(app) if n == "fedmm.deploy" or n.startswith("fedmm.deploy."))
+        assert not wrong, f"{app} reaches {wrong}"
+
+
+SEAM = "fedmm.deploy.flower"
+# What Flower's own strategies, mods and examples import, by module: the Message API, the app types, the
+# logger, the DP constants and accountant, the secure-aggregation primitives, and the parser of the
+# documented ``--run-config`` syntax (so fedmm reads strategy-args and --run-config exactly as flwr does).
+ALLOWED_FLWR = {
+    "flwr.app": None,  # None: any public name
+    "flwr.serverapp": None,
+    "flwr.serverapp.strategy": None,
+    "flwr.serverapp.strategy.strategy_utils": {"aggregate_metricrecords"},
+    "flwr.clientapp": None,
+    "flwr.clientapp.mod": None,
+    "flwr.clientapp.typing": {"ClientAppCallable"},
+    "flwr.common.constant": {"ErrorCode"},
+    "flwr.common.config": {"parse_config_args"},
+    "flwr.supercore": {"log"},
+    "flwr.supercore.logger": {"FLOWER_LOGGER"},
+    "flwr.supercore.differential_privacy": {"KEY_CLIPPING_NORM"},
+    "flwr.supercore.privacy_accounting": None,
+    "flwr.supercore.privacy_accounting.rdp_accountant": {"RdpAccountant"},
+    "flwr.supercore.primitives.asymmetric": None,
+    "flwr.common.secure_aggregation.crypto.symmetric_encryption": {"decrypt", "encrypt", "generate_shared_key"},
+}
+
+
+def _flwr_imports(path: Path) -> set[tuple[str, str]]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "flwr":
+            found |= {(node.module or "", alias.name) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {(alias.name, "") for alias in node.names if alias.name.split(".")[0] == "flwr"}
+    return found
+
+
+def _outside_the_allowed_list(found: set[tuple[str, str]]) -> list[str]:
+    wrong = []
+    for module, name in sorted(found):
+        allowed = ALLOWED_FLWR.get(module, set())
+        if not name or name.startswith("_") or (allowed is not None and name not in allowed):
+            wrong.append(f"{module}.{name}" if name else module)
+    return wrong
+
+
+def test_outside_the_seam_fedmm_imports_from_flower_only_its_public_api():
+    wrong = {name: bad for name, path in _modules().items() if not (name == SEAM or name.startswith(SEAM + "."))
+             if (bad := _outside_the_allowed_list(_flwr_imports(path)))}
+    assert not wrong, f"Flower internals outside {SEAM}: {wrong}"
+    seam = set().union(*(_flwr_imports(p) for n, p in _modules().items() if n.startswith(SEAM + ".")))
+    # the check is real: the seam itself imports internals it would refuse
+    assert "flwr.supernode.start_client_internal" in _outside_the_allowed_list(seam)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import fedmm.cli as cli
+from fedmm.deploy import processes, simulation
 from fedmm.deploy.processes import PortTaken, free_port, wait_for_port
 
 
@@ -65,11 +65,11 @@ def test_the_simulation_superlink_moves_to_a_fresh_port_when_its_port_is_taken(t
     other = _listener()
     taken = other.getsockname()[1]
     ports = iter([taken])
-    monkeypatch.setattr(cli, "free_port", lambda: next(ports, None) or free_port())
+    monkeypatch.setattr(processes, "free_port", lambda: next(ports, None) or free_port())
     home = tmp_path / "flwr"
     home.mkdir()
     try:
-        with cli.SimulationSuperLink(home, home / "superlink.log") as link:
+        with simulation.SimulationSuperLink(home, home / "superlink.log") as link:
             assert link.port != taken
             assert "address already in use" not in (home / "superlink.log").read_text()
             assert link.proc is not None and link.proc.poll() is None
@@ -95,25 +95,40 @@ class _SlowGrid:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in first]
 
 
-def test_the_servers_grid_pulls_replies_every_quarter_second(monkeypatch):
+def test_the_deployment_serverapp_pulls_replies_every_quarter_second_and_the_simulations_grid_is_untouched(
+        monkeypatch):
     from flwr.superlink.grid import http_grid
-
-    from fedmm.deploy import polling
-
-    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
-
-    waits = []
-    monkeypatch.setattr(polling.time, "sleep", waits.append)
-    grid = _SlowGrid()
-    replies = polling.PolledGrid(grid).send_and_receive(["a", "b", "c"], timeout=60)
-    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
-    assert grid.pulls == 3 and waits == [polling.SERVER_PULL_INTERVAL] * 2
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    assert polling.polled(grid).__class__ is polling.PolledGrid
-    in_memory = InMemoryGrid.__new__(InMemoryGrid)
-    in_memory.pull_interval = 0.1  # the simulation polls often already: left as it is
-    assert polling.polled(in_memory) is in_memory
+    from fedmm.deploy.flower import serverapp
+
+    for module, name in ((http_grid, "pull_objects"), (http_grid.HttpGrid, "send_and_receive")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    flower_in_memory = InMemoryGrid.send_and_receive
+    serverapp.poll_replies_often()
+    waits = []
+    monkeypatch.setattr(serverapp.time, "sleep", waits.append)
+    grid = _SlowGrid()
+    replies = http_grid.HttpGrid.send_and_receive(grid, ["a", "b", "c"], timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert grid.pulls == 3 and waits == [serverapp.SERVER_PULL_INTERVAL] * 2
+    assert InMemoryGrid.send_and_receive is flower_in_memory
+
+
+def test_the_superlink_puts_fedmms_serverapp_first_on_the_superexecs_path(monkeypatch):
+    import os
+    import shutil
+
+    from fedmm.deploy.flower import link
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    folder = link.serverapps_poll_often()
+    try:
+        found = shutil.which("flwr-serverapp")
+        assert found == str(folder / "flwr-serverapp")
+        assert "fedmm.deploy.flower.serverapp import main" in (folder / "flwr-serverapp").read_text()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_supernode_started_by_fedmm_backs_off_between_empty_pulls_and_is_quick_after_work(monkeypatch):
@@ -121,27 +136,28 @@ def test_a_supernode_started_by_fedmm_backs_off_between_empty_pulls_and_is_quick
 
     from flwr.supernode import start_client_internal
 
-    from fedmm.deploy import polling
+    from fedmm.deploy.flower import node
 
-    monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
-    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
-    module = polling.shorten_idle_poll()
-    clock, waits = [100.0], []
+    for name in ("time", "pull_objects", "_pull_and_store_message"):  # restored after the test: no patch leaks
+        monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
+    pulls = iter([None] * 5 + [7, None, None])
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kwargs: next(pulls))
+    module = node.shorten_idle_poll()
+    waits = []
+    monkeypatch.setattr(real_time, "sleep", waits.append)
 
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        clock[0] += seconds
+    def loop_turn() -> None:  # what Flower's loop does: pull; after an empty pull, its idle wait
+        if module._pull_and_store_message(state=None) is None:
+            module.time.sleep(3)
 
-    monkeypatch.setattr(real_time, "sleep", sleep)
-    monkeypatch.setattr(real_time, "monotonic", lambda: clock[0])
-    for _ in range(5):  # the loop's wait after each pull that found nothing
-        module.time.sleep(polling.FLOWER_IDLE_WAIT)
+    for _ in range(5):
+        loop_turn()
     assert waits == [0.5, 1.0, 2.0, 3, 3]
-    clock[0] += 4.0  # the loop ran a message between two empty pulls: quick again
-    module.time.sleep(polling.FLOWER_IDLE_WAIT)
-    module.time.sleep(polling.FLOWER_IDLE_WAIT)
-    module.time.sleep(0.5)  # its other waits are left as they are
-    assert waits[5:] == [0.5, 1.0, 0.5] and module.time.time is real_time.time
+    loop_turn()  # a message: no idle wait, and the next empty pulls are quick again
+    module.time.sleep(0.5)  # the loop's other waits are left as they are
+    loop_turn()
+    loop_turn()
+    assert waits[5:] == [0.5, 0.5, 1.0] and module.time.time is real_time.time
 
 
 def test_a_worker_polls_for_tasks_quickly_after_one_and_backs_off_when_idle():
@@ -324,7 +340,7 @@ def test_a_wakeup_ends_a_wait_at_once_across_processes_and_is_consumed():
     import sys
     import time
 
-    from fedmm.deploy.polling import Wakeup
+    from fedmm.deploy.wakeup import Wakeup
 
     wake = Wakeup()
     assert not wake.wait(0.05)  # nobody notified: the wait runs out
@@ -340,7 +356,7 @@ def test_a_worker_joined_to_its_supernode_starts_a_stored_task_at_once_and_says_
     import time
 
     from fedmm.deploy import clientapp_worker
-    from fedmm.deploy.polling import Wakeup
+    from fedmm.deploy.wakeup import Wakeup
 
     stored = threading.Event()
 
@@ -385,14 +401,15 @@ def test_a_supernode_joined_to_its_worker_wakes_it_per_stored_message_and_stops_
 
     from flwr.supernode import start_client_internal
 
-    from fedmm.deploy import polling
+    from fedmm.deploy.flower import node
+    from fedmm.deploy.wakeup import Wakeup
 
     monkeypatch.setattr(start_client_internal, "time", real_time)  # restored after the test: no patch leaks
     monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     pulls = iter([None, 7])
     monkeypatch.setattr(start_client_internal, "_pull_and_store_message", lambda **kwargs: next(pulls))
-    reply_pushed, message_stored = polling.Wakeup(), polling.Wakeup()
-    module = polling.shorten_idle_poll(reply_pushed=reply_pushed, message_stored=message_stored)
+    reply_pushed, message_stored = Wakeup(), Wakeup()
+    module = node.shorten_idle_poll(reply_pushed=reply_pushed, message_stored=message_stored)
     assert module._pull_and_store_message(state=None) is None and not message_stored.wait(0)  # no message
     assert module._pull_and_store_message(state=None) == 7 and message_stored.wait(0)
     threading.Timer(0.1, reply_pushed.notify).start()
@@ -409,12 +426,15 @@ def test_the_server_and_the_supernode_retry_an_object_still_being_pushed_within_
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
     from flwr.supernode import start_client_internal
 
-    from fedmm.deploy import polling
+    from fedmm.deploy.flower import node, pulls, serverapp
 
     for module in (http_grid, start_client_internal):  # restored after the test
         monkeypatch.setattr(module, "pull_objects", module.pull_objects)
-    polling.polled(_SlowGrid())  # the ServerApp's grid
-    polling.shorten_idle_poll()  # the SuperNode
+    for name in ("time", "_pull_and_store_message"):
+        monkeypatch.setattr(start_client_internal, name, getattr(start_client_internal, name))
+    monkeypatch.setattr(http_grid.HttpGrid, "send_and_receive", http_grid.HttpGrid.send_and_receive)
+    serverapp.poll_replies_often()  # the ServerApp
+    node.shorten_idle_poll()  # the SuperNode
     assert http_grid.pull_objects.short_backoff and start_client_internal.pull_objects.short_backoff
 
     def sender_still_pushing(missing: int):
@@ -435,13 +455,13 @@ def test_the_server_and_the_supernode_retry_an_object_still_being_pushed_within_
     # Flower's patience is kept: more tries at the shorter waits, and a caller's own choice stands
     seen = {}
     fake = types.SimpleNamespace(pull_objects=lambda ids, **kw: seen.update(kw) or {})
-    polling.short_object_pull_backoff(fake)
+    pulls.short_object_pull_backoff(fake)
     wrapped = fake.pull_objects
-    polling.short_object_pull_backoff(fake)  # idempotent: wrapped once
+    pulls.short_object_pull_backoff(fake)  # idempotent: wrapped once
     assert fake.pull_objects is wrapped
     fake.pull_objects([], pull_object_fn=None, backoff_cap=2.0)
-    assert seen["initial_backoff"] == polling.PULL_BACKOFF[0] and seen["backoff_cap"] == 2.0
-    assert seen["max_tries_per_object"] * polling.PULL_BACKOFF[1] >= 500 * 10
+    assert seen["initial_backoff"] == pulls.PULL_BACKOFF[0] and seen["backoff_cap"] == 2.0
+    assert seen["max_tries_per_object"] * pulls.PULL_BACKOFF[1] >= 500 * 10
     assert pull_objects is not http_grid.pull_objects
 
 
@@ -498,7 +518,7 @@ def test_a_refused_task_token_ends_the_call_and_not_the_worker_process(sigints):
     sent SIGINT to the worker: the site stopped and the run waited for it forever."""
     import time
 
-    from fedmm.deploy.clientapp_worker import task_retry_invoker
+    from fedmm.deploy.flower.task import task_retry_invoker
 
     def refused():
         raise _http_error(401)
@@ -521,7 +541,7 @@ def test_a_refused_task_token_ends_the_call_and_not_the_worker_process(sigints):
 def test_a_task_the_supernode_no_longer_holds_stops_its_heartbeats_without_signalling(sigints):
     from types import SimpleNamespace
 
-    from fedmm.deploy.clientapp_worker import task_heartbeat
+    from fedmm.deploy.flower.task import task_heartbeat
 
     class Client:
         def __init__(self, answer):

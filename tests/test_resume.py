@@ -17,7 +17,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 import strategies
 from conftest import ONE_ACTOR
-from fedmm.cli import run_simulation
+from fedmm.deploy.simulation import run_simulation
 from fedmm.config import ConfigError, Settings
 from fedmm.pretrain import ensure_base_checkpoint
 from server.chain import find_wrapper, make_strategy
@@ -136,7 +136,7 @@ def _ctrl_c_after_round(config: dict, out: Path, after: int, log_file: Path) -> 
     """`fedmm run` in its own process group, SIGINT to the group (what Ctrl-C sends) once round ``after``'s
     checkpoint is written; returns (the checkpoint's round then, the exit code, the command's output) after
     checking that every process it started is gone."""
-    from fedmm.cli import format_run_config
+    from fedmm.config.text import format_run_config
 
     cmd = [str(Path(sys.executable).parent / "fedmm"), "run", "--clients", "3", "--cpus-per-client", str(ONE_ACTOR),
            "--app", str(ROOT), "--run-config", format_run_config({**config, "output-dir": str(out)})]

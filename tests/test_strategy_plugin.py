@@ -13,7 +13,7 @@ import pytest
 import strategies
 from conftest import ONE_ACTOR
 from fedmm import cli
-from fedmm.cli import run_simulation
+from fedmm.deploy.simulation import run_simulation
 from fedmm.pretrain import ensure_base_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,12 @@ processes: one SuperLink (TLS on, SuperNode authentication on,
 state in ``<home>/superlink/state.db``) and one ``fedmm supernode`` per site
 (its own key, ``partition-id``/``num-partitions`` node config, its own
 FLWR_HOME). The SuperLink is ``fedmm superlink`` (Flower's, with message
-payloads in memory; see fedmm/deploy/superlink.py). Node keys are registered with ``flwr supernode register`` before
+payloads in memory; see fedmm/deploy/flower/link.py). Node keys are registered with ``flwr supernode register`` before
 the nodes start. ``run(app, run_config)`` submits a job with ``flwr run`` and
 streams its logs; leaving the context stops every process it started, by PID.
-``--insecure`` happens only with ``tls=False``.
+``--insecure`` happens only with ``tls=False``. Where Flower's internals are
+not the ones fedmm was checked against (``fedmm/deploy/flower/``), ``fedmm
+superlink`` and ``fedmm supernode`` run stock Flower, and so does this.
 """
 
 from __future__ import annotations
@@ -19,15 +21,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import submit
 from .. import protocol
-from .app_files import stage_app
+from . import flwr_cli
 from .core_slots import make_core_slots
 from .credentials import make_credentials
-from .processes import (PORT_ATTEMPTS, Interrupted, PortTaken, federation_env, flower_bin, free_port, start, stop_under,
+from .processes import (Interrupted, federation_env, flower_bin, free_port, start, start_on_a_free_port, stop_under,
                         wait_for_port)
-
-CONNECTION = "fedmm-deployment"
 
 
 def format_node_config(values: dict) -> str:
@@ -55,8 +54,8 @@ class LocalFederation:
         cores = os.cpu_count() or 1
         self.core_slots = core_slots or min(nodes, cores)
         self.threads = threads or max(1, cores // self.core_slots)
-        self.port = port or free_port()
-        self.port_chosen = port is None  # ours to change if another process takes it first
+        self.requested_port = port  # None: a free one, changed if another process takes it first
+        self.port = port or 0
         self.credentials = self.home / "credentials"
         self.link_home = self.home / "superlink"
         self.database = self.link_home / "state.db"
@@ -80,8 +79,9 @@ class LocalFederation:
         try:
             if self.tls or self.auth:
                 make_credentials(self.credentials, self.nodes, ["127.0.0.1", "localhost"])
+            self.port = start_on_a_free_port(self.start_superlink, lambda: stop_under(self.link_home, self.superlink),
+                                             self.requested_port)
             self.write_flower_config()
-            self.start_superlink_on_a_free_port()
             for i in range(self.nodes):
                 if self.auth:
                     self.register(self.node_key(i).with_suffix(".pub"))
@@ -101,10 +101,11 @@ class LocalFederation:
 
     def write_flower_config(self) -> None:
         """``flwr`` CLI connection to this SuperLink (in the SuperLink's FLWR_HOME)."""
-        submit.write_connection(self.link_home, CONNECTION, self.address,
-                                self.credentials / "ca.crt" if self.tls else None)
+        flwr_cli.write_connection(self.link_home, self.address, self.credentials / "ca.crt" if self.tls else None)
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, port: int | None = None) -> None:
+        """``fedmm superlink`` on ``port`` (default: the federation's), once it listens."""
+        self.port = port or self.port
         cmd = [flower_bin("fedmm"), "superlink", "--", "--host", "127.0.0.1", "--port", str(self.port),
                "--isolation", "subprocess", "--database", str(self.database),
                "--disable-runtime-dependency-installation"]
@@ -119,18 +120,6 @@ class LocalFederation:
         self.superlink = start(cmd, self.link_home, self.log_file("superlink"))
         wait_for_port(self.port, self.superlink, "flower-superlink", self.log_file("superlink"))
 
-    def start_superlink_on_a_free_port(self) -> None:
-        """``start_superlink``, on a fresh port (and connection) when ours was taken before the SuperLink bound it."""
-        for attempt in range(PORT_ATTEMPTS if self.port_chosen else 1):
-            try:
-                return self.start_superlink()
-            except PortTaken:
-                stop_under(self.link_home, self.superlink)
-                if attempt == PORT_ATTEMPTS - 1 or not self.port_chosen:
-                    raise
-                self.port = free_port()
-                self.write_flower_config()
-
     def restart_superlink(self) -> None:
         """Stop the SuperLink (and the ServerApps it runs) and start it again on the same state file."""
         stop_under(self.link_home, self.superlink)
@@ -138,10 +127,10 @@ class LocalFederation:
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """A ``flwr`` CLI call against this SuperLink."""
-        return submit.flwr(federation_env(self.link_home), *args, check=check)
+        return flwr_cli.flwr(federation_env(self.link_home), *args, check=check)
 
     def register(self, public_key: Path) -> None:
-        submit.register(federation_env(self.link_home), CONNECTION, public_key)
+        flwr_cli.register(federation_env(self.link_home), public_key)
 
     def node_args(self, i: int, key: Path | None = None) -> list[str]:
         """The ``fedmm supernode`` options of site ``i`` (``key`` overrides its registered key)."""
@@ -168,7 +157,7 @@ class LocalFederation:
         return proc
 
     def online_nodes(self) -> int:
-        return submit.online_nodes(federation_env(self.link_home), CONNECTION)
+        return flwr_cli.online_nodes(federation_env(self.link_home))
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -182,9 +171,5 @@ class LocalFederation:
 
     def run(self, app: Path, run_config: str, *, stream: bool = True, timeout: float | None = None) -> int:
         """``flwr run <app>`` on this federation, waiting for the end; returns flwr's exit code."""
-        staged = stage_app(app, self.home / "app")
-        cmd = [flower_bin("flwr"), "run", str(staged), CONNECTION, "--stream", "--run-config", run_config]
-        with open(self.log_file("run"), "w") as log_file:
-            out = None if stream else log_file
-            return subprocess.run(cmd, env=federation_env(self.link_home), timeout=timeout,
-                                  stdout=out, stderr=out).returncode
+        return flwr_cli.flwr_run(self.link_home, app, run_config, log_file=None if stream else self.log_file("run"),
+                                 timeout=timeout)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -90,6 +90,27 @@ def _listens(proc: subprocess.Popen, port: int) -> bool:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return False
+
+
+def start_on_a_free_port(start_at: Callable[[int], None], stop: Callable[[], None], port: int | None = None) -> int:
+    """``start_at(port)`` (``start_at`` waits until its process listens); returns the port it listens on.
+
+    With no ``port`` given it is a free one, and a fresh one again (after ``stop``) whenever another process
+    took it between ``free_port`` and the bind (``PortTaken``), up to ``PORT_ATTEMPTS`` times.
+    """
+    chosen = port is None
+    attempts = PORT_ATTEMPTS if chosen else 1
+    for attempt in range(attempts):
+        here = free_port() if chosen else port
+        assert here is not None
+        try:
+            start_at(here)
+            return here
+        except PortTaken:
+            stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_file: Path, timeout: float = 60) -> None:

@@ -4,12 +4,17 @@ The SuperNode is Flower's own ``flower-supernode`` with every connection
 option the user gives (``--superlink``, ``--root-certificates``,
 ``--auth-supernode-private-key``, ``--node-config``, ``--insecure`` only if
 asked), run with ``--isolation process`` and its Runtime API on a loopback
-port, polling for messages every 0.5 s when idle instead of 3 s
-(``fedmm/deploy/flower_node.py``); this process then runs ``ClientAppWorker`` against that port, so
+port, its idle message poll backing off from 0.5 s to Flower's 3 s
+(``fedmm/deploy/flower/node.py``); this process then runs ``ClientAppWorker`` against that port, so
 ClientApp tasks execute in one warm process instead of a fresh one per
 message. Two ``Wakeup`` pipes tell each side at once that the other has work
 for it (a message stored; a reply pushed). Either side ending ends the other;
 SIGTERM/SIGINT stop both.
+
+Where Flower's internals are not the ones fedmm was checked against
+(``fedmm/deploy/flower/``), this process becomes stock ``flower-supernode``
+with a ``flwr-clientapp`` process per message (``--threads`` still caps each
+one's threads; core slots do not apply).
 
 The worker runs at a lower CPU priority (``WORKER_NICENESS``) than the
 SuperNode: training may take every core, but the SuperNode's heartbeats and
@@ -33,8 +38,10 @@ import threading
 from pathlib import Path
 
 from .clientapp_worker import ClientAppWorker
-from .flower_node import WAKE_FDS
-from .polling import Wakeup
+from .flower import internals_usable
+from .flower.node import WAKE_FDS
+from .processes import flower_bin
+from .wakeup import Wakeup
 
 log = logging.getLogger("fedmm.supernode")
 
@@ -77,9 +84,11 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
         if arg.split("=")[0] in _OWNED:
             raise ValueError(f"fedmm supernode: {arg.split('=')[0]} is set by fedmm (process isolation, "
                              "Runtime API on 127.0.0.1); use --runtime-port to choose the port")
+    if not internals_usable():
+        return _stock_supernode(flower_args, runtime_port, threads)
     task_ready, reply_pushed = Wakeup(), Wakeup()  # node -> worker, worker -> node
     node_ends = (reply_pushed.read_fd, task_ready.write_fd)
-    cmd = [sys.executable, "-m", "fedmm.deploy.flower_node", WAKE_FDS, ",".join(map(str, node_ends)), *flower_args,
+    cmd = [sys.executable, "-m", "fedmm.deploy.flower.node", WAKE_FDS, ",".join(map(str, node_ends)), *flower_args,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     node = subprocess.Popen(cmd, pass_fds=node_ends)
@@ -119,3 +128,13 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
                 node.wait()
     log.info("fedmm supernode: %d ClientApp tasks run; flower-supernode exited with %s", worker.tasks_run, node.returncode)
     return 0 if asked_to_stop.is_set() else (node.returncode or 0)
+
+
+def _stock_supernode(flower_args: list[str], runtime_port: int, threads: int | None) -> int:
+    """Become Flower's own SuperNode, a ``flwr-clientapp`` process per message (never returns)."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in each ClientApp process
+    cmd = [flower_bin("flower-supernode"), *flower_args, "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(runtime_port)]
+    log.warning("fedmm supernode: running %s", " ".join(cmd))
+    os.execv(cmd[0], cmd)

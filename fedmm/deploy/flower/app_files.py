@@ -1,11 +1,12 @@
 """The files of a Flower app, as ``flwr run`` would package them, copied to a small folder.
 
 ``flwr run <dir>`` walks and resolves every file below ``dir`` before it
-applies ``.gitignore`` (Flower's ``collect_files``, 1.41 and 1.42): in a checkout with its
-virtual environment that is ~58k files and ~10 s per run. Here ignored
-directories are pruned during the walk, then Flower's own publish filter
-decides what goes in, so the FAB built from the staged folder has the same
-content.
+applies ``.gitignore`` (Flower's ``collect_files``): in a checkout with its
+virtual environment that is tens of thousands of files and seconds per run
+(docs/benchmarks.md). Here ignored directories are pruned during the walk,
+then Flower's own publish filter (an internal of its CLI) decides what goes
+in, so the FAB built from the staged folder has the same content. Without
+usable internals ``stage_app`` hands ``flwr run`` the app folder itself.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
-from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+from . import internals_usable
 
 
 def app_files(app_dir: Path) -> dict[str, Path]:
     """Relative POSIX path -> file, for the files Flower would put in the app's FAB."""
+    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+
     root = app_dir.resolve()
     gitignore = root / ".gitignore"
     ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
@@ -36,7 +39,9 @@ def app_files(app_dir: Path) -> dict[str, Path]:
 
 
 def stage_app(app_dir: Path, dest: Path) -> Path:
-    """Copy the app's FAB files to ``dest`` (emptied first); returns ``dest`` for ``flwr run``."""
+    """Copy the app's FAB files to ``dest`` (emptied first); returns the folder for ``flwr run``."""
+    if not internals_usable():
+        return app_dir
     if dest.exists():
         shutil.rmtree(dest)
     for rel, src in app_files(app_dir).items():
