@@ -56,7 +56,8 @@ quiet_root_logger()
 class LocalRound:
     """The round's training parameters, read from the server's train config (instruction_check_mod checked
     them); a bare instruction (no such key) falls back to the run config, which is Flower's convention for
-    what the ClientApp knows of its run. Steps and batch size are the client's tier's (its own to lower)."""
+    what the ClientApp knows of its run. Steps and batch size are the server's, lowered to the client's
+    tier's where that is less (a tier may only lower them: ``RankPlan.problem``)."""
 
     server_round: int
     lr: float
@@ -64,6 +65,8 @@ class LocalRound:
     proximal_mu: float
     report_train_loss: bool
     multipliers: dict[str, float]
+    local_steps: int
+    batch_size: int
     seed: int  # distinct, reproducible minibatch order and public draws per (run seed, round, client)
 
     @classmethod
@@ -79,6 +82,8 @@ class LocalRound:
             # constraint multipliers, sent by strategies/constraints.py when a constraint is on
             multipliers={c: float(config[protocol.multiplier_key(c)]) for c in protocol.CONSTRAINTS
                          if protocol.multiplier_key(c) in config},
+            local_steps=min(int(config.get(protocol.LOCAL_STEPS, s.local_steps)), node.profile.local_steps),
+            batch_size=min(int(config.get(protocol.BATCH_SIZE, s.batch_size)), node.profile.batch_size),
             seed=zlib.crc32(f"{s.seed}:{server_round}:{node.partition_id}".encode()),
         )
 
@@ -104,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     s, profile = node.settings, node.profile
     extra = {}
     if plan.report_train_loss:  # F_k(w_global) before local training: QFedAvg's obligation, when it asks
-        extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, profile.batch_size, _loss(node, plan))
+        extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, plan.batch_size, _loss(node, plan))
     terms = [proximal_term(global_params, plan.proximal_mu)] if plan.proximal_mu > 0 else []
     constraint = None
     if plan.multipliers:
@@ -123,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
         extra.update(ledger_metrics)
     else:
         stats = train_steps(
-            node.net, node.train, steps=profile.local_steps, batch_size=profile.batch_size, lr=plan.lr,
+            node.net, node.train, steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
             weight_decay=s.weight_decay, seed=plan.seed, extra_terms=terms, loss_fn=loss_fn,
             time_budget=profile.time_budget, precision=profile.precision, optimizer=plan.optimizer,
         )
@@ -131,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
         extra.update(constraint.statistics())
     if profile.delay > 0:  # a slower device's tier: the reply comes this much later, without taking CPU
         time.sleep(profile.delay)
-    return _train_reply(msg, node, global_arrays, stats, extra)
+    return _train_reply(msg, node, plan, global_arrays, stats, extra)
 
 
 def _sits_out(node: Node, plan: LocalRound) -> str | None:
@@ -154,14 +159,14 @@ def _loss(node: Node, plan: LocalRound) -> LossFn:
 def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn: LossFn,
                   terms: list[LossTerm]) -> tuple[TrainStats, dict[str, float]] | str:
     """DP-SGD within this client's budget: (stats, ledger metrics), or why it declines."""
-    s, profile = node.settings, node.profile
+    s = node.settings
     ledger = load_ledger(context)
-    q = sample_rate(len(node.train), profile.batch_size)
-    refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, profile.local_steps), s.dp_delta, s.max_epsilon)
+    q = sample_rate(len(node.train), plan.batch_size)
+    refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, plan.local_steps), s.dp_delta, s.max_epsilon)
     if refusal:
         return refusal
     stats, ledger = train_dp_sgd(
-        node.net, node.train, loss_fn, steps=profile.local_steps, batch_size=profile.batch_size, lr=plan.lr,
+        node.net, node.train, loss_fn, steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
         noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
         weight_decay=s.weight_decay, grad_sample_mode=s.dp_grad_sample_mode, extra_terms=terms,
         optimizer=plan.optimizer,
@@ -170,8 +175,8 @@ def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn: LossF
     return stats, {protocol.DP_EPSILON: sample_epsilon(ledger, s.dp_delta), protocol.DP_SAMPLE_RATE: q}
 
 
-def _train_reply(msg: Message, node: Node, global_arrays: dict[str, np.ndarray], stats: TrainStats,
-                 extra: dict[str, float]) -> Message:
+def _train_reply(msg: Message, node: Node, plan: LocalRound, global_arrays: dict[str, np.ndarray],
+                 stats: TrainStats, extra: dict[str, float]) -> Message:
     """The adapter with the global names and shapes (a lower rank zero-padded, layers this tier does not adapt
     as received) and the metrics, less what DP withholds (the raw losses: the private examples' function
     with no noise at all)."""
@@ -189,7 +194,7 @@ def _train_reply(msg: Message, node: Node, global_arrays: dict[str, np.ndarray],
             protocol.TRAIN_SECONDS: stats.seconds,
             protocol.STEP_SECONDS: stats.seconds / max(1, stats.steps),
             protocol.STEPS_DONE: stats.steps,
-            protocol.WORK_FRACTION: stats.steps / node.profile.local_steps,  # < 1: the time budget cut training short
+            protocol.WORK_FRACTION: stats.steps / plan.local_steps,  # < 1: the time budget cut training short
             protocol.BYTES_UPLINK: arrays.count_bytes(),
             **extra,
         }, node.settings.dp))

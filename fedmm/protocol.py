@@ -10,7 +10,8 @@ numpy conversion.
 Who sets what, per round:
 - server -> client, train config: the round's training parameters (``LR``,
   ``LOCAL_OPTIMIZER``, ``PROXIMAL_MU``, the server's ``LOCAL_STEPS`` and
-  ``BATCH_SIZE``; a client's tier may lower its own), ``BASE_FINGERPRINT``,
+  ``BATCH_SIZE``, which a client follows except where its tier sets less),
+  ``BASE_FINGERPRINT``,
   the codecs (``CODEC_*``), the DP parameters the server may set
   (``DP_*``; Flower's own clipping-norm key for central-client), the
   constraint multipliers (``multiplier_key``), ``REPORT_TRAIN_LOSS``;

@@ -194,6 +194,22 @@ def test_a_profile_sets_rank_layers_budget_and_precision(run_config, global_arra
     assert metrics["lora-rank"] == 8 and metrics["steps-done"] == 3 and metrics["work-fraction"] == 1
 
 
+def test_a_client_trains_the_steps_and_batch_the_server_asks_for_unless_its_tier_sets_less(run_config,
+                                                                                          global_arrays):
+    arrays, _ = global_arrays
+    asked = {"local-steps": 2, "batch-size": 4}
+    assert _call(run_config, MessageType.TRAIN, arrays, config=asked).content["metrics"]["steps-done"] == 2
+    tiered = {**run_config, "client-profiles": "small: local-steps=1", "partition-profiles": "small"}
+    metrics = _call(tiered, MessageType.TRAIN, arrays, config=asked).content["metrics"]
+    assert metrics["steps-done"] == 1 and metrics["work-fraction"] == 1
+    # the server's batch size reaches training: under DP-SGD a smaller batch samples less, so the same
+    # steps spend less of the client's own budget
+    private = {**run_config, "dp": "dp-sgd", "dp-noise-multiplier": 1.0}
+    small, full = (_call(private, MessageType.TRAIN, arrays, config=c).content["metrics"]["dp-epsilon"]
+                   for c in (asked, {"local-steps": 2}))
+    assert 0 < small < full
+
+
 def test_a_profile_that_drops_out_declines_with_a_reason(run_config, global_arrays):
     arrays, _ = global_arrays
     flaky = {**run_config, "client-profiles": "flaky: dropout=0.999", "partition-profiles": "flaky"}

@@ -37,6 +37,8 @@ def test_pyproject_defaults_equal_the_spec():
         ({"client-profiles": "phone: dropout=1"}, "profile 'phone': dropout = '1' must be a number in [0, 1)"),
         ({"client-profiles": "phone lora-rank=2"}, "expected 'name: key=value ...'"),
         ({"client-profiles": "a: lora-targets=nope"}, "profile 'a' targets nope, not among the run's lora-targets"),
+        ({"client-profiles": "a: local-steps=99"}, "profile 'a' sets local-steps=99, more than the run's 'local-steps'"),
+        ({"client-profiles": "a: batch-size=999"}, "profile 'a' sets batch-size=999, more than the run's 'batch-size'"),
         ({"partition-profiles": "phone"}, "'partition-profiles': unknown profile(s) phone"),
         ({"client-profiles": "a: lora-rank=2", "lora-ranks": "2,4"}, "'lora-ranks' and 'client-profiles'"),
         ({"client-profiles": "a: time-budget=3", "dp": "dp-sgd"}, "profile 'a' has a time-budget"),

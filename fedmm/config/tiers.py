@@ -141,4 +141,8 @@ class RankPlan:
             if extra:
                 return (f"'client-profiles': profile '{name}' targets {', '.join(extra)}, "
                         f"not among the run's lora-targets ({', '.join(self.lora_targets)})")
+            for key, run_value in (("local-steps", self.local_steps), ("batch-size", self.batch_size)):
+                if key in spec and int(spec[key]) > run_value:
+                    return (f"'client-profiles': profile '{name}' sets {key}={spec[key]}, more than the run's "
+                            f"'{key}' = {run_value}: a tier may only lower the work the server asks for")
         return None
