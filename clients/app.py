@@ -36,7 +36,7 @@ from fedmm.data import ManifestError
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.logs import quiet_root_logger
-from fedmm.losses import LossFn, client_objective
+from fedmm.losses import LossFn, PublicNegativesLoss, client_objective
 from fedmm.privacy import sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.privacy.release import released_train_metrics
 from fedmm.protocol import rank_of, to_record, trainable
@@ -72,18 +72,18 @@ class LocalRound:
     @classmethod
     def of(cls, config: ConfigRecord, node: Node) -> LocalRound:
         s = node.settings
-        server_round = int(config.get(protocol.SERVER_ROUND, 0))
+        server_round = protocol.integer(config, protocol.SERVER_ROUND, 0)
         return cls(
             server_round=server_round,
-            lr=float(config.get(protocol.LR, s.lr)),
+            lr=protocol.number(config, protocol.LR, s.lr),
             optimizer=str(config.get(protocol.LOCAL_OPTIMIZER, s.local_optimizer)),
-            proximal_mu=float(config.get(protocol.PROXIMAL_MU, s.proximal_mu)),
+            proximal_mu=protocol.number(config, protocol.PROXIMAL_MU, s.proximal_mu),
             report_train_loss=bool(config.get(protocol.REPORT_TRAIN_LOSS, False)),
             # constraint multipliers, sent by strategies/constraints.py when a constraint is on
-            multipliers={c: float(config[protocol.multiplier_key(c)]) for c in protocol.CONSTRAINTS
+            multipliers={c: protocol.number(config, protocol.multiplier_key(c)) for c in protocol.CONSTRAINTS
                          if protocol.multiplier_key(c) in config},
-            local_steps=min(int(config.get(protocol.LOCAL_STEPS, s.local_steps)), node.profile.local_steps),
-            batch_size=min(int(config.get(protocol.BATCH_SIZE, s.batch_size)), node.profile.batch_size),
+            local_steps=min(protocol.integer(config, protocol.LOCAL_STEPS, s.local_steps), node.profile.local_steps),
+            batch_size=min(protocol.integer(config, protocol.BATCH_SIZE, s.batch_size), node.profile.batch_size),
             seed=zlib.crc32(f"{s.seed}:{server_round}:{node.partition_id}".encode()),
         )
 
@@ -101,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     node = _site(context)
     if isinstance(node, str):
         return decline(msg, node)
-    plan = LocalRound.of(msg.content[protocol.CONFIG], node)
+    plan = LocalRound.of(protocol.config_in(msg.content), node)
     absent = _sits_out(node, plan)
     if absent:
         return decline(msg, absent)
@@ -165,6 +165,8 @@ def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn: LossF
     refusal = budget_refusal(ledger, (s.dp_noise_multiplier, q, plan.local_steps), s.dp_delta, s.max_epsilon)
     if refusal:
         return refusal
+    if not isinstance(loss_fn, PublicNegativesLoss):  # Settings refuses any other loss under dp-sgd
+        raise ValueError(f"DP-SGD needs the per-sample public-negatives loss, not {type(loss_fn).__name__}")
     stats, ledger = train_dp_sgd(
         node.net, node.train, loss_fn, steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
         noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_clip_norm, history=ledger,
@@ -213,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if isinstance(node, str):
         return decline(msg, node)
     load_global(node, msg)
-    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(node.test), protocol.UNIT_WEIGHT: 1,
+    metrics: dict[str, protocol.MetricValue] = {protocol.NUM_EXAMPLES: len(node.test), protocol.UNIT_WEIGHT: 1,
                                  protocol.PARTITION_ID: node.partition_id}
     full = {}
     if len(node.test):  # the adapter changes the text tower too: embed the prompts with it

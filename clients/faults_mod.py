@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.settings import run_settings
@@ -22,10 +22,10 @@ from fedmm.protocol import to_numpy, to_record
 
 def _stage_fault(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A secure-aggregation stage: a ``vanish-<stage>`` client crashes there (it trained and shared keys)."""
-    record = msg.content[protocol.SECAGG] if protocol.SECAGG in msg.content else {}
-    kind = _fault(context, int(record.get(protocol.SA_ROUND, 0)))
-    if kind == f"vanish-{record.get(protocol.SA_STAGE)}":
-        raise RuntimeError(f"injected fault: {kind} (round {record.get(protocol.SA_ROUND)})")
+    record = protocol.config_in(msg.content, protocol.SECAGG) if protocol.SECAGG in msg.content else ConfigRecord()
+    kind = _fault(context, protocol.integer(record, protocol.SA_ROUND, 0))
+    if kind == f"vanish-{record.get(protocol.SA_STAGE)!s}":
+        raise RuntimeError(f"injected fault: {kind} (round {record.get(protocol.SA_ROUND)!r})")
     return call_next(msg, context)
 
 
@@ -44,7 +44,8 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     settings = run_settings(context)
-    server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)) if protocol.CONFIG in msg.content else 0
+    server_round = protocol.integer(protocol.config_in(msg.content), protocol.SERVER_ROUND, 0) \
+        if protocol.CONFIG in msg.content else 0
     kind = _fault(context, server_round)
     if kind is None or kind.startswith("vanish-"):
         return call_next(msg, context)
@@ -54,10 +55,10 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     if kind == "timeout":
         time.sleep(settings.round_timeout + 5.0)  # the server has stopped waiting for this reply
         return call_next(msg, context)
-    reference = to_numpy(msg.content[protocol.ARRAYS])
+    reference = to_numpy(protocol.arrays_in(msg.content))
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     rng = np.random.default_rng([settings.seed, server_round, int(context.node_id) % 2**32])
-    reply.content[protocol.ARRAYS] = to_record(corrupt_update(kind, to_numpy(reply.content[protocol.ARRAYS]), reference, rng))
+    reply.content[protocol.ARRAYS] = to_record(corrupt_update(kind, to_numpy(protocol.arrays_in(reply.content)), reference, rng))
     return reply

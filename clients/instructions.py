@@ -18,8 +18,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from clients.messages import decline, number_problem
 from fedmm import protocol
-from fedmm.compression import make_codec
+from fedmm.compression import make_codec, make_downlink_codec
 from fedmm.config import LOCAL_OPTIMIZERS
+from fedmm.config.declare import parses
 
 MAX_STEPS = 10**6  # local steps or batch size beyond this is no honest instruction
 
@@ -28,14 +29,9 @@ def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], str 
     return lambda v: number_problem(v, lo, hi, integer=integer)
 
 
-def _codec(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return "must be a codec spec string"
-    try:
-        make_codec(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _codec(parse: Callable[[str], object]) -> Callable[[Any], str | None]:
+    parsed = parses(parse)
+    return lambda v: parsed(v) if isinstance(v, str) else "must be a codec spec string"
 
 
 def _flag(v: Any) -> str | None:
@@ -56,8 +52,8 @@ CONFIG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     protocol.LOCAL_OPTIMIZER: lambda v: None if v in LOCAL_OPTIMIZERS else f"must be one of {', '.join(LOCAL_OPTIMIZERS)}",
     protocol.REPORT_TRAIN_LOSS: _flag,
     protocol.BASE_FINGERPRINT: _text,
-    protocol.CODEC_UP: _codec,
-    protocol.CODEC_DOWN: _codec,
+    protocol.CODEC_UP: _codec(make_codec),
+    protocol.CODEC_DOWN: _codec(make_downlink_codec),
     protocol.CODEC_SEED: _number(0, 2**32 - 1, integer=True),
     protocol.ERROR_FEEDBACK: _flag,
     **{protocol.multiplier_key(c): _number(0, 1e9) for c in protocol.CONSTRAINTS},
@@ -73,7 +69,7 @@ def instruction_problem(msg: Message) -> str | None:
         return f"no '{protocol.ARRAYS}' record (the global adapter)"
     if not isinstance(content[protocol.ARRAYS], ArrayRecord):
         return f"'{protocol.ARRAYS}' holds a {type(content[protocol.ARRAYS]).__name__}, expected an ArrayRecord"
-    config = content[protocol.CONFIG] if protocol.CONFIG in content else {}
+    config = protocol.config_in(content) if protocol.CONFIG in content else ConfigRecord()
     for key, check in CONFIG_CHECKS.items():
         if key in config:
             problem = check(config[key])

@@ -41,7 +41,7 @@ class RunState:
     base: Any  # the frozen base, never modified: each rank's model is a copy with LoRA
     prompts: list[list[str]]  # zero-shot class prompts, embedded by the current adapter
     tokenizer: Any
-    preprocess: tuple  # (mean, std, size)
+    preprocess: tuple[tuple[float, ...], tuple[float, ...], int]  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
     public: Batch | None = None  # public pairs the objective draws from ('unicl', 'public-negatives')
@@ -150,13 +150,13 @@ def node_of(context: Context) -> Node:
 
 def load_global(node: Node, msg: Message) -> tuple[OrderedDict[str, np.ndarray], list[torch.Tensor]]:
     """Load the message's global adapter into the node's model: the global arrays, and the model's trainable copies."""
-    expected = msg.content[protocol.CONFIG].get(protocol.BASE_FINGERPRINT) if protocol.CONFIG in msg.content else None
+    expected = protocol.config_in(msg.content).get(protocol.BASE_FINGERPRINT) if protocol.CONFIG in msg.content else None
     if expected is not None and expected != node.run.base_fingerprint:
         raise ValueError(
             f"partition {node.partition_id}: this node's frozen base ({node.run.base_fingerprint}) "
-            f"differs from the server's ({expected}); adapters trained on different bases "
+            f"differs from the server's ({expected!s}); adapters trained on different bases "
             "cannot be averaged — check 'model', 'pretrained' and the base cache"
         )
-    global_arrays = to_numpy(msg.content[protocol.ARRAYS])
+    global_arrays = to_numpy(protocol.arrays_in(msg.content))
     lora.load_global(node.net, dict(global_arrays))
     return global_arrays, [p.detach().clone() for p in lora.trainable_parameters(node.net)]

@@ -38,8 +38,12 @@ def load_ledger(context: Context) -> list[tuple[float, float, int]]:
     """This client's privacy ledger (empty on its first round)."""
     if LEDGER_KEY not in context.state:
         return []
-    rec = context.state[LEDGER_KEY]
-    return [(float(a), float(b), int(c)) for a, b, c in zip(rec["sigma"], rec["q"], rec["steps"])]
+    rec = protocol.config_in(context.state, LEDGER_KEY)
+    sigma, q, steps = (rec.get(key) for key in ("sigma", "q", "steps"))
+    if not (isinstance(sigma, list) and isinstance(q, list) and isinstance(steps, list)):
+        raise ValueError(f"context state '{LEDGER_KEY}': expected three lists")
+    return [(protocol.as_number(a, "sigma"), protocol.as_number(b, "q"), int(protocol.as_number(c, "steps")))
+            for a, b, c in zip(sigma, q, steps)]
 
 
 def store_ledger(context: Context, ledger: list[tuple[float, float, int]]) -> None:
@@ -95,7 +99,7 @@ def privacy_floor(context: Context) -> tuple[float, float, float | None, str]:
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or msg.has_error() or protocol.CONFIG not in msg.content:
         return call_next(msg, context)
-    config = msg.content[protocol.CONFIG]
+    config = protocol.config_in(msg.content)
     if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     who = f"node {context.node_id}"
@@ -118,7 +122,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         shares = 1.0
         if mode == "distributed":
             shares = _positive_number(config, protocol.DP_NOISE_SHARES, "train config")
-        delta = min(float(config.get(protocol.DP_DELTA, 1e-5)), own_delta or 1.0)
+        delta = min(protocol.number(config, protocol.DP_DELTA, 1e-5), own_delta or 1.0)
         if not 0 < delta < 1:
             raise ValueError(f"train config '{protocol.DP_DELTA}' = {delta!r} must be in (0, 1)")
         budgets = [b for b in (_positive_number(config, protocol.DP_MAX_EPSILON, "train config", allow_zero=True)
@@ -141,11 +145,11 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         refusal = budget_refusal(ledger, (ledger_sigma, 1.0, 1), delta, max_epsilon)
         if refusal:
             return decline(msg, f"{who}: {refusal}")
-    global_arrays = to_numpy(msg.content[protocol.ARRAYS])
+    global_arrays = to_numpy(protocol.arrays_in(msg.content))
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    local = to_numpy(reply.content[protocol.ARRAYS])
+    local = to_numpy(protocol.arrays_in(reply.content))
     delta_arrays = OrderedDict((k, local[k] - global_arrays[k]) for k in local)
     # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
     # distributed: the noise share is integer (Skellam), added inside the masked sum by secagg_mod
@@ -154,7 +158,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     reply.content[protocol.ARRAYS] = to_record(OrderedDict((k, global_arrays[k] + private[k]) for k in local))
     # the update's norm before clipping, and whether clipping bound, are the private examples' function with
     # no noise: withheld (fedmm/privacy/release.py)
-    metrics = reply.content[protocol.METRICS]
+    metrics = protocol.metrics_in(reply.content)
     if ledger_sigma > 0:
         ledger = ledger + [(ledger_sigma, 1.0, 1)]
         store_ledger(context, ledger)

@@ -31,29 +31,29 @@ _PROMISE = ("promised-noise-multiplier", "promised-shares")  # the train config'
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if (msg.metadata.message_type != MessageType.TRAIN or msg.has_error() or protocol.CONFIG not in msg.content
-            or msg.content[protocol.CONFIG].get(protocol.SECAGG) is not True):
+            or protocol.config_in(msg.content).get(protocol.SECAGG) is not True):
         return call_next(msg, context)
-    config = msg.content[protocol.CONFIG]
+    config = protocol.config_in(msg.content)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    payload = to_numpy(reply.content[protocol.ARRAYS])
+    payload = to_numpy(protocol.arrays_in(reply.content))
     if list(payload) != [protocol.PAYLOAD_VALUES] or payload[protocol.PAYLOAD_VALUES].dtype != np.float32:
         return decline(msg, f"node {context.node_id}: secure aggregation needs the fp32 codec's payload, got "
                             f"{sorted(payload)}")
     client = SecAggClient(context.node_id)
     c_key, s_key = client.public_keys()
     distributed = config.get(protocol.DP_MODE) == "distributed"
-    promise = (float(config[protocol.DP_NOISE_MULTIPLIER]), float(config[protocol.DP_NOISE_SHARES])) \
+    promise = (protocol.number(config, protocol.DP_NOISE_MULTIPLIER), protocol.number(config, protocol.DP_NOISE_SHARES)) \
         if distributed else (0.0, 1.0)
     context.state[UPDATE_KEY] = to_record({protocol.PAYLOAD_VALUES: payload[protocol.PAYLOAD_VALUES]})
-    context.state[CLIENT_KEY] = ConfigRecord({**client.state(), protocol.SA_ROUND: int(config[protocol.SERVER_ROUND]),
+    context.state[CLIENT_KEY] = ConfigRecord({**client.state(), protocol.SA_ROUND: protocol.integer(config, protocol.SERVER_ROUND),
                                               **dict(zip(_PROMISE, promise))})
     del reply.content[protocol.ARRAYS]
     reply.content[protocol.SECAGG] = ConfigRecord({protocol.SA_C_KEY: c_key, protocol.SA_S_KEY: s_key})
     # what this client will send: its masked vector in the run's ring (plus the keys above)
     settings = run_settings(context)
-    metrics = reply.content[protocol.METRICS]
+    metrics = protocol.metrics_in(reply.content)
     itemsize = np.dtype(ring_dtype(settings.secagg_bits)).itemsize
     metrics[protocol.BYTES_UPLINK] = padded_length(payload[protocol.PAYLOAD_VALUES].size) * itemsize
     if settings.dp == "none":  # under any DP mode whether clipping bound is withheld (fedmm/privacy/release.py)
@@ -67,23 +67,24 @@ def answer_stage(msg: Message, context: Context) -> Message:
     record = msg.content[protocol.SECAGG] if protocol.SECAGG in msg.content else None
     if not isinstance(record, ConfigRecord) or CLIENT_KEY not in context.state:
         return decline(msg, f"{who}: a stage request without a round in progress")
-    state = context.state[CLIENT_KEY]
+    state = protocol.config_in(context.state, CLIENT_KEY)
     stage = record.get(protocol.SA_STAGE)
     if record.get(protocol.SA_ROUND) != state[protocol.SA_ROUND]:
-        return decline(msg, f"{who}: a {stage} request for round {record.get(protocol.SA_ROUND)!r}, this client "
-                            f"trained in round {state[protocol.SA_ROUND]}")
+        return decline(msg, f"{who}: a {stage!r} request for round {record.get(protocol.SA_ROUND)!r}, this "
+                            f"client trained in round {state[protocol.SA_ROUND]!r}")
     client = SecAggClient.from_state(state)
     try:
         if stage == "share":
             content = _share(client, record)
         elif stage == "mask":
-            content = _mask(client, record, context, (float(state[_PROMISE[0]]), float(state[_PROMISE[1]])))
+            content = _mask(client, record, context, (protocol.number(state, _PROMISE[0]),
+                                                      protocol.number(state, _PROMISE[1])))
         elif stage == "unmask":
             content = _unmask(client, record)
         else:
             raise ValueError(f"unknown stage {stage!r}")
     except (KeyError, TypeError, ValueError) as exc:
-        return decline(msg, f"{who}, {stage}: {type(exc).__name__}: {exc}")
+        return decline(msg, f"{who}, {stage!r}: {type(exc).__name__}: {exc}")
     if stage == "unmask":  # the round is over for this client: nothing of it stays behind
         del context.state[CLIENT_KEY]
     else:
@@ -92,13 +93,14 @@ def answer_stage(msg: Message, context: Context) -> Message:
 
 
 def _share(client: SecAggClient, record: ConfigRecord) -> RecordDict:
-    ids = ids_of(record[protocol.SA_IDS])
-    c_keys, s_keys = list(record[protocol.SA_C_KEYS]), list(record[protocol.SA_S_KEYS])
+    ids = ids_of(protocol.blob(record, protocol.SA_IDS))
+    c_keys, s_keys = protocol.blobs(record, protocol.SA_C_KEYS), protocol.blobs(record, protocol.SA_S_KEYS)
     if not len(ids) == len(c_keys) == len(s_keys):
         raise ValueError("the neighbourhood's ids and keys differ in number")
-    keys = {i: (bytes(c), bytes(s)) for i, c, s in zip(ids, c_keys, s_keys)}
-    ciphertexts, commitment = client.share(keys, int(record[protocol.SA_THRESHOLD]), int(record[protocol.SA_BITS]),
-                                           int(record[protocol.SA_LENGTH]))
+    keys = {i: (c, s) for i, c, s in zip(ids, c_keys, s_keys)}
+    ciphertexts, commitment = client.share(keys, protocol.integer(record, protocol.SA_THRESHOLD),
+                                           protocol.integer(record, protocol.SA_BITS),
+                                           protocol.integer(record, protocol.SA_LENGTH))
     holders = sorted(ciphertexts)
     return RecordDict({protocol.SECAGG: ConfigRecord({
         protocol.SA_TO: ids_bytes(holders), protocol.SA_CIPHERTEXTS: [ciphertexts[h] for h in holders],
@@ -108,7 +110,7 @@ def _share(client: SecAggClient, record: ConfigRecord) -> RecordDict:
 def _mask(client: SecAggClient, record: ConfigRecord, context: Context, promise: tuple[float, float]) -> RecordDict:
     code = IntegerCode.from_dict({k[len(protocol.SA_CODE):]: v for k, v in record.items()
                                   if k.startswith(protocol.SA_CODE)})
-    update = to_numpy(context.state[UPDATE_KEY])[protocol.PAYLOAD_VALUES].astype(np.float64)
+    update = to_numpy(protocol.arrays_in(context.state, UPDATE_KEY))[protocol.PAYLOAD_VALUES].astype(np.float64)
     if (code.dim, code.length, code.bits) != (update.size, client.length, client.bits):
         raise ValueError(f"the code's dim {code.dim}, length {code.length}, bits {code.bits} do not fit this "
                          f"round's update ({update.size} values) and ring ({client.length}, {client.bits} bits)")
@@ -122,19 +124,20 @@ def _mask(client: SecAggClient, record: ConfigRecord, context: Context, promise:
         raise ValueError(f"weight {weight!r} must be a number in [0, 1]")
     norm = float(np.linalg.norm(update))
     clipped = update * min(1.0, code.clip / norm) if norm > 0 else update
-    sources = ids_of(record[protocol.SA_FROM])
-    ciphertexts = list(record[protocol.SA_CIPHERTEXTS])
+    sources = ids_of(protocol.blob(record, protocol.SA_FROM))
+    ciphertexts = protocol.blobs(record, protocol.SA_CIPHERTEXTS)
     if len(sources) != len(ciphertexts):
         raise ValueError("sources and ciphertexts differ in number")
     # fresh OS entropy, never a seed: rounding and noise the server could replay would protect nothing
     vector = encode_integer(weight * clipped, code, np.random.default_rng())
-    masked = client.mask(dict(zip(sources, map(bytes, ciphertexts))), vector)
+    masked = client.mask(dict(zip(sources, ciphertexts)), vector)
     del context.state[UPDATE_KEY]
     return RecordDict({protocol.ARRAYS: ArrayRecord({protocol.SA_MASKED: Array(np.ascontiguousarray(masked))})})
 
 
 def _unmask(client: SecAggClient, record: ConfigRecord) -> RecordDict:
-    shares = client.unmask(ids_of(record[protocol.SA_CONTRIBUTORS]), ids_of(record[protocol.SA_DROPPED]))
+    shares = client.unmask(ids_of(protocol.blob(record, protocol.SA_CONTRIBUTORS)),
+                           ids_of(protocol.blob(record, protocol.SA_DROPPED)))
     owners = sorted(shares)
     return RecordDict({protocol.SECAGG: ConfigRecord({protocol.SA_OWNERS: ids_bytes(owners),
                                                       protocol.SA_SHARES: [shares[o] for o in owners]})})

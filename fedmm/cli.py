@@ -186,13 +186,16 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CliHandler(logging.StreamHandler):
+    """The ``fedmm`` command's own console handler."""
+
+
 def main(argv: list[str] | None = None) -> int:
     # fedmm's own logger, not the root: the app processes clear the root of library handlers (fedmm/logs.py),
     # and a `fedmm supernode` process loads the ClientApp, which does that, into itself
-    if not any(getattr(h, "fedmm_cli", False) for h in log.handlers):  # once, however often main() runs
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _CliHandler) for h in log.handlers):  # once, however often main() runs
+        handler = _CliHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.fedmm_cli = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # a handler a library gave the root (Opacus's basicConfig) printed each line twice

@@ -13,6 +13,7 @@ from torch import nn
 from .constraints import fairness_counts, group_fairness, toxic_retrieval, toxic_retrieval_counts
 from .data import Batch
 from . import protocol
+from .lora import clip_of
 
 RECALL_AT = (1, 5, 10)
 
@@ -32,7 +33,7 @@ def encode(model: nn.Module, data: Batch, batch_size: int = 256) -> tuple[torch.
 @torch.no_grad()
 def class_embeddings(model: nn.Module, tokenizer, prompts: list[list[str]]) -> torch.Tensor:
     """One normalised embedding per class: the mean of its prompt embeddings."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = clip_of(model)
     rows = []
     for phrasings in prompts:
         emb = F.normalize(base.encode_text(tokenizer(phrasings)), dim=-1).mean(0)

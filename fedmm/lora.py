@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,6 +106,12 @@ def _merge_masks(
     return mask
 
 
+def clip_of(model: nn.Module) -> Any:
+    """The open_clip model under a PEFT wrapper (or ``model`` itself). ``Any``: its towers are built from
+    config, so their attributes (``encode_text``, ``visual.trunk``...) are not known to a type checker."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def swap_attention(model: nn.Module) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` in place; returns it."""
     for module in list(model.modules()):
@@ -142,7 +149,8 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -
     odd = sorted({f"{name} ({type(m).__name__})" for name, m in modules if name in targets and not _adaptable(m)})
     if odd:
         raise ValueError(f"run-config 'lora-targets': {odd} share a target name but are not nn.Linear or 1x1 nn.Conv2d")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    # peft annotates lora_alpha as int, but scales by alpha / r in floating point; fedmm's lora-alpha is a float
+    config = LoraConfig(r=rank, lora_alpha=cast(int, alpha), target_modules=targets, lora_dropout=0.0, bias="none")
     return get_peft_model(model, config)
 
 
@@ -167,9 +175,9 @@ def set_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
         if tuple(arrays[k].shape) != tuple(ref.shape):
             raise ValueError(f"adapter '{k}': shape {arrays[k].shape}, expected {tuple(ref.shape)}")
     tensors = {k: torch.as_tensor(np.asarray(v), dtype=expected[k].dtype) for k, v in arrays.items()}
-    result = set_peft_model_state_dict(model, tensors)
-    if result.unexpected_keys:
-        raise ValueError(f"peft rejected adapter keys {result.unexpected_keys[:3]}")
+    unexpected = list(getattr(set_peft_model_state_dict(model, tensors), "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(f"peft rejected adapter keys {unexpected[:3]}")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -238,9 +246,9 @@ def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
         adapter = {k: adapter[k] for k in own}
     set_adapter_arrays(model, fit_rank(adapter, adapter_rank(model)))
     layers = {keys.layer_of(k) for k in frozen}
-    touched = getattr(model, "_fedmm_frozen_layers", set())
+    touched: set[str] = getattr(model, "_fedmm_frozen_layers", set())
     for layer in sorted(layers | touched):
-        module = model.get_submodule(layer)
+        module: Any = model.get_submodule(layer)  # a peft LoRA layer: get_base_layer(), scaling
         weight = module.get_base_layer().weight
         original = getattr(module, "_fedmm_base_weight", None)
         if original is None:
@@ -255,4 +263,4 @@ def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
             delta = module.scaling["default"] * dense.reshape(original.shape).to(original.dtype)
         with torch.no_grad():
             weight.copy_(original + delta)
-    model._fedmm_frozen_layers = touched | layers
+    setattr(model, "_fedmm_frozen_layers", touched | layers)

@@ -66,6 +66,7 @@ from datasets import Dataset
 from torch import nn
 
 from .data import Batch
+from .lora import clip_of
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -120,12 +121,11 @@ class UniCLLoss(nn.Module):
         images, texts, scale = out["image_features"], out["text_features"], out["logit_scale"]
         same = batch.same_class(batch)
         image_to_text_pos, candidates = same, texts
-        if self.count:
+        model = self._model[0]
+        if self.count and self.public is not None and model is not None:
             idx = torch.randperm(len(self.public), generator=self.generator)[: self.count]
             chosen = self.public.subset(idx)
-            model = self._model[0]
-            encode_text = getattr(model, "get_base_model", lambda: model)().encode_text
-            public_texts = F.normalize(encode_text(chosen.tokens), dim=-1).to(texts.dtype)
+            public_texts = F.normalize(clip_of(model).encode_text(chosen.tokens), dim=-1).to(texts.dtype)
             candidates = torch.cat([texts, public_texts])
             image_to_text_pos = torch.cat([same, batch.same_class(chosen)], dim=1)
         image_to_text = _soft_cross_entropy(scale * images @ candidates.T, image_to_text_pos)
@@ -153,6 +153,8 @@ def create_loss(name: str, model: nn.Module, public: Batch | None = None, draw: 
     if name == "unicl":
         return UniCLLoss(model, public, draw, seed=seed)
     if name == "public-negatives":
+        if public is None:
+            raise ValueError("loss 'public-negatives' needs public pairs; the dataset has no public rows")
         return PublicNegativesLoss(model, public, draw, seed=seed)
     raise ValueError(f"unknown loss '{name}'; known: clip, unicl, public-negatives")
 
@@ -188,9 +190,7 @@ class PublicNegativesLoss(nn.Module):
         """A fresh draw of public captions, embedded with the current parameters (normalised, detached)."""
         idx = torch.randperm(len(self.public), generator=self.generator)[: self.count]
         chosen = self.public.subset(idx)
-        model = self._model[0]
-        encode_text = getattr(model, "get_base_model", lambda: model)().encode_text
-        return F.normalize(encode_text(chosen.tokens), dim=-1), chosen
+        return F.normalize(clip_of(self._model[0]).encode_text(chosen.tokens), dim=-1), chosen
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         neg_texts, chosen = self.negatives()

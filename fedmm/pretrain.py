@@ -31,6 +31,7 @@ from . import model as models
 from . import towers
 from .config import Settings
 from .data import Batch, dataset_version, public_split, to_batch
+from .lora import clip_of
 from .train import train_steps
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class _Heads(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.image_head, self.text_head, self.logit_scale = net.visual.head, net.text.proj, net.logit_scale
+        clip = clip_of(net)
+        self.image_head, self.text_head, self.logit_scale = clip.visual.head, clip.text.proj, clip.logit_scale
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -77,12 +79,13 @@ class _Heads(nn.Module):
 def tower_features(net: nn.Module, data: Batch, chunk: int = 64) -> Batch:
     """``data`` with images and tokens replaced by the frozen towers' pooled features."""
     net.eval()
+    clip = clip_of(net)
     images, texts = [], []
     for i in range(0, len(data), chunk):
         part = data.subset(torch.arange(i, min(i + chunk, len(data))))
-        images.append(net.visual.trunk(part.images))
-        mask = (part.tokens != net.text.config.pad_token_id).long()
-        texts.append(net.text.pooler(net.text.transformer(input_ids=part.tokens, attention_mask=mask), mask))
+        images.append(clip.visual.trunk(part.images))
+        mask = (part.tokens != clip.text.config.pad_token_id).long()
+        texts.append(clip.text.pooler(clip.text.transformer(input_ids=part.tokens, attention_mask=mask), mask))
     return Batch(torch.cat(images), torch.cat(texts), data.labels, data.groups, data.toxic)
 
 

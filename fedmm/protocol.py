@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 # --- RecordDict keys of a message
 ARRAYS = "arrays"  # ArrayRecord: the global adapter (server -> client) or the encoded update (client -> server)
@@ -192,3 +192,70 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
+
+
+# a MetricRecord's value type, as Flower declares it
+MetricValue = int | float | list[int] | list[float]
+
+
+# --- typed reads: a record's value as the type the protocol gives it (ValueError naming the key otherwise)
+def as_number(value: object, key: str) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise ValueError(f"'{key}' = {value!r}: expected a number")
+
+
+def number(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    return as_number(record.get(key, default), key)
+
+
+def integer(record: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    return int(number(record, key, default))
+
+
+def text(record: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = record.get(key, default)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"'{key}' = {value!r}: expected a string")
+
+
+def blob(record: Mapping[str, Any], key: str) -> bytes:
+    value = record.get(key)
+    if isinstance(value, bytes):
+        return value
+    raise ValueError(f"'{key}': expected bytes, got {type(value).__name__}")
+
+
+def blobs(record: Mapping[str, Any], key: str) -> list[bytes]:
+    value = record.get(key)
+    if isinstance(value, list) and all(isinstance(v, bytes) for v in value):
+        return list(value)
+    raise ValueError(f"'{key}': expected a list of bytes, got {type(value).__name__}")
+
+
+def arrays_in(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
+    from flwr.app import ArrayRecord
+
+    record = content[key]
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"'{key}' holds a {type(record).__name__}, not an ArrayRecord")
+    return record
+
+
+def config_in(content: RecordDict, key: str = CONFIG) -> ConfigRecord:
+    from flwr.app import ConfigRecord
+
+    record = content[key]
+    if not isinstance(record, ConfigRecord):
+        raise ValueError(f"'{key}' holds a {type(record).__name__}, not a ConfigRecord")
+    return record
+
+
+def metrics_in(content: RecordDict, key: str = METRICS) -> MetricRecord:
+    from flwr.app import MetricRecord
+
+    record = content[key]
+    if not isinstance(record, MetricRecord):
+        raise ValueError(f"'{key}' holds a {type(record).__name__}, not a MetricRecord")
+    return record

@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import Settings  # noqa: E402
+
 PLOTS = {
     "accuracy.png": ("zero-shot accuracy", ["central/zs-acc", "evaluate/zs-acc"], "central/zs-acc-group-"),
     "retrieval.png": ("retrieval Recall@1", ["central/i2t-R@1", "central/t2i-R@1"], None),
@@ -163,7 +165,7 @@ def _fmt(v: Any, key: str = "") -> str:
 def write_report(
     folder: str | Path,
     *,
-    settings: Any,
+    settings: Settings,
     rounds: Mapping[int, Mapping[str, Any]],
     clients: Sequence[Mapping[str, Any]],
     extra: Mapping[str, Any] | None = None,
@@ -178,7 +180,7 @@ def write_report(
         "clients": folder / "clients.csv",
         "summary": folder / "summary.md",
     }
-    config = settings.to_run_config() if hasattr(settings, "to_run_config") else dict(settings)
+    config = settings.to_run_config()
     paths["json"].write_text(
         json.dumps(
             {"config": config, "rounds": rounds, "clients": list(clients), "extra": dict(extra or {})},

@@ -33,9 +33,10 @@ MANAGED = frozenset({
 
 def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
     """The strategy, then each one it wraps (``.strategy``), innermost last."""
-    while isinstance(strategy, Strategy):
-        yield strategy
-        strategy = getattr(strategy, "strategy", None)
+    current: object = strategy
+    while isinstance(current, Strategy):
+        yield current
+        current = getattr(current, "strategy", None)
 
 
 def innermost(strategy: Strategy) -> Strategy:

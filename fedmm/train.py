@@ -48,7 +48,7 @@ def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> LossTerm:
 
     def term(model: nn.Module, _out: dict[str, torch.Tensor], _batch: Batch) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
-        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+        return 0.5 * mu * sum((((p - a) ** 2).sum() for p, a in zip(params, anchors)), torch.zeros(()))
 
     return term
 

@@ -44,9 +44,10 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
+from typing import Any, NoReturn
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -69,8 +70,9 @@ from strategies.validation import finiteness_problem
 PULL_INTERVAL = 0.25
 
 
-class _Cohort:
-    """The nodes a version's train content is configured for: a Grid to the strategy, which reads their ids."""
+class _Cohort(Grid):
+    """The nodes a version's train content is configured for: a Grid to the strategy, which reads their ids;
+    anything else is not the strategy's to call while configuring."""
 
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
@@ -78,8 +80,27 @@ class _Cohort:
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def __getattr__(self, name: str):  # anything else is not the strategy's to call while configuring
+    def _refuse(self, name: str) -> NoReturn:
         raise AttributeError(f"configure_train called Grid.{name}, which the asynchronous loop does not offer")
+
+    def set_run(self, run: Any) -> None:
+        self._refuse("set_run")
+
+    @property
+    def run(self) -> Any:
+        self._refuse("run")
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        self._refuse("create_message")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._refuse("push_messages")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._refuse("pull_messages")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self._refuse("send_and_receive")
 
 
 @dataclass(frozen=True)
@@ -97,6 +118,7 @@ class AsynchronousLoop:
                  done: int = 0, pull_interval: float = PULL_INTERVAL) -> None:
         if chain.staleness is None:
             raise ValueError("the asynchronous loop needs the chain's StalenessWeighting (settings.asynchronous)")
+        self.staleness = chain.staleness
         self.settings, self.chain, self.history, self.recorder, self.grid = settings, chain, history, recorder, grid
         self.train_config, self.evaluate_config = train_config, evaluate_config
         self.num_rounds, self.done, self.pull_interval = num_rounds, done, pull_interval
@@ -184,7 +206,7 @@ class AsynchronousLoop:
         """Why the update of ``reply`` (trained on ``version``) must not take a buffer slot, or None: it does not
         decode against the adapter's layout, or holds non-finite values."""
         try:
-            delta = self.chain.codec.uplink.decode(to_numpy(reply.content[protocol.ARRAYS]),
+            delta = self.chain.codec.uplink.decode(to_numpy(protocol.arrays_in(reply.content)),
                                                    layout_of(self.versions[version]))
         except Exception as exc:  # noqa: BLE001 - whatever a payload holds, it is this reply's fault alone
             return f"payload does not decode: {exc}"
@@ -214,7 +236,7 @@ class AsynchronousLoop:
         at = self.version + 1
         self._configure(arrays)  # the chain's references are this version's, dispatched at or not
         for arrival in batch:
-            self.chain.staleness.expect(arrival.item.metadata.message_id, self.version - arrival.version,
+            self.staleness.expect(arrival.item.metadata.message_id, self.version - arrival.version,
                                         arrival.version, self.versions[arrival.version])
         new, _ = self.chain.outer.aggregate_train(at, [a.item for a in batch])
         self._record(at, batch)
@@ -241,7 +263,7 @@ class AsynchronousLoop:
         record(at, "async/abandoned", self._abandoned)
         record(at, "async/in-flight", len(self.in_flight))
         record(at, "async/waiting", len(self.buffer.waiting))
-        for key, value in self.chain.staleness.stats.get(at, {}).items():
+        for key, value in self.staleness.stats.get(at, {}).items():
             record(at, f"async/{key}", value)
         taus = Counter(self.version - a.version for a in batch)
         for tau, count in sorted(taus.items()):

@@ -51,6 +51,7 @@ from strategies.secure_aggregation import SecureAggregation, check_secure_aggreg
 from strategies.staleness import StalenessWeighting
 from strategies.timing import TimedStrategy
 from strategies.validation import UpdateValidation
+from strategies.wrapper import ReportsRoundStats
 
 
 def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
@@ -101,7 +102,7 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
 class Chain:
     """The built chain and its parts, by name."""
 
-    outer: Strategy  # what Strategy.start runs: the whole chain, timed
+    outer: TimedStrategy  # what Strategy.start runs: the whole chain, timed
     user: Strategy  # the strategy the run config selected
     reply_check: ReplyCheck
     book: ReplyBook
@@ -112,6 +113,12 @@ class Chain:
     user_timer: TimedStrategy  # the user's strategy alone (with central DP: and its wrapper)
     secagg: SecureAggregation | None = None
     staleness: StalenessWeighting | None = None  # asynchronous runs
+
+    @property
+    def measured(self) -> list[ReportsRoundStats]:
+        """The parts that measure something per round, in the order the report lists them."""
+        parts: list[ReportsRoundStats] = [self.codec, self.book, self.reply_check, self.validation]
+        return parts + [p for p in (self.secagg, self.constraints) if p is not None]
 
     @property
     def stateful(self) -> Strategy:
@@ -144,7 +151,7 @@ def build_chain(settings: Settings, strategy: Strategy, history: MetricsHistory,
     validation = UpdateValidation(inner, settings.max_update_norm_ratio, settings.update_norm_bound,
                                   keep_every_reply=keep_every_reply)
     # always wrapped: with fp32 both ways the codec is the identity, and every run gets the same decoding checks
-    codec = CompressedUpdates(validation, settings.codec, settings.codec_downlink, settings.error_feedback,
+    codec = CompressedUpdates(validation, settings.uplink_codec, settings.downlink_codec, settings.error_feedback,
                               settings.seed, keep_every_reply)
     secagg = None
     if plan is not None:  # the replies hold keys, then the stages' sum: every contributor's reply carries the mean

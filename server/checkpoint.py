@@ -103,7 +103,8 @@ def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 def strategy_state(strategy: Strategy) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Each strategy's state in the chain (outermost first) as JSON, and the arrays it refers to."""
-    levels, arrays = [], {}
+    levels: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
     for depth, level in enumerate(wrapper_chain(strategy)):
         attrs: dict[str, Any] = {}
         for name, value in vars(level).items():

@@ -58,11 +58,11 @@ class MetricsHistory:
                 keep = {}
                 for k, v in rec.items():
                     if _COUNT.match(k):
-                        counts[k] += float(v)
+                        counts[k] += protocol.as_number(v, k)
                     elif k.startswith("bytes-"):  # bytes add up; a weighted mean would be meaningless
-                        counts[f"{k}-total"] += float(v)
+                        counts[f"{k}-total"] += protocol.as_number(v, k)
                     elif k.startswith(protocol.DP_EPSILON):  # a guarantee is as weak as its weakest client
-                        maxima[f"{k}-max"] = max(maxima.get(f"{k}-max", 0.0), float(v))
+                        maxima[f"{k}-max"] = max(maxima.get(f"{k}-max", 0.0), protocol.as_number(v, k))
                     else:
                         keep[k] = v
                 plain.append(RecordDict({protocol.METRICS: MetricRecord(keep)}))
@@ -79,8 +79,8 @@ class MetricsHistory:
                 agg[k.removesuffix("-total") + "-per-client"] = counts[k] / max(1, len(replies))
         agg.update(fairness_from_counts(counts))
         agg.update(toxicity_from_counts(counts))
-        accs = [float(rec[protocol.ZS_ACC]) for rd in replies for rec in rd.metric_records.values()
-                if protocol.ZS_ACC in rec and float(rec.get(protocol.NUM_EXAMPLES, 0)) > 0]
+        accs = [protocol.number(rec, protocol.ZS_ACC) for rd in replies for rec in rd.metric_records.values()
+                if protocol.ZS_ACC in rec and protocol.number(rec, protocol.NUM_EXAMPLES, 0) > 0]
         if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
             agg["client-acc-min"], agg["client-acc-std"] = min(accs), float(np.std(accs))
         agg["num-replies"] = len(replies)

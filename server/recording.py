@@ -63,19 +63,8 @@ class RoundRecorder:
         record(server_round, "wrapper-seconds",
                chain.outer.seconds.get(server_round, 0.0) - chain.user_timer.seconds.get(server_round, 0.0))
         record(server_round, "server-rss-mib", psutil.Process().memory_info().rss / 2**20)
-        for key, value in chain.codec.stats.get(server_round, {}).items():
-            record(server_round, key.replace("bytes-", "bytes/", 1), value)
-        for key, value in chain.book.stats.get(server_round, {}).items():
-            record(server_round, key, value)
-        for key, value in chain.reply_check.stats.get(server_round, {}).items():
-            record(server_round, key, value)
-        for key, value in chain.validation.stats.get(server_round, {}).items():
-            record(server_round, f"validation/{key}", value)
-        if chain.secagg is not None:
-            for key, value in chain.secagg.stats.get(server_round, {}).items():
-                record(server_round, key, value)
-        if chain.constraints is not None:
-            for key, value in chain.constraints.history.get(server_round, {}).items():
+        for part in chain.measured:
+            for key, value in part.round_stats(server_round).items():
                 record(server_round, key, value)
         spent = chain.ledger() if chain.ledger is not None else None
         if spent is not None:

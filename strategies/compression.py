@@ -30,7 +30,8 @@ from flwr.supercore import log
 
 import numpy as np
 
-from fedmm.compression import decode_self_describing, encode_self_describing, layout_of, make_codec
+from fedmm.compression import (Codec, decode_self_describing, encode_self_describing, layout_of, make_codec,
+                               make_downlink_codec)
 from fedmm import protocol
 from fedmm.protocol import to_numpy, to_record, trainable
 from strategies.wrapper import StrategyWrapper
@@ -40,22 +41,24 @@ class CompressedUpdates(StrategyWrapper):
     def __init__(
         self,
         strategy: Strategy,
-        uplink: str = "fp32",
-        downlink: str = "fp32",
+        uplink: Codec | None = None,
+        downlink: Codec | None = None,
         error_feedback: bool = True,
         seed: int = 0,
         keep_every_reply: bool = False,
     ) -> None:
         super().__init__(strategy)
         self.keep_every_reply = keep_every_reply
-        self.uplink, self.downlink = make_codec(uplink), make_codec(downlink)
-        if self.downlink.topk is not None:
-            raise ValueError("downlink codec must be dense (no top-k)")
+        self.uplink = uplink or make_codec("fp32")
+        self.downlink = make_downlink_codec(downlink.spec) if downlink is not None else make_codec("fp32")
         self.error_feedback, self.seed = error_feedback, seed
         self.key = self.arrays_key
         self._reference: OrderedDict[str, np.ndarray] | None = None
         self.stats: dict[int, dict[str, float]] = {}  # round -> bytes and drops
         self.drops: list[dict[str, object]] = []  # updates that did not decode, with their reasons
+
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return {k.replace("bytes-", "bytes/", 1): v for k, v in self.stats.get(server_round, {}).items()}
 
     def summary(self) -> None:
         log(INFO, "\t├──> CompressedUpdates: uplink %s (error feedback %s), downlink %s",
@@ -73,7 +76,7 @@ class CompressedUpdates(StrategyWrapper):
         return to_record(payload), decoded
 
     def _config(self, config: ConfigRecord, train: bool) -> ConfigRecord:
-        extra = {protocol.CODEC_DOWN: self.downlink.spec}
+        extra: dict[str, str | bool | int] = {protocol.CODEC_DOWN: self.downlink.spec}
         if train:
             extra.update({protocol.CODEC_UP: self.uplink.spec, protocol.ERROR_FEEDBACK: self.error_feedback,
                           protocol.CODEC_SEED: self.seed})
@@ -109,7 +112,7 @@ class CompressedUpdates(StrategyWrapper):
                 kept.append(msg)  # the wrapped strategy logs and skips it
                 continue
             try:
-                delta = self.uplink.decode(to_numpy(msg.content[self.key]), layout)
+                delta = self.uplink.decode(to_numpy(protocol.arrays_in(msg.content, self.key)), layout)
             except Exception as exc:  # noqa: BLE001 - whatever a payload holds, it is this reply's fault alone
                 if not self.keep_every_reply:
                     log(WARNING, "round %d: dropped the update of node %s: %s",

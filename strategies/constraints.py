@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedmm.constraints import constraint_values, dual_ascent
-from fedmm.protocol import CONSTRAINTS, CONSTRAINT_STAT, multiplier_key
+from fedmm.protocol import CONSTRAINTS, CONSTRAINT_STAT, as_number, multiplier_key
 from strategies.wrapper import StrategyWrapper
 
 
@@ -47,6 +47,9 @@ class DualAscentConstraints(StrategyWrapper):
         self.constraints = dict(constraints)
         self.multipliers = {name: c.initial for name, c in constraints.items()}
         self.history: dict[int, dict[str, float]] = {}  # round -> measured values and updated multipliers
+
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return dict(self.history.get(server_round, {}))
 
     def summary(self) -> None:
         log(INFO, "\t├──> DualAscentConstraints: %s", ", ".join(
@@ -76,7 +79,7 @@ class DualAscentConstraints(StrategyWrapper):
             for record in msg.content.metric_records.values():
                 for key, value in record.items():
                     if key.startswith(CONSTRAINT_STAT):
-                        summed[key] = summed.get(key, 0.0) + float(value)
+                        summed[key] = summed.get(key, 0.0) + as_number(value, key)
         measured = constraint_values(summed)
         row: dict[str, float] = {}
         for name, c in self.constraints.items():

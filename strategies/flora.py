@@ -42,17 +42,19 @@ class FLoRA(LoRAFactorStrategy):
     ) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
         if self.initial is None:
-            self.initial = OrderedDict((k, v) for k, v in self.current.items() if not lf.is_downlink_only(k))
+            self.initial = OrderedDict((k, v) for k, v in self.last_sent.items() if not lf.is_downlink_only(k))
         return messages
 
     def combine(
         self, arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], ranks: Sequence[int],
         layers: Sequence[str],
     ) -> Mapping[str, np.ndarray]:
-        total = float(sum(weights))
+        if self.initial is None:
+            raise RuntimeError("FLoRA combines before its first configure_train")
+        initial, total = self.initial, float(sum(weights))
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for layer in layers:
-            a_ref, b_ref = self.initial[layer + lf.A_SUFFIX], self.initial[layer + lf.B_SUFFIX]
+            a_ref, b_ref = initial[layer + lf.A_SUFFIX], initial[layer + lf.B_SUFFIX]
             b_s, a_s = lf.stack_factors([r[layer + lf.B_SUFFIX] for r in arrays],
                                         [r[layer + lf.A_SUFFIX] for r in arrays], [w / total for w in weights])
             self.frozen[layer] = _merge(self.frozen.get(layer), b_s, a_s)

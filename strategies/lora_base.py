@@ -56,6 +56,13 @@ class LoRAFactorStrategy(FedAvg):
     def init_state(self) -> None:
         """Subclasses set up their own aggregation state here."""
 
+    @property
+    def last_sent(self) -> OrderedDict[str, np.ndarray]:
+        """The global arrays of the last configure_train (RuntimeError before the first)."""
+        if self.current is None:
+            raise RuntimeError("no global arrays sent yet: configure_train comes first")
+        return self.current
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -69,10 +76,10 @@ class LoRAFactorStrategy(FedAvg):
         if not valid or self.current is None:
             return None, None
         contents = [m.content for m in valid]
-        arrays = [to_numpy(c[self.arrayrecord_key]) for c in contents]
+        arrays = [to_numpy(protocol.arrays_in(c, self.arrayrecord_key)) for c in contents]
         metrics = [next(iter(c.metric_records.values())) for c in contents]
-        weights = [float(m[self.weighted_by_key]) for m in metrics]
-        ranks = [int(m[RANK_METRIC]) for m in metrics]  # the wire states it (ReplyCheck requires it), never inferred
+        weights = [protocol.number(m, self.weighted_by_key) for m in metrics]
+        ranks = [protocol.integer(m, RANK_METRIC) for m in metrics]  # the wire states it (ReplyCheck requires it), never inferred
         # components beyond a client's rank are its padding: exactly zero, whatever a lossy codec made of them
         arrays = [lf.zero_beyond_rank(a, r) for a, r in zip(arrays, ranks)]
         trainable = [k for k in self.current if not lf.is_downlink_only(k)]

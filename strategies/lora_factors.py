@@ -111,7 +111,10 @@ def sparsity_weights(replies: Sequence[Mapping[str, np.ndarray]], layer: str) ->
 
 def weighted_mean(replies: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], key: str) -> np.ndarray:
     total = float(sum(weights))
-    return sum(w * r[key].astype(np.float64) for w, r in zip(weights, replies)) / total
+    summed = np.zeros(replies[0][key].shape, dtype=np.float64)
+    for w, r in zip(weights, replies):
+        summed += w * r[key].astype(np.float64)
+    return summed / total
 
 
 def cast_like(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:

@@ -186,6 +186,6 @@ def make_private(strategy: Strategy, settings: Settings, num_nodes: int | None,
         "central-server": DifferentialPrivacyServerSideFixedClipping,
         "central-client": DifferentialPrivacyClientSideFixedClipping,
     }[dp]
-    private = wrapper(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm,
+    clipped = wrapper(strategy, settings.dp_noise_multiplier, settings.dp_clip_norm,
                       settings.sampled_per_round(num_nodes), accountant=accountant)
-    return private, private.privacy_spent
+    return clipped, clipped.privacy_spent

@@ -54,7 +54,7 @@ def metric_problem(metrics: MetricRecord, phase: str, max_rank: int) -> str | No
     for key, value in metrics.items():
         if not isinstance(key, str):
             return f"metric key {key!r} is not a string"
-        if type(value) not in (int, float):  # bool and lists are not metrics fedmm's client sends
+        if type(value) not in (int, float) or not isinstance(value, (int, float)):  # no bool, no lists
             return f"metric '{key}' is {type(value).__name__}, expected an int or float scalar"
         if not math.isfinite(value) or abs(value) > protocol.MAX_METRIC_MAGNITUDE:
             return f"metric '{key}' = {value!r} is not finite or out of range"
@@ -68,7 +68,7 @@ def metric_problem(metrics: MetricRecord, phase: str, max_rank: int) -> str | No
         if key not in metrics:
             return f"metric '{key}' is missing"
         value = metrics[key]
-        if not _integer(value) or not lo <= value <= hi:
+        if not isinstance(value, (int, float)) or not _integer(value) or not lo <= value <= hi:
             return f"metric '{key}' = {value!r} must be an integer in [{lo}, {hi}]"
     return None
 
@@ -153,6 +153,9 @@ class ReplyCheck(StrategyWrapper):
         self.drops: list[dict[str, object]] = []  # round, phase, node, reason of every rejected reply
         self.stats: dict[int, dict[str, float]] = {}  # round -> rejected-replies (train and evaluate)
 
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return dict(self.stats.get(server_round, {}))
+
     def summary(self) -> None:
         log(INFO, "\t├──> ReplyCheck: malformed replies dropped, metric keys made consistent")
         self.strategy.summary()
@@ -190,7 +193,7 @@ class ReplyCheck(StrategyWrapper):
         keys = round_key_set(valid, *self.expected[phase])
         kept = []
         for msg in valid:
-            metrics = msg.content[protocol.METRICS]
+            metrics = protocol.metrics_in(msg.content)
             missing = keys - set(metrics.keys())
             if missing:
                 self._drop(server_round, phase, msg, f"metric keys {sorted(missing)} missing (the round's "

@@ -28,7 +28,7 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
         try:
             if msg.has_error() or protocol.METRICS not in msg.content:
                 return -1, node
-            return int(msg.content[protocol.METRICS].get(protocol.PARTITION_ID, -1)), node
+            return protocol.integer(protocol.metrics_in(msg.content), protocol.PARTITION_ID, -1), node
         except (TypeError, ValueError, OverflowError, AttributeError):
             return -1, node  # not an integer: malformed replies sort first (ReplyCheck drops them earlier)
 
@@ -40,6 +40,9 @@ class ReplyBook(StrategyWrapper):
         super().__init__(strategy)
         self.stats: dict[int, dict[str, float]] = {}  # round -> failed and missing replies
         self.failures: list[dict[str, object]] = []  # error replies (crashes, declines), with their reasons
+
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return dict(self.stats.get(server_round, {}))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -98,6 +98,9 @@ class SecureAggregation(StrategyWrapper):
         self._cohort: set[int] = set()  # the nodes this round's train instruction went to
         self.excluded: dict[int, str] = {}  # node -> why it takes no further part (an abort attributed to it)
 
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return dict(self.stats.get(server_round, {}))
+
     def summary(self) -> None:
         log(INFO, "\t├──> SecureAggregation: SecAgg+ in Z_2^%d, threshold %d of neighbourhoods of %d, clip %g%s",
             self.plan.bits, self.plan.threshold, self.plan.neighbourhood, self.plan.clip,
@@ -123,7 +126,7 @@ class SecureAggregation(StrategyWrapper):
         self.stats.setdefault(server_round, {})["secagg/capped"] = float(max(0, capped))
         self._cohort = {m.metadata.dst_node_id for m in messages}
         for message in messages:
-            message.content[protocol.CONFIG][protocol.SECAGG] = True
+            protocol.config_in(message.content)[protocol.SECAGG] = True
         return messages
 
     def aggregate_train(
@@ -177,9 +180,9 @@ class SecureAggregation(StrategyWrapper):
         if len(valid) > plan.clients:  # configure_train cut the cohort; this holds whatever called it
             raise SecAggAbort(f"secure aggregation, keys: {len(valid)} contributors, the ring Z_2^{plan.bits} and "
                               f"the noise shares are sized for at most {plan.clients}")
-        weights = {nid: float(r.content[protocol.METRICS][self.weight_key]) for nid, r in valid.items()}
-        top = max(weights.values())
-        ratio = {nid: w / top for nid, w in weights.items()}
+        raw = {nid: protocol.number(protocol.metrics_in(r.content), self.weight_key) for nid, r in valid.items()}
+        top = max(raw.values())
+        ratio = {nid: w / top for nid, w in raw.items()}
         round_seed = zlib.crc32(f"{self.seed}:{server_round}:secagg".encode())
         code = plan.code(self._dim, round_seed)
         server = SecAggServer(sorted(valid), plan.threshold, plan.bits, code.length, plan.neighbourhood,
@@ -269,10 +272,11 @@ def _share_request(keys: dict[int, tuple[bytes, bytes]], code: IntegerCode, thre
 
 def _shares_of(reply: Message) -> tuple[dict[int, bytes], bytes]:
     record = _record(reply)
-    holders, ciphertexts = ids_of(record[protocol.SA_TO]), list(record[protocol.SA_CIPHERTEXTS])
+    holders = ids_of(protocol.blob(record, protocol.SA_TO))
+    ciphertexts = protocol.blobs(record, protocol.SA_CIPHERTEXTS)
     if len(holders) != len(ciphertexts) or len(set(holders)) != len(holders):
         raise ValueError("holders and ciphertexts differ in number, or a holder repeats")
-    return dict(zip(holders, ciphertexts)), record[protocol.SA_COMMITMENT]
+    return dict(zip(holders, ciphertexts)), protocol.blob(record, protocol.SA_COMMITMENT)
 
 
 def _mask_request(inbox: dict[int, bytes], code: IntegerCode, weight: float) -> ConfigRecord:
@@ -295,7 +299,7 @@ def _unmask_request(contributors: list[int], dropped: list[int]) -> ConfigRecord
 
 def _unmask_of(reply: Message) -> dict[int, bytes]:
     record = _record(reply)
-    owners, shares = ids_of(record[protocol.SA_OWNERS]), list(record[protocol.SA_SHARES])
+    owners, shares = ids_of(protocol.blob(record, protocol.SA_OWNERS)), protocol.blobs(record, protocol.SA_SHARES)
     if len(owners) != len(shares) or len(set(owners)) != len(owners):
         raise ValueError("owners and shares differ in number, or an owner repeats")
     return dict(zip(owners, shares))

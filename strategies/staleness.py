@@ -77,15 +77,15 @@ class StalenessWeighting(StrategyWrapper):
                                    "the staleness weighting without the loop's annotation")
             tau, version, trained_on = expected
             s = self.staleness.weight(tau)
-            local = to_numpy(msg.content[self.key])
+            local = to_numpy(protocol.arrays_in(msg.content, self.key))
             delta = OrderedDict((k, local[k] - ref[k]) for k in ref)
             if tau > 0:
                 delta = delay_compensated(delta, ref, trained_on, self.lam)
-            metrics = msg.content[protocol.METRICS]
+            metrics = protocol.metrics_in(msg.content)
             if self.uniform_mean:
                 delta = OrderedDict((k, (s * d).astype(d.dtype)) for k, d in delta.items())
             else:
-                metrics[protocol.AGGREGATION_WEIGHT] = float(metrics[protocol.NUM_EXAMPLES]) * s
+                metrics[protocol.AGGREGATION_WEIGHT] = protocol.number(metrics, protocol.NUM_EXAMPLES) * s
             metrics[protocol.STALENESS] = tau
             metrics[protocol.TRAINED_ON] = version
             msg.content[self.key] = to_record(OrderedDict((k, ref[k] + delta[k]) for k in ref))
@@ -102,6 +102,6 @@ class StalenessWeighting(StrategyWrapper):
         replies = list(replies)
         for msg in replies:  # the key the strategy weights by: an evaluation is weighted by its examples
             if not msg.has_error():
-                metrics = msg.content[protocol.METRICS]
-                metrics[protocol.AGGREGATION_WEIGHT] = float(metrics[protocol.NUM_EXAMPLES])
+                metrics = protocol.metrics_in(msg.content)
+                metrics[protocol.AGGREGATION_WEIGHT] = protocol.number(metrics, protocol.NUM_EXAMPLES)
         return self.strategy.aggregate_evaluate(server_round, replies)

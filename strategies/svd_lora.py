@@ -31,7 +31,7 @@ class SVDLoRA(LoRAFactorStrategy):
     ) -> Mapping[str, np.ndarray]:
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for layer in layers:
-            a_ref, b_ref = self.current[layer + lf.A_SUFFIX], self.current[layer + lf.B_SUFFIX]
+            a_ref, b_ref = self.last_sent[layer + lf.A_SUFFIX], self.last_sent[layer + lf.B_SUFFIX]
             b, a = lf.svd_factors(lf.weighted_mean_product(arrays, weights, layer), a_ref.shape[0])
             out[layer + lf.A_SUFFIX], out[layer + lf.B_SUFFIX] = lf.like(a, a_ref), lf.like(b, b_ref)
         return out

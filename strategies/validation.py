@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedmm.protocol import to_numpy, to_record, trainable
+from fedmm.protocol import arrays_in, to_numpy, to_record, trainable
 from strategies.wrapper import StrategyWrapper
 
 
@@ -79,6 +79,9 @@ class UpdateValidation(StrategyWrapper):
         self.drops: list[dict[str, object]] = []  # round, node, reason of every dropped update
         self.recent_norms: list[float] = []  # the last accepted updates' norms, for rounds of too few peers
 
+    def round_stats(self, server_round: int) -> dict[str, float]:
+        return {f"validation/{k}": v for k, v in self.stats.get(server_round, {}).items()}
+
     def summary(self) -> None:
         log(INFO, "\t├──> UpdateValidation: drop malformed or non-finite updates, and norms > %s x the median; "
             "norm bound %s", self.max_norm_ratio or "off", self.norm_bound or "off")
@@ -111,7 +114,7 @@ class UpdateValidation(StrategyWrapper):
                 passed.append(msg)
                 continue
             try:
-                local = to_numpy(msg.content[self.key])
+                local = to_numpy(arrays_in(msg.content, self.key))
             except (KeyError, TypeError, ValueError) as exc:
                 self._drop(server_round, msg, f"no readable '{self.key}' record: {exc}")
                 continue

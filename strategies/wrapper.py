@@ -10,6 +10,7 @@ parameters to the train config).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -17,6 +18,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmm import protocol
 from fedmm.strategy_registry import innermost
+
+
+class ReportsRoundStats(Protocol):
+    """A part of the chain that measures something per round: the report's keys and values for a round."""
+
+    def round_stats(self, server_round: int) -> dict[str, float]: ...
 
 
 class StrategyWrapper(Strategy):

@@ -42,7 +42,7 @@ FEDERATION_SECONDS = {
     "test_deployment.py": 360, "test_resume.py": 260, "test_integration.py": 230,
     "test_privacy_federation.py": 180, "test_default_model_federation.py": 170,
     "test_hetero_rank_federation.py": 140, "test_faults.py": 130, "test_strategy_plugin.py": 95,
-    "test_qfedavg_federation.py": 90, "test_async_federation.py": 80,
+    "test_qfedavg_federation.py": 90, "test_flower_seam.py": 120, "test_async_federation.py": 80,
 }
 
 
@@ -122,3 +122,14 @@ def honest_metrics(phase: str = "train", dp: str = "none", secure_aggregation: b
         base[protocol.LORA_RANK] = 1
     base.update(values)
     return base
+
+
+@pytest.fixture
+def sigints():
+    """SIGINTs this process sends itself, recorded instead of acted on."""
+    import signal
+
+    seen: list[bool] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
+    yield seen
+    signal.signal(signal.SIGINT, previous)

@@ -255,6 +255,7 @@ def test_a_client_with_nothing_usable_declines_with_a_reason(run_config, base_se
     ({"batch-size": -3}, "'batch-size'"),
     ({"local-optimizer": "lion"}, "'local-optimizer'"),
     ({"codec-up": "q3"}, "'codec-up'"),
+    ({"codec-down": "topk0.5+q8"}, "'codec-down' = 'topk0.5+q8' downlink codec 'topk0.5+q8': top-k would drop"),
     ({"proximal-mu": float("nan")}, "'proximal-mu'"),
     ({"multiplier-toxicity": float("inf")}, "'multiplier-toxicity'"),
     ({"server-round": 1.5}, "'server-round'"),

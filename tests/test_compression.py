@@ -235,7 +235,7 @@ class _Grid:
 
 def test_wrapper_drops_a_malformed_update_and_aggregates_the_rest(task_identity):
     glob = _update(0)
-    wrapper = CompressedUpdates(FedAvg(min_available_nodes=3, min_train_nodes=3), uplink="q8", error_feedback=False)
+    wrapper = CompressedUpdates(FedAvg(min_available_nodes=3, min_train_nodes=3), uplink=make_codec("q8"), error_feedback=False)
     messages = list(wrapper.configure_train(1, to_record(glob), ConfigRecord({}), _Grid()))
     assert len(messages) == 3 and messages[0].content["config"]["codec-up"] == "q8"
     codec, rng = make_codec("q8"), np.random.default_rng(0)

@@ -40,6 +40,7 @@ def test_pyproject_defaults_equal_the_spec():
         ({"client-profiles": "a: local-steps=99"}, "profile 'a' sets local-steps=99, more than the run's 'local-steps'"),
         ({"client-profiles": "a: batch-size=999"}, "profile 'a' sets batch-size=999, more than the run's 'batch-size'"),
         ({"partition-profiles": "phone"}, "'partition-profiles': unknown profile(s) phone"),
+        ({"codec-downlink": "topk0.1+q8"}, "'codec-downlink' = 'topk0.1+q8': downlink codec 'topk0.1+q8': top-k"),
         ({"client-profiles": "a: lora-rank=2", "lora-ranks": "2,4"}, "'lora-ranks' and 'client-profiles'"),
         ({"client-profiles": "a: time-budget=3", "dp": "dp-sgd"}, "profile 'a' has a time-budget"),
         ({"resume": True}, "'resume' = true needs 'output-dir'"),

@@ -156,7 +156,7 @@ def test_each_combination_holds_or_is_refused(dp, codec, feedback, monkeypatch):
 
 def test_the_unrefused_central_client_would_break_the_bound(monkeypatch):
     """What the refusal prevents: with q2 and error feedback, central-client's server noises norms > C."""
-    monkeypatch.setattr(Settings, "_check_dp_codec", lambda self: None)
+    monkeypatch.setattr(Settings, "_check_privacy_pairings", lambda self: None)
     norms = _noised_norms(_settings("central-client", "q2", True), monkeypatch)
     assert max(norms) > 1.3 * CLIP
 

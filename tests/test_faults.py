@@ -75,7 +75,7 @@ def test_payload_structure_is_checked_where_it_can_fire(task_identity):
             seen.extend(to_numpy(m.content["arrays"]) for m in replies)
             return super().aggregate_train(server_round, replies)
 
-    chain = CompressedUpdates(UpdateValidation(Spy(min_available_nodes=6, min_train_nodes=6)), "q8")
+    chain = CompressedUpdates(UpdateValidation(Spy(min_available_nodes=6, min_train_nodes=6)), make_codec("q8"))
     messages = list(chain.configure_train(1, to_record(glob), ConfigRecord({}), _Grid(6)))
     codec = make_codec("q8")
     delta = OrderedDict((k, 0.01 * np.ones_like(v)) for k, v in glob.items())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,13 @@ def fresh_seam(monkeypatch):
     flower.internals_usable.cache_clear()
 
 
-@pytest.fixture
-def sigints():
-    """SIGINTs this process sends itself, recorded instead of acted on."""
-    seen = []
-    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
-    yield seen
-    signal.signal(signal.SIGINT, previous)
+class _Said(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_every_change_fedmm_makes_finds_what_it_expects_in_the_pinned_flower(fresh_seam):
@@ -47,15 +46,19 @@ def test_every_change_fedmm_makes_finds_what_it_expects_in_the_pinned_flower(fre
 
 
 def test_a_broken_contract_another_version_or_the_switch_falls_back_to_stock_flower_and_says_so_once(
-        fresh_seam, monkeypatch, caplog):
+        fresh_seam, monkeypatch):
     from flwr.supernode import start_client_internal
 
     monkeypatch.delattr(start_client_internal, "_pull_and_store_message")
     broken = contract.broken_contracts()
     assert len(broken) == 1 and "SuperNode idle back-off" in broken[0] and "_pull_and_store_message" in broken[0]
-    with caplog.at_level(logging.WARNING, logger="fedmm.flower"):
+    listener = _Said()
+    flower.log.addHandler(listener)  # this logger's own: what the test sees does not depend on propagation
+    try:
         assert not flower.internals_usable() and not flower.internals_usable()
-    said = [r.getMessage() for r in caplog.records if r.name == "fedmm.flower"]
+    finally:
+        flower.log.removeHandler(listener)
+    said = listener.messages
     assert len(said) == 1 and "_pull_and_store_message" in said[0] and "flower-supernode" in said[0]
     monkeypatch.undo()
 

@@ -502,17 +502,6 @@ def _http_error(status: int):
     return httpx.HTTPStatusError(f"HTTP {status}", request=request, response=httpx.Response(status, request=request))
 
 
-@pytest.fixture
-def sigints():
-    """SIGINTs this process sends itself, recorded instead of acted on."""
-    import signal
-
-    seen = []
-    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
-    yield seen
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_a_refused_task_token_ends_the_call_and_not_the_worker_process(sigints):
     """A heartbeat that fell between a reply's push and its task's end was refused (401) and Flower's retry
     sent SIGINT to the worker: the site stopped and the run waited for it forever."""

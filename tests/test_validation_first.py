@@ -30,8 +30,10 @@ def test_cli_rejects_bad_config_before_starting_anything(monkeypatch, capsys):
     def no_process(*a, **k):
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(cli.subprocess, "Popen", no_process)
-    monkeypatch.setattr(cli.subprocess, "run", no_process)
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)  # whichever launcher would start it
+    monkeypatch.setattr(subprocess, "run", no_process)
     assert cli.main(["run", "--run-config", "lora-rank=-1"]) == 2
     assert "'lora-rank' = -1: must be > 0" in capsys.readouterr().err
     assert cli.main(["run", "--run-config", "strategy='fedsgd'"]) == 2

@@ -44,6 +44,7 @@ __all__ = [
     "layout_from_arrays",
     "layout_of",
     "make_codec",
+    "make_downlink_codec",
     "payload_bytes",
 ]
 
@@ -53,6 +54,15 @@ def make_codec(spec: str) -> Codec:
     """Parse a codec spec such as ``fp32``, ``q4``, ``q8-row``, ``topk0.1+q8``: once per spec and process (the
     settings check, the server's wrapper, the client's instruction check and its mod all ask for it)."""
     return Codec.parse(spec)
+
+
+def make_downlink_codec(spec: str) -> Codec:
+    """``make_codec``, for the global adapter: a dense codec only (top-k would drop most of the global)."""
+    codec = make_codec(spec)
+    if codec.topk is not None:
+        raise ValueError(f"downlink codec '{spec}': top-k would drop most of the global adapter; use a dense codec "
+                         "(fp32, fp16, bf16, q8, ...)")
+    return codec
 
 
 def encode_with_feedback(

@@ -73,22 +73,12 @@ class FederationSettings:
         return max(int(num_nodes * self.fraction_train), self.min_nodes)
 
     def _check_asynchrony(self) -> None:
-        """What the asynchronous loop cannot honour is refused, with the reason (docs/architecture.md)."""
-        s: Any = self  # the joined Settings: this group's rules read the keys of the others
+        """Rules over this group's keys alone; pairings with other groups' keys: ``settings.py``."""
         if not self.asynchronous:
             return
         if self.fraction_train < 1.0:
             raise ConfigError(f"run-config 'fraction-train' = {self.fraction_train} with 'asynchronous': the "
                               "asynchronous loop samples no cohort, it keeps 'concurrency' clients busy; set that")
-        if s.secure_aggregation:
-            raise ConfigError("run-config 'secure-aggregation' with 'asynchronous': SecAgg+'s masks cancel only "
-                              "in the sum of one cohort that shared keys in the same round, and a buffer that fills "
-                              "from arrivals has no such cohort; use synchronous rounds")
-        if self.delay_compensation > 0 and s.dp == "central-client":
-            raise ConfigError("run-config 'delay-compensation' with 'dp' = 'central-client': the correction can "
-                              "lengthen a client-clipped update beyond the clipping norm, and under central-client "
-                              "DP the server does not clip again; use dp = 'central-server' (it clips after the "
-                              "correction) or delay-compensation = 0")
         if self.concurrency and self.buffer_size > self.concurrency:
             raise ConfigError(f"run-config 'buffer-size' = {self.buffer_size} > 'concurrency' = {self.concurrency}: "
                               "the buffer could fill only from the same clients' repeated updates")

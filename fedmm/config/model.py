@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from .declare import (
@@ -16,7 +15,7 @@ from .declare import (
     parses,
     positive,
 )
-from .tiers import Profile, RankPlan, parse_profiles, parse_ranks
+from .tiers import parse_profiles, parse_ranks
 
 BASE_SOURCES = ("public-pretrain", "none")  # besides a local checkpoint path or an open_clip tag
 
@@ -87,11 +86,6 @@ class ModelSettings:
             if not Path(self.pretrained).expanduser().is_file():
                 raise ConfigError(f"run-config 'pretrained': checkpoint file not found: {self.pretrained}")
 
-    def _check_tiers(self) -> None:
-        problem = self.rank_plan.problem()
-        if problem:
-            raise ConfigError(f"run-config {problem}")
-
     @property
     def lora_target_list(self) -> list[str]:
         if self.lora_targets.strip() == "auto":
@@ -104,39 +98,6 @@ class ModelSettings:
         """peft alpha giving rank ``rank`` the run's one scale, lora-alpha / lora-rank."""
         return self.lora_alpha * rank / self.lora_rank
 
-    @cached_property
-    def rank_plan(self) -> RankPlan:
-        """The tiers, parsed once (config.tiers)."""
-        ranks = parse_ranks(self.lora_ranks)
-        return RankPlan(
-            lora_rank=self.lora_rank,
-            client_ranks=tuple(ranks or [self.lora_rank]),
-            profiles=parse_profiles(self.client_profiles),
-            cycle=tuple(self.partition_profile_list),
-            lora_targets=tuple(self.lora_target_list),
-            batch_size=self.batch_size,  # type: ignore[attr-defined]  # TrainingSettings
-            local_steps=self.local_steps,  # type: ignore[attr-defined]
-            ranks_given=bool(ranks),
-        )
-
     @property
     def partition_profile_list(self) -> list[str]:
         return [p.strip() for p in self.partition_profiles.split(",") if p.strip()]
-
-    # the plan's answers, by name
-    @property
-    def client_ranks(self) -> list[int]:
-        return list(self.rank_plan.client_ranks)
-
-    def rank_of(self, partition_id: int) -> int:
-        return self.rank_plan.rank_of(partition_id)
-
-    @property
-    def global_rank(self) -> int:
-        return self.rank_plan.global_rank
-
-    def profile_for(self, partition_id: int, node_profile: str | None = None) -> Profile:
-        try:
-            return self.rank_plan.profile_for(partition_id, node_profile)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc

@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..compression import make_codec
 from ..secagg.integer import RING_BITS
-from .declare import ConfigError, key, positive
+from .declare import key, positive
 
 SECAGG_CLIP_NORM = 50.0  # far above the updates of fedmm's jobs: without DP, clipping should not bind
 
@@ -27,7 +26,7 @@ def _dropout(v: Any) -> str | None:
 
 
 # Why each dp mode other than none, dp-sgd and distributed cannot run under secure aggregation.
-_REFUSED_DP = {
+REFUSED_DP = {  # dp modes secure aggregation cannot carry, and why
     "central-server": "the server clips each client's update, which secure aggregation hides from it; "
                       "use dp = 'distributed' (the clients clip and add the noise inside the masked sum)",
     "central-client": "the server would add the noise to a sum it saw without noise; use dp = 'distributed', "
@@ -58,26 +57,3 @@ class SecureAggregationSettings:
              "sizes SecAgg+'s neighbourhoods (a round fails with probability <= 2^-20 when clients vanish "
              "independently at this rate) and refuses a threshold that floor(fraction x cohort) gone would leave "
              "unmet; 0 with a threshold of the whole cohort", _dropout)
-
-    def _check_secagg(self) -> None:
-        s: Any = self  # the joined Settings: this group's rules read the keys of the others
-        if s.dp == "distributed" and not self.secure_aggregation:
-            raise ConfigError(
-                "run-config 'dp' = 'distributed' needs 'secure-aggregation' = true: each client adds only a share "
-                "of the noise, so without secure aggregation the server would see every update with a fraction "
-                "of the noise it needs"
-            )
-        if not self.secure_aggregation:
-            return
-        if s.dp == "distributed" and self.secagg_clip_norm != SECAGG_CLIP_NORM:
-            raise ConfigError(
-                f"run-config 'secagg-clip-norm' = {self.secagg_clip_norm:g} with 'dp' = 'distributed': the bound is "
-                "the DP clipping norm, which the noise is calibrated to; set 'dp-clip-norm' instead")
-        if s.dp in _REFUSED_DP:
-            raise ConfigError(f"run-config 'secure-aggregation' with 'dp' = '{s.dp}': {_REFUSED_DP[s.dp]}")
-        if not make_codec(s.codec).lossless:
-            raise ConfigError(
-                f"run-config 'secure-aggregation' with 'codec' = '{s.codec}': secure aggregation rounds each update "
-                "to secagg-bits integers itself (stochastic rounding, unbiased), and a masked sum cannot be decoded "
-                "per client; use codec = 'fp32' and set the width with 'secagg-bits'"
-            )

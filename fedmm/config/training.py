@@ -45,16 +45,3 @@ class TrainingSettings:
         "holds one class still contrasts it with the others (0 = in-batch only)",
         non_negative,
     )
-
-    @property
-    def objective(self) -> str:
-        """The client loss actually used: 'clip', 'unicl' or 'public-negatives'."""
-        if self.loss == "auto":
-            return "public-negatives" if self.dp == "dp-sgd" else "clip"  # type: ignore[attr-defined]
-        return self.loss
-
-    @property
-    def public_draw(self) -> int:
-        """Public pairs the client objective draws at each step (0: it uses no public data)."""
-        draws = {"unicl": self.public_captions, "public-negatives": self.dp_negatives}  # type: ignore[attr-defined]
-        return draws.get(self.objective, 0)

@@ -56,6 +56,10 @@ def dual_ascent(multiplier: float, value: float, threshold: float, step: float) 
     return max(0.0, multiplier + step * (value - threshold))
 
 
+
+def _no_class_embeddings() -> torch.Tensor:
+    raise ValueError("the group-gap constraint needs the class embeddings")
+
 class ConstraintTerm:
     """A ``fedmm.train`` loss term: sum of multiplier * surrogate, with the measured statistics.
 
@@ -75,7 +79,7 @@ class ConstraintTerm:
         if "group-gap" in multipliers and class_embeddings is None:
             raise ValueError("the group-gap constraint needs the class embeddings")
         self.multipliers = dict(multipliers)
-        self.class_embeddings = class_embeddings
+        self.class_embeddings: Callable[[], torch.Tensor] = class_embeddings or _no_class_embeddings
         self.stats: dict[str, float] = {}
         if "group-gap" in multipliers:
             self.stats.update({f"cstat-{kind}-g{g}": 0.0 for g in range(num_groups) for kind in ("correct", "count")})

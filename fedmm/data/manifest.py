@@ -83,8 +83,8 @@ def _as_int(value: object) -> int | None:
 def _vocabulary(values: list[object], empty: str):
     """(names, value -> id) for a label or group column: ids if every value is an integer, else names."""
     present = [v for v in values if v is not None]
-    ints = [_as_int(v) for v in present]
-    if all(i is not None and i >= 0 for i in ints):
+    ints = [i for v in present if (i := _as_int(v)) is not None and i >= 0]
+    if len(ints) == len(present):
         top = max(ints, default=-1)
         return ([str(i) for i in range(top + 1)] or [empty]), _as_int
     def text(v: object) -> str:  # 3.0 from a CSV column with blanks is the name "3"
@@ -146,7 +146,8 @@ def load_manifest(
         split = str(r.get("split") or "clients")
         if split not in SPLITS:
             raise ManifestError(f"manifest {path} row {i + 1}: split '{split}' not in {SPLITS}")
-        caption = r["caption"].strip() if isinstance(r.get("caption"), str) else ""
+        raw_caption = r.get("caption")
+        caption = raw_caption.strip() if isinstance(raw_caption, str) else ""
         label = r.get("label")
         if not caption and label is None:
             report.skipped[str(file)] = "no caption and no label"

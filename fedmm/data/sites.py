@@ -86,7 +86,10 @@ def inspect_manifest(path: Path, classes: tuple[str, ...] = (), groups: tuple[st
     splits, report = load_manifest(path, classes, groups)
     skipped = dict(report.skipped)
     kept = 0
-    per_split, per_client, per_class, per_group = {}, Counter(), Counter(), Counter()
+    per_split: dict[str, int] = {}
+    per_client: Counter[str] = Counter()
+    per_class: Counter[str] = Counter()
+    per_group: Counter[str] = Counter()
     for name, rows in splits.items():
         if decode and len(rows):
             bad = []

@@ -3,8 +3,7 @@
 A rehearsal puts every site on one machine (``fedmm run --deployment``). Ten
 sites training at once on two cores each get a fifth of a core, all of them
 finish last, and the SuperLink, the ServerApp and the SuperNodes' own
-transfers queue behind them (docs/benchmarks.md: 6.7 s per local step against
-1.1 s in simulation). The simulation engine avoids that by giving each client
+transfers queue behind them (docs/benchmarks.md measures the slowdown). The simulation engine avoids that by giving each client
 its CPUs (``client-resources-num-cpus``): two clients at a time on two cores.
 Core slots are the same rule for the deployment engine: a folder of K lock
 files that every worker on the machine shares; a task's ClientApp call holds
@@ -15,17 +14,15 @@ Waiters queue in order of arrival minus the seconds they expect their task
 to take (the worker's last task of the same kind): tasks of one round arrive
 within a few seconds of each other, so the longest go first and the short
 ones fill the end, where a long task started last leaves the other slot
-idle. On the default job (ten sites, two slots) the train phase then packs
-within 0.7 s of its lower bound, where a random order averages 1.3-2.0 s
-above it and the arrival order measured 0.4-0.6 s (docs/benchmarks.md).
-A task never waits behind one that arrived more than its own expected
+idle (docs/benchmarks.md compares this order with arrival and random
+order on the default job). A task never waits behind one that arrived more than its own expected
 length later, so none starves.
 
 Only the waiter at the head of the queue looks for a free slot; every other
 one sleeps in the kernel on the lock of the ticket just ahead of it (a
-blocking ``flock``) and looks again when that waiter leaves or dies. When
-each waiter polled the slots every ``WAIT`` s, their wake-ups (160 a second)
-preempted the two training processes (docs/benchmarks.md).
+blocking ``flock``) and looks again when that waiter leaves or dies: waiters
+that each polled the slots woke often enough to preempt the training
+processes they were waiting for.
 """
 
 from __future__ import annotations

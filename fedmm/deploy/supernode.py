@@ -60,9 +60,9 @@ def keep_freed_memory() -> bool:
     glibc returns the top of the heap to the OS whenever more than ~2x its
     mmap threshold is free there, and a LoRA step frees far more than that
     (its activations): a process training the default model gave its pages
-    back after every step and took 20k-28k page faults per step getting them
-    again, 5-8% of its time in the kernel, where Ray's actors in the
-    simulation took 5k-10k (benchmarks/worker_memory.py, docs/benchmarks.md).
+    back after every step and faulted them in again on the next, time spent
+    in the kernel that Ray's actors in the simulation mostly did not pay
+    (benchmarks/worker_memory.py; the figures are in docs/benchmarks.md).
     A heap that keeps them holds about the step's own peak, which the process
     reaches on every step anyway: ~90 MiB more per worker in a rehearsal.
     """
@@ -86,18 +86,20 @@ def run_supernode(flower_args: list[str], runtime_port: int, threads: int | None
                              "Runtime API on 127.0.0.1); use --runtime-port to choose the port")
     if not internals_usable():
         return _stock_supernode(flower_args, runtime_port, threads)
-    task_ready, reply_pushed = Wakeup(), Wakeup()  # node -> worker, worker -> node
-    node_ends = (reply_pushed.read_fd, task_ready.write_fd)
+    reply_read, reply_write = os.pipe()  # worker -> node: a reply is pushed
+    task_read, task_write = os.pipe()  # node -> worker: a message is stored
+    node_ends = (reply_read, task_write)
     cmd = [sys.executable, "-m", "fedmm.deploy.flower.node", WAKE_FDS, ",".join(map(str, node_ends)), *flower_args,
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
     node = subprocess.Popen(cmd, pass_fds=node_ends)
-    os.close(reply_pushed.read_fd)  # the node's end; this process keeps task_ready's write end for stop()
+    os.close(reply_read)  # the node's end; this process keeps task_write as well, for stop()
     os.nice(WORKER_NICENESS)  # this process only; the SuperNode started above keeps its priority
     if not keep_freed_memory():
         log.info("fedmm supernode: the C library took no malloc thresholds; it returns freed memory as it decides")
-    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots, task_ready=task_ready,
-                             reply_pushed=Wakeup(write_fd=reply_pushed.write_fd))
+    worker = ClientAppWorker(f"127.0.0.1:{runtime_port}", core_slots=core_slots,
+                             task_ready=Wakeup(read_fd=task_read, write_fd=task_write),
+                             reply_pushed=Wakeup(write_fd=reply_write))
     if threads:
         import torch
 

@@ -135,7 +135,7 @@ def _train(
                     reg = sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
                     for p, g in zip(params, torch.autograd.grad(reg, params, allow_unused=True)):
                         if g is not None:
-                            p.grad = p.grad + g
+                            p.grad = g if p.grad is None else p.grad + g
                     private_opt.original_optimizer.step()
                 total += float(value.item()) if len(idx) else 0.0
                 seen += len(idx)

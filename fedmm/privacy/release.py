@@ -96,7 +96,7 @@ def train_metric_keys(dp: str, secure_aggregation: bool, report_train_loss: bool
     return frozenset(keys)
 
 
-def released_train_metrics(metrics: Mapping[str, float], dp: str) -> dict[str, float]:
+def released_train_metrics(metrics: Mapping[str, float], dp: str) -> dict[str, protocol.MetricValue]:
     """The train-reply metrics a client sends under ``dp`` (everything, without DP)."""
     if dp == "none":
         return dict(metrics)

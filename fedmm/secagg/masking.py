@@ -157,7 +157,7 @@ class SecAggClient:
 
     def state(self) -> dict[str, int | bool | bytes | list[bytes]]:
         """My secrets and what I hold, as plain values (node ids as uint64 bytes), for the client's own state."""
-        state = {
+        state: dict[str, int | bool | bytes | list[bytes]] = {
             "node": ids_bytes([self.node_id]), "threshold": self.threshold, "bits": self.bits,
             "length": self.length, "own": list(self._own), "c-sk": self._c_sk,
             "s-seed": self._s_seed,
@@ -280,13 +280,9 @@ class SecAggServer:
             if nid not in self.alive:
                 continue
             expected = {o for o in self.groups[nid] if o in self.keys} - {nid}
-            try:
-                ciphertexts, commitment = reply  # type: ignore[misc]
-                ok = (isinstance(ciphertexts, dict) and set(ciphertexts) == expected and isinstance(commitment, bytes)
-                      and len(commitment) == 32 and all(isinstance(c, bytes) for c in ciphertexts.values()))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
+            ciphertexts, commitment = reply if isinstance(reply, tuple) and len(reply) == 2 else (None, None)
+            if not (isinstance(ciphertexts, dict) and set(ciphertexts) == expected and isinstance(commitment, bytes)
+                    and len(commitment) == 32 and all(isinstance(c, bytes) for c in ciphertexts.values())):
                 self._drop(nid, "share: malformed ciphertexts or commitment")
                 continue
             self.commitments[nid] = commitment

@@ -18,8 +18,8 @@ from pathlib import Path
 from . import internals_usable
 
 
-def app_files(app_dir: Path) -> dict[str, Path]:
-    """Relative POSIX path -> file, for the files Flower would put in the app's FAB."""
+def app_files(app_dir: Path) -> dict[str, Path | bytes]:
+    """Relative POSIX path -> file (or its content), for the files Flower would put in the app's FAB."""
     from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
 
     root = app_dir.resolve()
@@ -47,5 +47,8 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     for rel, src in app_files(app_dir).items():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
+        if isinstance(src, bytes):  # Flower's filter may hand back a file's content rather than its path
+            target.write_bytes(src)
+        else:
+            shutil.copy2(src, target)
     return dest

@@ -79,7 +79,7 @@ def idle_waits(loop: Callable[..., Any]) -> list[ast.Call]:
     Flower's loop is ``run_id = _pull_and_store_message(...)`` then ``if run_id is None: time.sleep(...)``;
     the back-off (``node.py``) relies on exactly that: a sleep that follows an empty pull is the idle wait.
     """
-    found = []
+    found: list[ast.Call] = []
     for node in ast.walk(_syntax(loop, f"{NODE_LOOP}.start_client_internal")):
         body = getattr(node, "body", None)
         if not isinstance(body, list):
@@ -93,7 +93,8 @@ def idle_waits(loop: Callable[..., Any]) -> list[ast.Call]:
             if (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == pulled
                     and isinstance(test.ops[0], ast.Is) and isinstance(test.comparators[0], ast.Constant)
                     and test.comparators[0].value is None):
-                found += [n for s in then.body for n in ast.walk(s) if _is_call(n, "time.sleep")]
+                found += [n for s in then.body for n in ast.walk(s)
+                          if isinstance(n, ast.Call) and _is_call(n, "time.sleep")]
     return found
 
 

@@ -29,13 +29,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import internals_usable, serverapp
-from .pulls import stop_code
+from .pulls import run_entry_point
 
 BUSY_TIMEOUT_MS = 60_000
 
@@ -54,8 +53,8 @@ def payloads_in_memory() -> None:
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.supercore.object_store import ObjectStoreFactory
 
-    sql_mixin.SQLITE_PRAGMAS = tuple((name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
-                                     for name, value in sql_mixin.SQLITE_PRAGMAS)
+    setattr(sql_mixin, "SQLITE_PRAGMAS", tuple((name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
+                                              for name, value in sql_mixin.SQLITE_PRAGMAS))
     flower_factories = superlink_main.get_objectstore_linkstate_factories
 
     def factories(database: str, federation_manager: Any) -> tuple[ObjectStoreFactory, LinkStateFactory]:
@@ -64,7 +63,7 @@ def payloads_in_memory() -> None:
         objects = ObjectStoreFactory()  # Flower's default: the in-memory store
         return objects, LinkStateFactory(database, federation_manager, objects)
 
-    superlink_main.get_objectstore_linkstate_factories = factories
+    setattr(superlink_main, "get_objectstore_linkstate_factories", factories)
 
 
 def serverapps_poll_often() -> Path:
@@ -82,9 +81,4 @@ def run_superlink(flower_args: list[str]) -> int:
     if internals_usable():
         payloads_in_memory()
         serverapps_poll_often()
-    sys.argv = ["flower-superlink", *flower_args]
-    try:
-        flower_superlink()
-    except SystemExit as stop:
-        return stop_code(stop)
-    return 0
+    return run_entry_point("flower-superlink", flower_superlink, flower_args)

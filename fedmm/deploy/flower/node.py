@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from ..wakeup import Wakeup
-from .pulls import short_object_pull_backoff, stop_code
+from .pulls import run_entry_point, short_object_pull_backoff
 
 WAKE_FDS = "--wake-fds"
 NODE_IDLE_POLL = 0.5
@@ -78,10 +78,10 @@ def shorten_idle_poll(idle: float = NODE_IDLE_POLL, *, reply_pushed: Wakeup | No
     from flwr.supernode import start_client_internal
 
     waits = _ShortIdleWait(idle, reply_pushed)
-    start_client_internal.time = waits  # that module's name: time is untouched
+    setattr(start_client_internal, "time", waits)  # that module's name: time is untouched
     short_object_pull_backoff(start_client_internal)
-    start_client_internal._pull_and_store_message = _reporting(  # pylint: disable=protected-access
-        start_client_internal._pull_and_store_message, waits, message_stored)  # pylint: disable=protected-access
+    setattr(start_client_internal, "_pull_and_store_message", _reporting(
+        start_client_internal._pull_and_store_message, waits, message_stored))  # pylint: disable=protected-access
     return start_client_internal
 
 
@@ -106,12 +106,7 @@ def main(argv: list[str]) -> int:
         shorten_idle_poll(reply_pushed=Wakeup(read_fd=read_fd), message_stored=Wakeup(write_fd=write_fd))
     else:
         shorten_idle_poll()
-    sys.argv = ["flower-supernode", *argv]
-    try:
-        flower_supernode()
-    except SystemExit as stop:
-        return stop_code(stop)
-    return 0
+    return run_entry_point("flower-supernode", flower_supernode, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shorter retries for a message's objects its sender is still pushing, and Flower's exit codes as a number.
+"""Shorter retries for a message's objects its sender is still pushing, and Flower's entry points run in-process.
 
 A reply is visible to the ServerApp's pull as soon as its message is
 pushed, before its arrays are, and the SuperNode hands a task to its
@@ -13,6 +13,8 @@ sender is kept.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -35,9 +37,14 @@ def short_object_pull_backoff(module: ModuleType) -> None:
         return pull(*args, **kwargs)
 
     setattr(pull_objects, "short_backoff", True)
-    module.pull_objects = pull_objects
+    setattr(module, "pull_objects", pull_objects)
 
 
-def stop_code(stop: SystemExit) -> int:
-    """A Flower entry point's ``SystemExit`` as a process exit code."""
-    return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+def run_entry_point(command: str, entry_point: Callable[[], None], args: list[str]) -> int:
+    """Run Flower's ``command`` (its console entry point) in this process with ``args``; its exit code."""
+    sys.argv = [command, *args]
+    try:
+        entry_point()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0

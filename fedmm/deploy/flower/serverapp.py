@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .pulls import short_object_pull_backoff, stop_code
+from .pulls import run_entry_point, short_object_pull_backoff
 
 SERVER_PULL_INTERVAL = 0.25
 COMMAND = "flwr-serverapp"
@@ -49,7 +49,7 @@ def poll_replies_often() -> None:
     """Make this process's ``HttpGrid`` pull replies every ``SERVER_PULL_INTERVAL`` s and retry objects sooner."""
     from flwr.superlink.grid import http_grid
 
-    http_grid.HttpGrid.send_and_receive = send_and_receive
+    setattr(http_grid.HttpGrid, "send_and_receive", send_and_receive)
     short_object_pull_backoff(http_grid)
 
 
@@ -70,8 +70,4 @@ def main() -> int:
 
     if internals_usable():
         poll_replies_often()
-    try:
-        flwr_serverapp()
-    except SystemExit as stop:
-        return stop_code(stop)
-    return 0
+    return run_entry_point(sys.argv[0], flwr_serverapp, sys.argv[1:])

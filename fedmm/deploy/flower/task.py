@@ -192,7 +192,7 @@ def task_retry_invoker() -> RetryInvoker:
     def should_giveup(exc: Exception) -> bool:
         if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
             return True
-        return flower_should_giveup(exc)
+        return flower_should_giveup is not None and flower_should_giveup(exc)
 
     invoker.should_giveup = should_giveup
     return invoker
