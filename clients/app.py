@@ -33,6 +33,7 @@ from clients.secagg_mod import answer_stage, secagg_mod
 from fedmm import lora, protocol
 from fedmm.constraints import ConstraintTerm
 from fedmm.data import ManifestError
+from fedmm.device import DeviceUnavailable
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.logs import quiet_root_logger
@@ -89,10 +90,11 @@ class LocalRound:
 
 
 def _site(context: Context) -> Node | str:
-    """This node's model and data, or why its data cannot be used (a site's unknown labels, a missing file)."""
+    """This node's model and data, or why they cannot be used here (a site's unknown labels, a missing file, a
+    device this machine lacks)."""
     try:
         return node_of(context)
-    except ManifestError as exc:
+    except (ManifestError, DeviceUnavailable) as exc:
         return str(exc)
 
 

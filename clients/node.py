@@ -28,6 +28,7 @@ from fedmm.config import Profile, Settings
 from fedmm.constraints import flag_toxic
 from fedmm.data import (Batch, ManifestError, class_names, client_rows, client_split, public_split, site_rows,
                         site_split, to_batch, zero_shot_prompts)
+from fedmm.device import node_device
 from fedmm.losses import public_pool
 from fedmm.pretrain import load_base_model
 from fedmm.protocol import to_numpy
@@ -44,6 +45,7 @@ class RunState:
     preprocess: tuple[tuple[float, ...], tuple[float, ...], int]  # (mean, std, size)
     num_groups: int
     base_fingerprint: str
+    device: torch.device = torch.device("cpu")  # where this process computes for the run (fedmm/device.py)
     public: Batch | None = None  # public pairs the objective draws from ('unicl', 'public-negatives')
     # (rank, targets) -> peft model, overwritten by every message
     nets: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
@@ -88,13 +90,16 @@ _NODES: dict[tuple, Node] = {}
 
 
 def run_state(context: Context) -> RunState:
-    key = tuple(sorted(context.run_config.items()))
+    """This run's shared state in this process; ``DeviceUnavailable`` when the node's device is not here."""
+    settings = run_settings(context)
+    device = node_device(context.node_config, settings.device)
+    key = (tuple(sorted(context.run_config.items())), str(device))
     if key not in _RUNS:
         _RUNS.clear()  # a new run: drop the previous run's model and data
         _NODES.clear()
-        settings = run_settings(context)
-        base = load_base_model(settings, progress=False)
-        base_id = models.fingerprint(base)
+        base = load_base_model(settings, progress=False, device=device)
+        base_id = models.fingerprint(base)  # of the CPU weights, as the server computes it
+        base.to(device)
         tokenizer = models.create_tokenizer(settings.model)
         # the run's class and group lists when it names them; only then does a site never open 'dataset'
         names = list(settings.class_list) or class_names(client_rows(settings))
@@ -106,7 +111,7 @@ def run_state(context: Context) -> RunState:
             if len(pairs):
                 public = to_batch(public_pool(pairs, settings.public_draw, settings.seed), tokenizer, *preprocess)
         _RUNS[key] = RunState(settings, base, zero_shot_prompts(names), tokenizer, preprocess, num_groups=num_groups,
-                              base_fingerprint=base_id, public=public)
+                              base_fingerprint=base_id, device=device, public=public)
     return _RUNS[key]
 
 
@@ -142,8 +147,9 @@ def node_of(context: Context) -> Node:
         # captions are flagged on-device by the classifier, not taken from the data's own labels
         _NODES[key] = Node(
             run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
-            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])),
-            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])),
+            # in-memory tensors move to the device once; a site's image files decode per batch on the CPU
+            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])).to(run.device),
+            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])).to(run.device),
         )
     return _NODES[key]
 

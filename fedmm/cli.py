@@ -29,14 +29,21 @@ from .deploy.processes import Interrupted, interruptible
 log = logging.getLogger("fedmm")
 
 
-def _validated(run_config: str, defaults: dict | None = None) -> tuple[dict, Settings]:
+def _validated(run_config: str, defaults: dict | None = None, local: bool = True) -> tuple[dict, Settings]:
     """Run-config overrides (over ``defaults``) and their settings, with ``output-dir`` filled in; fails before
-    anything starts."""
+    anything starts. ``local``: the run computes on this machine, which must have the device it names."""
     overrides = {**(defaults or {}), **parse_run_config(run_config or "")}
     for name in ("classes", "groups"):  # a name list from a file here travels inline to every site
         if isinstance(overrides.get(name), str):
             overrides[name] = inline_name_file(overrides[name], name)
     settings = Settings.from_run_config(overrides)  # fails here on a bad config, nothing started
+    if local:
+        from .device import DeviceUnavailable, resolve_device
+
+        try:
+            resolve_device(settings.device)
+        except DeviceUnavailable as exc:
+            raise ConfigError(f"run-config 'device' = {settings.device!r}: {exc}") from exc
     from . import strategy_registry as strategies
 
     try:
@@ -79,9 +86,28 @@ def _site_manifests(args: argparse.Namespace) -> tuple[list[Path] | None, dict]:
     return sites, names
 
 
+def _check_simulation_resources(args: argparse.Namespace, settings: Settings) -> None:
+    """--gpus-per-client and --ray-address: what the simulation can honour, refused before anything starts."""
+    if args.deployment and (args.gpus_per_client or args.ray_address):
+        raise ValueError("--gpus-per-client and --ray-address are the simulation's; with --deployment each "
+                         "SuperNode computes on its own device (run-config 'device', node config 'device')")
+    if not 0 <= args.gpus_per_client <= 1:
+        raise ValueError(f"--gpus-per-client {args.gpus_per_client:g}: the share of one GPU a client reserves, "
+                         "in (0, 1] (0: none)")
+    if args.gpus_per_client and settings.device == "cpu":
+        raise ValueError("--gpus-per-client with run-config 'device' = 'cpu': the clients would reserve GPUs "
+                         "they do not use")
+    if args.gpus_per_client and not args.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--gpus-per-client: torch sees no CUDA device on this machine, so no client could start")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     sites, names = _site_manifests(args)
-    overrides, settings = _validated(args.run_config, names)
+    overrides, settings = _validated(args.run_config, names, local=not args.ray_address)
+    _check_simulation_resources(args, settings)
     args.site_manifests = sites
     try:
         with interruptible():
@@ -119,14 +145,15 @@ def _run(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
         from .deploy.simulation import run_simulation
 
         log.info("fedmm: %d simulated clients; report -> %s", args.clients, settings.output_dir)
-        code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client)
+        code = run_simulation(Path(args.app), overrides, num_supernodes=args.clients, cpus_per_client=args.cpus_per_client,
+                              gpus_per_client=args.gpus_per_client, ray_address=args.ray_address or None)
     return _report(settings, code)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .deploy.flwr_cli import submit
 
-    overrides, settings = _validated(args.run_config) if not args.no_run else ({}, None)
+    overrides, settings = _validated(args.run_config, local=False) if not args.no_run else ({}, None)
     if args.insecure == bool(args.root_certificates):
         raise ConfigError("fedmm submit: give --root-certificates (TLS), or --insecure to go without TLS")
     code = submit(Path(tempfile.mkdtemp(prefix="fedmm-submit-")), args.superlink,
@@ -205,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lora-rank=4"')
     run.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (partitions)")
     run.add_argument("--cpus-per-client", type=int, default=1)
+    run.add_argument("--gpus-per-client", type=float, default=0.0,
+                     help="simulation: the share of a GPU each client reserves (0.25: four clients per GPU at once)")
+    run.add_argument("--ray-address", default="", help="simulation: join this Ray cluster (HOST:PORT of its head) "
+                     "instead of starting one on this machine")
     run.add_argument("--app", default=".", help="the Flower app folder (this project)")
     run.add_argument("--deployment", action="store_true",
                      help="Flower's deployment engine: a real SuperLink and one SuperNode process per client on 127.0.0.1")

@@ -13,6 +13,7 @@ from torch import nn
 from .constraints import fairness_counts, group_fairness, toxic_retrieval, toxic_retrieval_counts
 from .data import Batch
 from . import protocol
+from .device import model_device
 from .lora import clip_of
 
 RECALL_AT = (1, 5, 10)
@@ -20,23 +21,26 @@ RECALL_AT = (1, 5, 10)
 
 @torch.no_grad()
 def encode(model: nn.Module, data: Batch, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Normalised image and text features of a dataset, and the logit scale."""
+    """Normalised image and text features of a dataset (on the CPU, where the statistics are taken), and the
+    logit scale; the model runs on its own device."""
+    device = model_device(model)
     imgs, txts, scale = [], [], 1.0
     for i in range(0, len(data), batch_size):
-        out = model(data.images[i : i + batch_size], data.tokens[i : i + batch_size])
+        part = data.window(i, i + batch_size).to(device)
+        out = model(part.images, part.tokens)
         imgs.append(out["image_features"])
         txts.append(out["text_features"])
         scale = float(out["logit_scale"])
-    return torch.cat(imgs), torch.cat(txts), scale
+    return torch.cat(imgs).cpu(), torch.cat(txts).cpu(), scale
 
 
 @torch.no_grad()
 def class_embeddings(model: nn.Module, tokenizer, prompts: list[list[str]]) -> torch.Tensor:
-    """One normalised embedding per class: the mean of its prompt embeddings."""
-    base = clip_of(model)
+    """One normalised embedding per class: the mean of its prompt embeddings (on the model's device)."""
+    base, device = clip_of(model), model_device(model)
     rows = []
     for phrasings in prompts:
-        emb = F.normalize(base.encode_text(tokenizer(phrasings)), dim=-1).mean(0)
+        emb = F.normalize(base.encode_text(tokenizer(phrasings).to(device)), dim=-1).mean(0)
         rows.append(F.normalize(emb, dim=-1))
     return torch.stack(rows)
 
@@ -70,8 +74,11 @@ def grounding(model: nn.Module, data: Batch, img: torch.Tensor, txt: torch.Tenso
     variation distance, averaged over images: 0 = the image is ignored (text
     priors alone), near 1 = the output is grounded in the image.
     """
-    blank = torch.zeros_like(data.images[:1])
-    blank_feat = model(blank, data.tokens[:1])["image_features"]
+    first = data.window(0, 1).to(model_device(model))
+    image = first.images
+    if not isinstance(image, torch.Tensor):  # a window decodes a manifest's files: never left as files
+        raise TypeError(f"a window's images are tensors, got {type(image).__name__}")
+    blank_feat = model(torch.zeros_like(image), first.tokens)["image_features"].cpu()
     with_image = torch.softmax(logit_scale * img @ txt.t(), dim=1)
     without = torch.softmax(logit_scale * blank_feat @ txt.t(), dim=1)
     return float(0.5 * (with_image - without).abs().sum(dim=1).mean())
@@ -92,7 +99,7 @@ def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_cou
     if len(data) == 0:
         return {protocol.NUM_EXAMPLES: 0.0}
     img, txt, scale = encode(model, data)
-    preds = zero_shot_predictions(img, class_emb)
+    preds = zero_shot_predictions(img, class_emb.cpu())
     labelled = data.labels >= 0
     correct = (preds == data.labels) & labelled
     out = {protocol.NUM_EXAMPLES: float(len(data))}

@@ -260,7 +260,7 @@ def load_global(model: PeftModel, arrays: dict[str, np.ndarray]) -> None:
             else:
                 dense = torch.as_tensor(frozen[layer + keys.FROZEN_B], dtype=torch.float32) @ torch.as_tensor(
                     frozen[layer + keys.FROZEN_A], dtype=torch.float32)
-            delta = module.scaling["default"] * dense.reshape(original.shape).to(original.dtype)
+            delta = module.scaling["default"] * dense.reshape(original.shape).to(original.device, original.dtype)
         with torch.no_grad():
             weight.copy_(original + delta)
     setattr(model, "_fedmm_frozen_layers", touched | layers)

@@ -66,6 +66,7 @@ from datasets import Dataset
 from torch import nn
 
 from .data import Batch
+from .device import model_device
 from .lora import clip_of
 
 if TYPE_CHECKING:
@@ -148,6 +149,8 @@ def create_loss(name: str, model: nn.Module, public: Batch | None = None, draw: 
     """
     if draw and public is None:
         raise ValueError(f"loss '{name}' draws public pairs; the dataset has no public rows")
+    if public is not None:  # the draws' tokens and labels meet the model's features on its device
+        public = public.to(model_device(model))
     if name == "clip":
         return clip_objective()
     if name == "unicl":

@@ -18,7 +18,7 @@ Who sets what, per round:
 - client -> server, train reply: ``ARRAYS`` (the encoded update) and
   ``METRICS`` with ``NUM_EXAMPLES``, ``UNIT_WEIGHT``, ``PARTITION_ID`` and
   ``LORA_RANK`` (the rank it trained: explicit, never inferred);
-- a site's own node config: its data, its tier (``NODE_PROFILE``) and its
+- a site's own node config: its data, its device, its tier (``NODE_PROFILE``) and its
   privacy floor (``NODE_*``), which no server can change.
 """
 
@@ -126,6 +126,7 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_PROFILE = "profile"  # its tier in client-profiles
 NODE_DATASET = "dataset"  # the site's own manifest: the node trains and evaluates on it and opens nothing else
+NODE_DEVICE = "device"  # the site's own device (auto, cpu, cuda, cuda:N): its hardware is its business
 NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"  # a request below it is declined
 NODE_MAX_EPSILON = "dp-max-epsilon"
 NODE_DELTA = "dp-delta"

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import LOCAL_OPTIMIZERS
 from .data import Batch
+from .device import model_device
 from .losses import LossFn, clip_objective
 
 LossTerm = Callable[[nn.Module, dict[str, torch.Tensor], Batch], torch.Tensor]
@@ -104,8 +105,11 @@ def train_steps(
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(data))
     order = torch.randperm(len(data), generator=gen)
-    cursor, total, clip_total, seen = 0, 0.0, 0.0, 0
-    device = next(iter(params)).device.type
+    device = params[0].device
+    # the losses stay on the device until the end: a float() per step would wait for the step to finish
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    clip_total = torch.zeros((), dtype=torch.float64, device=device)
+    cursor, seen = 0, 0
     start = time.perf_counter()
     done = 0
     for step in range(steps):
@@ -113,9 +117,9 @@ def train_steps(
             break
         if cursor + bs > len(data):  # reshuffle each epoch; batches never wrap
             order, cursor = torch.randperm(len(data), generator=gen), 0
-        batch = data.subset(order[cursor : cursor + bs])
+        batch = data.subset(order[cursor : cursor + bs]).to(device)
         cursor += bs
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = forward(model, batch)
             clip = loss_fn(out, batch)
             loss = clip + sum((t(model, out, batch) for t in extra_terms), torch.zeros(()))
@@ -124,21 +128,22 @@ def train_steps(
         opt.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach())
-        clip_total += float(clip.detach())
+        total += loss.detach().double()
+        clip_total += clip.detach().double()
         seen += bs
         done += 1
         if progress is not None:
             progress(step + 1, float(loss.detach()))
-    return TrainStats(done, seen, total / done, clip_total / done, time.perf_counter() - start)
+    return TrainStats(done, seen, float(total) / done, float(clip_total) / done, time.perf_counter() - start)
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, data: Batch, batch_size: int, loss_fn: LossFn | None = None) -> float:
     """Mean loss (``loss_fn``, default ClipLoss) of the model over ``data`` in its natural order (no update)."""
     loss_fn, total, batches = loss_fn or clip_objective(), 0.0, 0
+    device = model_device(model)
     for i in range(0, len(data) - 1, batch_size):  # a batch needs >= 2 pairs
-        batch = data.subset(torch.arange(i, min(i + batch_size, len(data))))
+        batch = data.subset(torch.arange(i, min(i + batch_size, len(data)))).to(device)
         total += float(loss_fn(forward(model, batch), batch))
         batches += 1
     return total / max(1, batches)

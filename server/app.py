@@ -17,6 +17,7 @@ from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -26,6 +27,7 @@ from flwr.supercore.logger import FLOWER_LOGGER
 from fedmm import protocol, report
 from fedmm.config import ConfigError, Settings
 from fedmm.data import class_names, group_names, public_split, server_split
+from fedmm.device import DeviceUnavailable, resolve_device
 from fedmm.logs import quiet_root_logger
 from fedmm.privacy.plan import privacy_plan, privacy_summary
 from server.asynchronous import AsynchronousLoop
@@ -58,10 +60,19 @@ def output_dir(settings: Settings) -> Path:
     return Path.home() / "fedmm-runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def server_device(settings: Settings) -> torch.device:
+    """The device the run config names, as this machine has it; the error names the key, before any client."""
+    try:
+        return resolve_device(settings.device)
+    except DeviceUnavailable as exc:
+        raise ConfigError(f"run-config 'device' = {settings.device!r} on the server: {exc}") from exc
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     # Validation first: a bad run config, strategy argument or checkpoint fails here, before any client is contacted.
     settings = Settings.from_run_config(context.run_config)
+    device = server_device(settings)
     history = MetricsHistory()
     strategy = build_strategy(settings, history)
     out = output_dir(settings)
@@ -76,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     held_out = server_split(settings)
     _check_public_split(settings)
     _check_name_lists(settings, held_out)
-    central = CentralModel.build(settings, held_out)
+    central = CentralModel.build(settings, held_out, device)
     initial = central.initial_arrays()
     num_nodes = len(list(grid.get_node_ids()))
     log(INFO, "fedmm: base %s; adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "

@@ -41,10 +41,11 @@ class CentralModel:
     num_classes: int
 
     @classmethod
-    def build(cls, settings: Settings, server_split: Any) -> CentralModel:
-        log(INFO, "fedmm: building base model %s (%s)", settings.model, settings.pretrained)
-        base = load_base_model(settings)
-        fingerprint = models.fingerprint(base)
+    def build(cls, settings: Settings, server_split: Any, device: torch.device) -> CentralModel:
+        log(INFO, "fedmm: building base model %s (%s) on %s", settings.model, settings.pretrained, device)
+        base = load_base_model(settings, device=device)
+        fingerprint = models.fingerprint(base)  # of the CPU weights, as every client computes it
+        base.to(device)
         base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         tokenizer = models.create_tokenizer(settings.model)
         mean, std, size = models.image_mean_std(base)
@@ -57,7 +58,7 @@ class CentralModel:
         return cls(net, tokenizer, zero_shot_prompts(names), held_out, fingerprint, base_bytes, len(names))
 
     def initial_arrays(self) -> ArrayRecord:
-        return ArrayRecord(torch_state_dict=lora.adapter_state(self.net))
+        return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in lora.adapter_state(self.net).items()})
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         lora.load_global(self.net, dict(to_numpy(arrays)))  # adapter, and a strategy's frozen update if any

@@ -79,9 +79,10 @@ def cache_dir(tmp_path_factory, worker_id) -> str:
 
 @pytest.fixture(scope="session")
 def base_settings(cache_dir) -> Settings:
-    # the tiny from-scratch model keeps the suite fast; tests/test_towers.py covers the default model
+    # the tiny from-scratch model keeps the suite fast; tests/test_towers.py covers the default model. The
+    # device is given explicitly: every DP mode, codec and secure-aggregation path runs with device = 'cpu'
     return Settings.from_run_config(
-        {"model": "fedmm-tiny-vit", "cache-dir": cache_dir, "pretrain-steps": TEST_PRETRAIN_STEPS}
+        {"model": "fedmm-tiny-vit", "cache-dir": cache_dir, "pretrain-steps": TEST_PRETRAIN_STEPS, "device": "cpu"}
     )
 
 

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..device import device_problem
 from .declare import (
     ConfigError,
     key,
@@ -24,6 +25,10 @@ class RunSettings:
     resume: bool = key(False, "continue the run in output-dir after its last completed round (its checkpoint); "
                               "the run config must be the checkpoint's, num-server-rounds and round-timeout aside")
     cache_dir: str = key("", "base-checkpoint cache; empty = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm")
+    device: str = key(
+        "auto", "where models compute: auto (CUDA when torch sees a device, else the CPU) | cpu | cuda | cuda:N; "
+                "the server resolves it on its machine before any client is contacted, and a site's node config "
+                "'device' overrides it there", device_problem)
 
     def _check_run(self) -> None:
         if self.resume and not self.output_dir:

@@ -133,6 +133,31 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device) -> "Batch":
+        """This batch's tensors on ``device`` (a manifest's files stay files: ``subset`` decodes them on the CPU).
+
+        On CUDA the copy is non-blocking from pinned memory, so the next step's batch moves while this one
+        computes; on the CPU it is this batch itself.
+        """
+        if device.type == "cpu" and self.tokens.device.type == "cpu":
+            return self
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == device:
+                return t
+            return (t.pin_memory() if cuda and t.device.type == "cpu" else t).to(device, non_blocking=cuda)
+
+        images = self.images if isinstance(self.images, ImageFiles) else move(self.images)
+        return Batch(images, move(self.tokens), move(self.labels), move(self.groups),
+                     None if self.toxic is None else move(self.toxic))
+
+    def window(self, start: int, stop: int) -> "Batch":
+        """Examples ``start`` to ``stop`` (views of in-memory tensors; a manifest's files decode here)."""
+        toxic = None if self.toxic is None else self.toxic[start:stop]
+        return Batch(self.images[start:stop], self.tokens[start:stop], self.labels[start:stop],
+                     self.groups[start:stop], toxic)
+
     def subset(self, idx: torch.Tensor) -> "Batch":
         toxic = None if self.toxic is None else self.toxic[idx]
         return Batch(self.images[idx], self.tokens[idx], self.labels[idx], self.groups[idx], toxic)

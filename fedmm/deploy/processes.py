@@ -38,8 +38,9 @@ def flower_bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def federation_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry, no installs, loopback-only Ray, offline hubs."""
+def federation_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no installs, loopback-only Ray, offline hubs (plus
+    ``extra``, e.g. the address of a Ray cluster to join)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
@@ -55,13 +56,14 @@ def federation_env(flwr_home: Path) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra or {})
     return env
 
 
-def start(cmd: list[str], flwr_home: Path, log_file: Path) -> subprocess.Popen:
+def start(cmd: list[str], flwr_home: Path, log_file: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     flwr_home.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(flwr_home),
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=federation_env(flwr_home, extra_env),
                                 stdin=subprocess.DEVNULL)
 
 

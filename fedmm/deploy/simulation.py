@@ -5,6 +5,12 @@ runs the ServerApp and the ClientApps (Ray actors) itself; fedmm only picks
 free loopback ports, gives every process it starts one private
 ``FLWR_HOME`` (so all of them, Ray's included, are stopped by that marker,
 never by name) and submits the job with the ``flwr`` CLI (``flwr_cli.py``).
+
+Clients reserve ``cpus_per_client`` CPUs and ``gpus_per_client`` of a GPU
+each (Flower's ``client-resources-num-*``): 1/F clients share one GPU at
+once. With ``ray_address`` the simulation joins that Ray cluster (Ray reads
+``RAY_ADDRESS`` when it starts) instead of starting its own on this machine;
+the cluster's processes are the cluster's, and stay when the run ends.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from .processes import Interrupted, flower_bin, processes_under, start, start_on
 class SimulationSuperLink:
     """A ``flower-superlink --simulation`` on a free loopback port; stopped by its FLWR_HOME."""
 
-    def __init__(self, flwr_home: Path, log_file: Path):
+    def __init__(self, flwr_home: Path, log_file: Path, ray_address: str | None = None):
         self.flwr_home, self.log_file = flwr_home, log_file
+        self.extra_env = {"RAY_ADDRESS": ray_address} if ray_address else None
         self.port = 0  # Control, Fleet and Runtime APIs share one HTTP listener
         self.proc: subprocess.Popen | None = None
 
@@ -41,7 +48,7 @@ class SimulationSuperLink:
         cmd = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"]
         self.log_file.write_text("")
-        self.proc = start(cmd, self.flwr_home, self.log_file)
+        self.proc = start(cmd, self.flwr_home, self.log_file, self.extra_env)
         wait_for_port(port, self.proc, "flower-superlink", self.log_file)
 
     def processes(self) -> list[psutil.Process]:
@@ -62,6 +69,8 @@ def run_simulation(
     *,
     num_supernodes: int = 10,
     cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+    ray_address: str | None = None,
     flwr_home: Path | None = None,
     stream: bool = True,
     timeout: float | None = None,
@@ -72,7 +81,9 @@ def run_simulation(
     """
     home = flwr_home or Path(tempfile.mkdtemp(prefix="fedmm-flwr-"))
     home.mkdir(parents=True, exist_ok=True)
-    with SimulationSuperLink(home, home / "superlink.log"):
+    with SimulationSuperLink(home, home / "superlink.log", ray_address):
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+        if gpus_per_client > 0:
+            federation += f" client-resources-num-gpus={gpus_per_client}"
         return flwr_run(home, app_dir, format_run_config(run_config), federation_config=federation,
                         log_file=None if stream else home / "run.log", timeout=timeout)

@@ -93,6 +93,7 @@ def _train(
     weight_decay: float, grad_sample_mode: str, extra_terms: Sequence[LossTerm], optimizer_name: str,
 ) -> tuple[TrainStats, History]:
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = local_optimizer(params, optimizer_name, lr, weight_decay)
     # indices, not tensors: the loader draws Poisson batches of example ids
     loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=min(batch_size, len(data)))
@@ -109,7 +110,8 @@ def _train(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         # fresh OS entropy, never the run seed: noise the server could regenerate would protect nothing
-        noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        # on the parameters' device: Opacus draws the noise where the gradients are
+        noise_generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
         grad_sample_mode=grad_sample_mode,
     )
     if grad_sample_mode == "ghost":
@@ -125,7 +127,7 @@ def _train(
                     break
                 private_opt.zero_grad(set_to_none=True)
                 # an empty Poisson draw still makes a step (zero gradient plus noise), as the analysis assumes
-                batch = data.subset(idx)
+                batch = data.subset(idx).to(device)
                 out = forward(private_model, batch)
                 value = private_loss(out, batch)
                 value.backward()
