@@ -20,14 +20,18 @@ pytestmark = pytest.mark.integration
 
 def test_a_simulation_runs_on_a_ray_cluster_it_joins_by_address(base_settings, tmp_path):
     ensure_base_checkpoint(base_settings, progress=False)
+    machine_wide = Path("/tmp/ray/ray_current_cluster")  # what a plain `ray start` would leave for every driver
+    before = machine_wide.read_text() if machine_wide.is_file() else None
     head_home, port = tmp_path / "ray-head", free_port()
     log = tmp_path / "ray-head.log"
-    # the head's own session folder (short: Ray's socket paths must fit 107 characters), where every driver
-    # that joins the cluster leaves a log
+    # the head's own temp folder (short: Ray's socket paths must fit 107 characters): its sessions, where
+    # every driver that joins it leaves a log, and the "current cluster" file `ray start` writes, which
+    # must not be the machine's /tmp/ray (every other Ray driver here would find it)
     sessions = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     head = start([flower_bin("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                   "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-                  "--disable-usage-stats", "--temp-dir", str(sessions)], head_home, log)
+                  "--disable-usage-stats", "--temp-dir", str(sessions)], head_home, log,
+                 {"RAY_TMPDIR": str(sessions)})
     try:
         wait_for_port(port, head, "ray head", log, timeout=120)
         out, home = tmp_path / "report", tmp_path / "flwr"
@@ -40,6 +44,7 @@ def test_a_simulation_runs_on_a_ray_cluster_it_joins_by_address(base_settings, t
         assert list(sessions.glob("session_*/logs/python-core-driver-*.log")), sorted(sessions.rglob("*.log"))
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         assert rounds["1"]["train/num-replies"] == 2
+        assert (machine_wide.read_text() if machine_wide.is_file() else None) == before
     finally:
         stop_under(head_home, head)
         shutil.rmtree(sessions, ignore_errors=True)

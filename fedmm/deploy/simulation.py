@@ -11,6 +11,9 @@ each (Flower's ``client-resources-num-*``): 1/F clients share one GPU at
 once. With ``ray_address`` the simulation joins that Ray cluster (Ray reads
 ``RAY_ADDRESS`` when it starts) instead of starting its own on this machine;
 the cluster's processes are the cluster's, and stay when the run ends.
+Without one it always starts its own (``RAY_ADDRESS=local``): Ray would
+otherwise join the last cluster a ``ray start`` on this machine left in its
+temp folder, silently, or hang when that cluster is gone.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class SimulationSuperLink:
 
     def __init__(self, flwr_home: Path, log_file: Path, ray_address: str | None = None):
         self.flwr_home, self.log_file = flwr_home, log_file
-        self.extra_env = {"RAY_ADDRESS": ray_address} if ray_address else None
+        self.extra_env = {"RAY_ADDRESS": ray_address or "local"}
         self.port = 0  # Control, Fleet and Runtime APIs share one HTTP listener
         self.proc: subprocess.Popen | None = None
 
