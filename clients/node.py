@@ -97,7 +97,7 @@ def run_state(context: Context) -> RunState:
     if key not in _RUNS:
         _RUNS.clear()  # a new run: drop the previous run's model and data
         _NODES.clear()
-        base = load_base_model(settings, progress=False, device=device)
+        base = load_base_model(settings, progress=False)
         base_id = models.fingerprint(base)  # of the CPU weights, as the server computes it
         base.to(device)
         tokenizer = models.create_tokenizer(settings.model)
@@ -109,7 +109,8 @@ def run_state(context: Context) -> RunState:
         if settings.public_draw:
             pairs = public_split(settings)
             if len(pairs):
-                public = to_batch(public_pool(pairs, settings.public_draw, settings.seed), tokenizer, *preprocess)
+                public = to_batch(public_pool(pairs, settings.public_draw, settings.seed), tokenizer,
+                                  *preprocess).to(device)  # once per run, not per round
         _RUNS[key] = RunState(settings, base, zero_shot_prompts(names), tokenizer, preprocess, num_groups=num_groups,
                               base_fingerprint=base_id, device=device, public=public)
     return _RUNS[key]

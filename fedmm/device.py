@@ -6,9 +6,9 @@ a spec before anything is built (the run config's check, a site's node
 config); ``resolve_device`` turns a spec into the ``torch.device`` this
 process has, or fails naming what it lacks.
 
-Everything that computes on a model runs on the resolved device: client
-training (DP-SGD included) and evaluation, the server's central evaluation,
-base pretraining. Batches are built on the CPU (a manifest's images decode
+Client training (DP-SGD included) and evaluation and the server's central
+evaluation run on the resolved device; the base is pretrained on the CPU
+(``fedmm/pretrain.py``: every node must get it bit for bit). Batches are built on the CPU (a manifest's images decode
 there) and move once per step (``Batch.to``: pinned, non-blocking on CUDA);
 what crosses the wire stays numpy on the CPU.
 """

@@ -31,7 +31,6 @@ from . import model as models
 from . import towers
 from .config import Settings
 from .data import Batch, dataset_version, public_split, to_batch
-from .device import model_device, resolve_device
 from .lora import clip_of
 from .train import train_steps
 
@@ -40,10 +39,8 @@ BASE_SEED = 0
 RECIPE_VERSION = 1
 
 
-def base_checkpoint_path(settings: Settings, device: torch.device | None = None) -> Path:
-    """Where the public-pretrained base of ``settings`` is cached. A base built on an accelerator has its own
-    entry: its kernels are not bit-for-bit the CPU's, and every node of a run must load the same base."""
-    recipe: dict[str, object] = {
+def base_checkpoint_path(settings: Settings) -> Path:
+    recipe = {
         "model": settings.model,
         "architecture": models.config_of(settings.model),
         "data": dataset_version(settings.public_dataset or settings.dataset),  # what it pretrains on
@@ -53,9 +50,6 @@ def base_checkpoint_path(settings: Settings, device: torch.device | None = None)
         "seed": BASE_SEED,
         "recipe": RECIPE_VERSION,
     }
-    built_on = (device or resolve_device(settings.device)).type
-    if built_on != "cpu":
-        recipe["device"] = built_on
     if models.uses_package_towers(settings.model):
         recipe["towers"] = [towers.EFFNET_SHA256, towers.MINILM_FILES["model.safetensors"]]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,7 +82,7 @@ def tower_features(net: nn.Module, data: Batch, chunk: int = 64) -> Batch:
     clip = clip_of(net)
     images, texts = [], []
     for i in range(0, len(data), chunk):
-        part = data.subset(torch.arange(i, min(i + chunk, len(data)))).to(model_device(net))
+        part = data.subset(torch.arange(i, min(i + chunk, len(data))))
         images.append(clip.visual.trunk(part.images))
         mask = (part.tokens != clip.text.config.pad_token_id).long()
         texts.append(clip.text.pooler(clip.text.transformer(input_ids=part.tokens, attention_mask=mask), mask))
@@ -106,21 +100,23 @@ def _public_batch(settings: Settings, net: nn.Module) -> Batch:
     return to_batch(public, models.create_tokenizer(settings.model), mean, std, size)
 
 
-def pretrain_base(settings: Settings, progress: bool = True, device: torch.device | None = None) -> torch.nn.Module:
-    """The public-split base: heads aligned on published towers, or a CLIP from scratch; trained on ``device``
-    (default: the run's), returned on the CPU."""
+def pretrain_base(settings: Settings, progress: bool = True) -> torch.nn.Module:
+    """The public-split base: heads aligned on published towers, or a CLIP from scratch.
+
+    Always on the CPU, whatever the run's ``device``: every node that builds it must get the same weights
+    bit for bit (their fingerprint is checked), and an accelerator's kernels are neither the CPU's nor
+    deterministic from one GPU to the next."""
     net = models.create_model(settings.model, seed=BASE_SEED)
     data = _public_batch(settings, net)
     if models.uses_package_towers(settings.model):
         towers.load_pretrained_towers(models.freeze(net))
-        net.to(device or resolve_device(settings.device))
         data = tower_features(net, data)
         trained: nn.Module = _Heads(net)
         for p in trained.parameters():
             p.requires_grad_(True)
         what = "aligning heads of"
     else:
-        trained, what = net.to(device or resolve_device(settings.device)).train(), "pretraining base"
+        trained, what = net.train(), "pretraining base"
     total, start = settings.pretrain_steps, time.perf_counter()
     every = max(1, total // 20)
 
@@ -136,12 +132,12 @@ def pretrain_base(settings: Settings, progress: bool = True, device: torch.devic
         trained, data, steps=total, batch_size=settings.pretrain_batch_size,
         lr=settings.pretrain_lr, weight_decay=0.1, seed=BASE_SEED, warmup_cosine=True, progress=report,
     )
-    return models.freeze(net).cpu()
+    return models.freeze(net)
 
 
-def ensure_base_checkpoint(settings: Settings, progress: bool = True, device: torch.device | None = None) -> Path:
-    """The cached public-pretrained base; built (once, under a file lock, on ``device``) when missing."""
-    path = base_checkpoint_path(settings, device)
+def ensure_base_checkpoint(settings: Settings, progress: bool = True) -> Path:
+    """The cached public-pretrained base; built (once, under a file lock, on the CPU) when missing."""
+    path = base_checkpoint_path(settings)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,22 +145,22 @@ def ensure_base_checkpoint(settings: Settings, progress: bool = True, device: to
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
         if not path.is_file():
             log.info("base checkpoint %s missing: pretraining on the public split", path)
-            models.save_checkpoint(pretrain_base(settings, progress, device), path)
+            models.save_checkpoint(pretrain_base(settings, progress), path)
     return path
 
 
-def load_base_model(settings: Settings, progress: bool = True, device: torch.device | None = None) -> torch.nn.Module:
+def load_base_model(settings: Settings, progress: bool = True) -> torch.nn.Module:
     """The frozen base model the run config asks for, identical on every node (on the CPU: the caller moves it
     once it has its fingerprint)."""
-    return models.create_base_model(settings.model, base_weights(settings, progress, device))
+    return models.create_base_model(settings.model, base_weights(settings, progress))
 
 
-def base_weights(settings: Settings, progress: bool = True, device: torch.device | None = None) -> models.BaseWeights:
+def base_weights(settings: Settings, progress: bool = True) -> models.BaseWeights:
     """``pretrained`` as weights the model factory loads: the public-pretrained base is its cached checkpoint
     (built first when missing), 'none' the run seed's init, a path a local checkpoint, anything else a tag."""
     source = settings.pretrained
     if source == "public-pretrain":
-        return models.BaseWeights("file", str(ensure_base_checkpoint(settings, progress, device)), seed=BASE_SEED)
+        return models.BaseWeights("file", str(ensure_base_checkpoint(settings, progress)), seed=BASE_SEED)
     if source == "none":
         return models.BaseWeights("random", seed=settings.seed)
     if Path(source).expanduser().is_file():

@@ -43,7 +43,7 @@ class CentralModel:
     @classmethod
     def build(cls, settings: Settings, server_split: Any, device: torch.device) -> CentralModel:
         log(INFO, "fedmm: building base model %s (%s) on %s", settings.model, settings.pretrained, device)
-        base = load_base_model(settings, device=device)
+        base = load_base_model(settings)
         fingerprint = models.fingerprint(base)  # of the CPU weights, as every client computes it
         base.to(device)
         base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
