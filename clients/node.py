@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from fedmm import model as models
 from fedmm import protocol
 from fedmm.config import Profile, Settings
 from fedmm.constraints import flag_toxic
+from fedmm.data.images import ImageFiles, UnreadableImage
 from fedmm.data import (Batch, ManifestError, class_names, client_rows, client_split, public_split, site_rows,
                         site_split, to_batch, zero_shot_prompts)
 from fedmm.device import node_device
@@ -69,6 +71,7 @@ class Node:
     profile: Profile  # this client's tier: rank, layers, batch, steps, time budget, precision, dropout
     train: Batch
     test: Batch
+    decoded_bytes: int = 0  # this process's memory the node's decoded image files take (node config budget)
 
     @property
     def settings(self) -> Settings:
@@ -146,13 +149,42 @@ def node_of(context: Context) -> Node:
         if site and len(train_ds) + len(test_ds) == 0:
             raise ManifestError(f"this node's own manifest {site} has no 'clients' rows")
         # captions are flagged on-device by the classifier, not taken from the data's own labels
-        _NODES[key] = Node(
-            run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
-            # in-memory tensors move to the device once; a site's image files decode per batch on the CPU
-            to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"])).to(run.device),
-            to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"])).to(run.device),
-        )
+        train = to_batch(train_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(train_ds["caption"]))
+        test = to_batch(test_ds, run.tokenizer, *run.preprocess, toxic=flag_toxic(test_ds["caption"]))
+        budget = _decoded_budget(config) - sum(n.decoded_bytes for n in _NODES.values())
+        train, test, decoded = _decoded_if_it_fits(train, test, budget, site)
+        # in-memory tensors move to the device once; image files that did not fit decode per batch on the CPU
+        _NODES[key] = Node(run, pid, run.settings.profile_for(pid, str(node_profile) if node_profile else None),
+                           train.to(run.device), test.to(run.device), decoded)
     return _NODES[key]
+
+
+def _decoded_budget(config: Mapping[str, Any]) -> int:
+    """Bytes of decoded images this process may keep: node config ``decoded-images-mib`` (MiB)."""
+    raw = config.get(protocol.NODE_DECODED_IMAGES_MIB, protocol.DEFAULT_DECODED_IMAGES_MIB)
+    try:
+        mib = float(raw)
+    except (TypeError, ValueError):
+        mib = -1.0
+    if not mib >= 0:
+        raise ManifestError(f"node config '{protocol.NODE_DECODED_IMAGES_MIB}' = {raw!r}: must be a number of "
+                            "MiB >= 0 (0: decode each batch's image files as it is drawn)")
+    return int(mib * 2**20)
+
+
+def _decoded_if_it_fits(train: Batch, test: Batch, budget: int, site: str) -> tuple[Batch, Batch, int]:
+    """Both splits with their image files decoded once when together they fit ``budget`` bytes, else as they
+    are; and the bytes decoded.
+
+    Decoded once, no training step waits for PIL; a node whose images do not fit decodes each batch as it is drawn.
+    """
+    need = sum(b.images.decoded_bytes for b in (train, test) if isinstance(b.images, ImageFiles))
+    if need == 0 or need > budget:
+        return train, test, 0
+    try:
+        return train.decoded(), test.decoded(), need
+    except UnreadableImage as exc:
+        raise ManifestError(f"this node's manifest {site or '(the run dataset)'}: {exc}") from exc
 
 
 def load_global(node: Node, msg: Message) -> tuple[OrderedDict[str, np.ndarray], list[torch.Tensor]]:

@@ -88,9 +88,9 @@ def _site_manifests(args: argparse.Namespace) -> tuple[list[Path] | None, dict]:
 
 def _check_simulation_resources(args: argparse.Namespace, settings: Settings) -> None:
     """--gpus-per-client and --ray-address: what the simulation can honour, refused before anything starts."""
-    if args.deployment and (args.gpus_per_client or args.ray_address):
-        raise ValueError("--gpus-per-client and --ray-address are the simulation's; with --deployment each "
-                         "SuperNode computes on its own device (run-config 'device', node config 'device')")
+    if args.deployment and args.ray_address:
+        raise ValueError("--ray-address is the simulation's; with --deployment each SuperNode computes on its "
+                         "own device (run-config 'device', node config 'device')")
     if not 0 <= args.gpus_per_client <= 1:
         raise ValueError(f"--gpus-per-client {args.gpus_per_client:g}: the share of one GPU a client reserves, "
                          "in (0, 1] (0: none)")
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
                  args.clients, "insecure" if args.insecure else "TLS, node authentication",
                  home / "logs", settings.output_dir)
         with LocalFederation(home, args.clients, tls=not args.insecure, auth=not args.insecure,
-                             sites=args.site_manifests) as federation:
+                             sites=args.site_manifests, gpus_per_client=args.gpus_per_client) as federation:
             code = federation.run(Path(args.app), format_run_config(overrides))
     else:
         from .deploy.simulation import run_simulation
@@ -176,8 +176,14 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 def cmd_supernode(args: argparse.Namespace) -> int:
     from .deploy.supernode import run_supernode
 
-    return run_supernode(_passed_through(args), args.runtime_port, args.threads,
-                         Path(args.core_slots) if args.core_slots else None)
+    slots = Path(args.core_slots) if args.core_slots else None
+    if slots is not None and args.slots:
+        from .deploy.core_slots import make_core_slots
+
+        make_core_slots(slots, args.slots)
+    elif args.slots:
+        raise ValueError("fedmm supernode --slots: give the folder the SuperNodes share with --device-slots FOLDER")
+    return run_supernode(_passed_through(args), args.runtime_port, args.threads, slots)
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (partitions)")
     run.add_argument("--cpus-per-client", type=int, default=1)
     run.add_argument("--gpus-per-client", type=float, default=0.0,
-                     help="simulation: the share of a GPU each client reserves (0.25: four clients per GPU at once)")
+                     help="the share of a GPU each client takes (0.25: four clients per GPU at once); with "
+                     "--deployment, the SuperNodes' device slots")
     run.add_argument("--ray-address", default="", help="simulation: join this Ray cluster (HOST:PORT of its head) "
                      "instead of starting one on this machine")
     run.add_argument("--app", default=".", help="the Flower app folder (this project)")
@@ -255,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "--node-config 'partition-id=0 num-partitions=3'")
     node.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's Runtime API port (loopback)")
     node.add_argument("--threads", type=int, default=None, help="torch threads of the ClientApp (default: torch's)")
-    node.add_argument("--core-slots", default="", help="a folder of slot files shared by the SuperNodes of one "
-                      "machine: at most that many ClientApp tasks run at once (rehearsals on one machine)")
+    node.add_argument("--core-slots", "--device-slots", dest="core_slots", default="",
+                      help="a folder of slot files shared by the SuperNodes of one machine: at most that many "
+                      "ClientApp tasks run at once, on its cores or on the GPU the sites share")
+    node.add_argument("--slots", type=int, default=0, help="with --core-slots/--device-slots: make that many slot "
+                      "files in the folder if it has fewer (0: use the folder as it is)")
     node.add_argument("flower_args", nargs=argparse.REMAINDER)
     node.set_defaults(fn=cmd_supernode)
     cred = sub.add_parser("credentials", help="TLS certificates and SuperNode keys for a deployment")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class TrainStats:
     loss: float  # mean total loss over the steps
     clip_loss: float  # mean contrastive loss (without extra terms) over the steps
     seconds: float
+    data_seconds: float = 0.0  # of ``seconds``, waiting for the next batch (decoding, indexing, the copy's launch)
 
 
 def proximal_term(reference: Sequence[torch.Tensor], mu: float) -> LossTerm:
@@ -104,21 +106,22 @@ def train_steps(
         loss_fn = clip_objective()
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(data))
-    order = torch.randperm(len(data), generator=gen)
     device = params[0].device
     # the losses stay on the device until the end: a float() per step would wait for the step to finish
     total = torch.zeros((), dtype=torch.float64, device=device)
     clip_total = torch.zeros((), dtype=torch.float64, device=device)
-    cursor, seen = 0, 0
+    seen = 0
     start = time.perf_counter()
     done = 0
+    batches = step_batches(data, draws(len(data), bs, steps, gen), device)
+    waited = 0.0
     for step in range(steps):
         if time_budget > 0 and step > 0 and time.perf_counter() - start >= time_budget:
+            batches.close()
             break
-        if cursor + bs > len(data):  # reshuffle each epoch; batches never wrap
-            order, cursor = torch.randperm(len(data), generator=gen), 0
-        batch = data.subset(order[cursor : cursor + bs]).to(device)
-        cursor += bs
+        asked = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - asked
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = forward(model, batch)
             clip = loss_fn(out, batch)
@@ -134,7 +137,43 @@ def train_steps(
         done += 1
         if progress is not None:
             progress(step + 1, float(loss.detach()))
-    return TrainStats(done, seen, float(total) / done, float(clip_total) / done, time.perf_counter() - start)
+    return TrainStats(done, seen, float(total) / done, float(clip_total) / done, time.perf_counter() - start, waited)
+
+
+def draws(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Each step's example indices: a random order, reshuffled each epoch (a batch never wraps)."""
+    order, cursor = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
+def step_batches(data: Batch, indices: Iterator[torch.Tensor], device: torch.device,
+                 ahead: bool | None = None) -> Generator[Batch, None, None]:
+    """The steps' batches on ``device``.
+
+    Image files (a node whose images did not fit its decoded budget) decode one batch ahead in a thread on an
+    accelerator, so the device computes a step while the next batch's files decode (PIL releases the GIL while
+    it decodes). On the CPU they decode in line: a decoding thread would take the cores the step computes on.
+    ``ahead`` overrides that choice.
+    """
+    if ahead is None:
+        ahead = data.files and device.type != "cpu"
+    if not ahead:
+        for idx in indices:
+            yield data.subset(idx).to(device)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="fedmm-decode") as pool:
+        pending: Future[Batch] | None = None
+        for idx in indices:
+            upcoming = pool.submit(data.subset, idx)
+            if pending is not None:
+                yield pending.result().to(device)
+            pending = upcoming
+        if pending is not None:
+            yield pending.result().to(device)
 
 
 @torch.no_grad()

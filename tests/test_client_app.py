@@ -400,3 +400,73 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
     for key in sent:
         rule = release_rule(key)
         assert rule.startswith("data-independent: ") or rule.removeprefix("outside the guarantee: ") in listed, key
+
+
+def test_a_sites_images_decode_once_when_they_fit_and_per_batch_when_they_do_not(
+        run_config, base_settings, global_arrays, tmp_path):
+    """Node config 'decoded-images-mib': a site whose images fit decodes them once (no step waits for PIL) into the
+    same pixels it would decode per batch; a file that stops decoding is named in the decline; a bad budget is
+    named by its key."""
+    from clients import node as nodes
+    from fedmm.pretrain import ensure_base_checkpoint
+
+    arrays, _ = global_arrays
+    site = _site_folder(tmp_path / "site", ["cat", "dog", "cat", "bird", "dog", "cat"], ["north"] * 6)
+    config = {**run_config, "classes": "cat,dog,bird", "groups": "north", "test-fraction": 0.34,
+              "pretrained": str(ensure_base_checkpoint(base_settings, progress=False))}
+
+    def node(**own):
+        nodes._NODES.clear()
+        return nodes.node_of(Context(run_id=1, node_id=7, node_config={"dataset": str(site), **own},
+                                     state=RecordDict(), run_config=config))
+
+    def train(**own):
+        nodes._NODES.clear()
+        context = Context(run_id=1, node_id=7, node_config={"dataset": str(site), **own}, state=RecordDict(),
+                          run_config=config)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+        return client_app(Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN), context)
+
+    decoded, per_batch = node(), node(**{"decoded-images-mib": 0})
+    size = decoded.run.preprocess[2]
+    assert not decoded.train.files and not decoded.test.files
+    assert decoded.decoded_bytes == 6 * 3 * size * size * 4
+    assert per_batch.train.files and per_batch.decoded_bytes == 0
+    assert torch.equal(decoded.train.images, per_batch.train.images[torch.arange(len(per_batch.train))])
+    assert node(**{"decoded-images-mib": 6 * 3 * size * size * 4 / 2**20 - 0.001}).train.files  # just too small
+    trained = [train(), train(**{"decoded-images-mib": 0})]
+    assert not any(r.has_error() for r in trained)
+    assert trained[0].content["metrics"]["train-loss"] == trained[1].content["metrics"]["train-loss"]
+
+    bad = train(**{"decoded-images-mib": "lots"})
+    assert bad.has_error() and "node config 'decoded-images-mib' = 'lots'" in bad.error.reason
+    image = site.parent / "img0.png"
+    image.write_bytes(image.read_bytes()[:80])  # the header still parses (the manifest's probe); the pixels do not
+    broken = train()
+    assert broken.has_error() and str(image) in broken.error.reason and "could not be decoded" in broken.error.reason
+    nodes._NODES.clear()
+
+
+def test_image_files_decoded_a_batch_ahead_are_the_batches_decoded_in_line(tmp_path):
+    from PIL import Image
+
+    from fedmm.data import Batch
+    from fedmm.data.images import ImageFiles
+    from fedmm.train import draws, step_batches
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(7):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(paths[-1])
+    data = Batch(ImageFiles(paths, 8, (0.5,) * 3, (0.5,) * 3), torch.arange(7)[:, None], torch.arange(7),
+                 torch.zeros(7, dtype=torch.long))
+    cpu = torch.device("cpu")
+    in_line = list(step_batches(data, draws(7, 3, 5, torch.Generator().manual_seed(1)), cpu, ahead=False))
+    ahead = list(step_batches(data, draws(7, 3, 5, torch.Generator().manual_seed(1)), cpu, ahead=True))
+    assert len(in_line) == len(ahead) == 5
+    for a, b in zip(in_line, ahead):
+        assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+    stopped = step_batches(data, draws(7, 3, 5, torch.Generator().manual_seed(1)), cpu, ahead=True)
+    next(stopped)
+    stopped.close()  # a time budget ends training early: the decoding thread finishes and is joined

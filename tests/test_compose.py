@@ -47,7 +47,8 @@ def docker_env():
             subprocess.run(["bash", str(LOCAL_DOCKER), "down"], capture_output=True, timeout=300)
 
 
-def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
+def _compose_job(docker_env, base_settings, tmp_path, *override: str) -> tuple[subprocess.CompletedProcess, str]:
+    """``docker compose run job`` with the compose file (and ``override`` files), then down; the job and the logs."""
     from fedmm.pretrain import ensure_base_checkpoint
 
     ensure_base_checkpoint(base_settings, progress=False)  # the session's base: `prepare` finds it cached
@@ -61,7 +62,7 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
         "FEDMM_RUN_CONFIG": "model='fedmm-tiny-vit' pretrain-steps=400 num-server-rounds=2 local-steps=6 "
                             "secure-aggregation=true",
     }
-    compose = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml")]
+    compose = [*_compose(*override)]
     try:
         job = subprocess.run([*compose, "run", "--build", "--rm", "job"], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=2400)
@@ -69,6 +70,47 @@ def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
     finally:
         subprocess.run([*compose, "down", "-v", "--remove-orphans"], env=env, cwd=ROOT, capture_output=True, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:] + logs[-3000:]
+    return job, logs
+
+
+def _compose(*override: str) -> list[str]:
+    files = ["-f", str(ROOT / "docker-compose.yml")]
+    for name in override:
+        files += ["-f", str(ROOT / name)]
+    return ["docker", "compose", "-p", PROJECT, *files]
+
+
+def test_the_gpu_profile_gives_each_site_the_gpu_and_one_shared_folder_of_device_slots(docker_env):
+    """docker-compose.gpu.yml over the rehearsal: every SuperNode reserves the GPU through the nvidia driver,
+    computes on it (node config 'device') and takes its turn through the device slots all three share; their
+    own site folder and key stay mounted."""
+    merged = subprocess.run([*_compose("docker-compose.gpu.yml"), "config", "--format", "json"], env=docker_env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    services = json.loads(merged.stdout)["services"]
+    for i in range(3):
+        node = services[f"supernode-{i}"]
+        devices = node["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        command = " ".join(node["command"])
+        assert "--device-slots /slots --slots 2" in command and "device='cuda'" in command
+        assert f"partition-id={i}" in command and f"/credentials/node-{i}" in command
+        mounts = {v["target"]: v for v in node["volumes"]}
+        assert mounts["/slots"]["source"].endswith("device-slots") and mounts["/data"]["read_only"]
+    assert "deploy" in services["superlink"]  # central evaluation on the GPU too (run-config 'device' = auto)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the GPU profile runs where a GPU is")
+def test_compose_runs_a_federated_job_on_the_gpu(docker_env, base_settings, tmp_path):
+    _job, logs = _compose_job(docker_env, base_settings, tmp_path, "docker-compose.gpu.yml")
+    reports = list((tmp_path / "runs").glob("compose-*/metrics.json"))
+    assert len(reports) == 1
+    rounds = {int(k): v for k, v in json.loads(reports[0].read_text())["rounds"].items()}
+    assert rounds[2]["train/num-replies"] == 3, logs[-3000:]
+
+
+def test_compose_runs_a_federated_job(docker_env, base_settings, tmp_path):
+    job, logs = _compose_job(docker_env, base_settings, tmp_path)
 
     reports = list((tmp_path / "runs").glob("compose-*/metrics.json"))
     assert len(reports) == 1, job.stdout[-2000:]

@@ -69,7 +69,41 @@ def test_without_cuda_the_server_and_the_command_refuse_a_cuda_run_before_anythi
     assert cli.main(["run", "--gpus-per-client", "2"]) == 2
     assert "--gpus-per-client 2" in capsys.readouterr().err
     assert cli.main(["run", "--deployment", "--ray-address", "127.0.0.1:1"]) == 2
-    assert "--ray-address are the simulation's" in capsys.readouterr().err
+    assert "--ray-address is the simulation's" in capsys.readouterr().err
+    assert cli.main(["run", "--deployment", "--gpus-per-client", "0.5"]) == 2  # device slots, but no GPU here
+    assert "--gpus-per-client: torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_co_located_sites_that_share_a_gpu_take_turns_on_it_through_device_slots(tmp_path, monkeypatch):
+    """fedmm run --deployment --gpus-per-client F: 1/F ClientApp tasks on the GPU at once (the core slots' lock
+    files, counted per GPU instead of per core), each SuperNode with the machine's cores shared among them."""
+    import os
+
+    from fedmm.deploy import local
+
+    started = []
+    monkeypatch.setattr(local, "start", lambda cmd, *a, **k: started.append(cmd))
+    fed = local.LocalFederation(tmp_path, 6, gpus_per_client=0.25, tls=False, auth=False)
+    assert fed.core_slots == 4 and fed.threads == max(1, (os.cpu_count() or 1) // 4)
+    fed.start_supernode(0)
+    cmd = started[0]
+    folder = tmp_path / "device-slots"
+    assert cmd[cmd.index("--device-slots") + 1] == str(folder)
+    assert sorted(p.name for p in folder.glob("slot-*")) == [f"slot-{i}" for i in range(4)]
+    assert local.LocalFederation(tmp_path / "cpu", 6, tls=False, auth=False).slot_kind == "core-slots"
+    assert local.LocalFederation(tmp_path / "whole", 3, gpus_per_client=1.0).core_slots == 1  # one task at a time
+    with pytest.raises(ValueError, match="gpus_per_client = 2"):
+        local.LocalFederation(tmp_path / "bad", 3, gpus_per_client=2)
+
+
+def test_a_supernode_makes_its_device_slots_and_refuses_slots_without_a_folder(tmp_path, monkeypatch):
+    from fedmm.deploy import supernode
+
+    seen = []
+    monkeypatch.setattr(supernode, "run_supernode", lambda flower, port, threads, slots: seen.append(slots) or 0)
+    assert cli.main(["supernode", "--device-slots", str(tmp_path / "gpu"), "--slots", "3", "--", "--insecure"]) == 0
+    assert seen == [tmp_path / "gpu"] and len(list((tmp_path / "gpu").glob("slot-*"))) == 3
+    assert cli.main(["supernode", "--slots", "3", "--", "--insecure"]) == 2
 
 
 @pytest.mark.skipif(CUDA, reason="a site without CUDA declines; with one, it would train")

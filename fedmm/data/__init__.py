@@ -152,6 +152,20 @@ class Batch:
         return Batch(images, move(self.tokens), move(self.labels), move(self.groups),
                      None if self.toxic is None else move(self.toxic))
 
+    @property
+    def files(self) -> bool:
+        """Whether the images are still files (decoded as batches draw them)."""
+        return isinstance(self.images, ImageFiles)
+
+    def decoded(self) -> "Batch":
+        """This batch with its image files decoded once into memory (in-memory images: itself).
+
+        Raises ``UnreadableImage`` naming a file that no longer decodes.
+        """
+        if not isinstance(self.images, ImageFiles):
+            return self
+        return Batch(self.images.decode_all(), self.tokens, self.labels, self.groups, self.toxic)
+
     def window(self, start: int, stop: int) -> "Batch":
         """Examples ``start`` to ``stop`` (views of in-memory tensors; a manifest's files decode here)."""
         toxic = None if self.toxic is None else self.toxic[start:stop]

@@ -1,8 +1,11 @@
-"""A manifest's images, decoded per batch through the model's own preprocessing.
+"""A manifest's images, decoded through the model's own preprocessing: all at once where they fit, else per batch.
 
-A manifest names image files; nothing decodes them until a batch asks for
-them, so a client's memory does not grow with its number of images and
-start-up reads no pixels. Each file goes through open_clip's evaluation
+A manifest names image files; nothing decodes them until a node asks for
+them. A node whose images fit its memory budget decodes them once
+(``decode_all``: the node-config key ``decoded-images-mib``) and trains on
+the tensors, so no step waits for PIL; one whose images do not fit decodes
+each batch's files as the batch is drawn, so its memory does not grow with
+its number of images. Each file goes through open_clip's evaluation
 transform for the model (resize the short side to the model's image size,
 centre crop, RGB, normalise), so a 224 px photograph reaches a 96 px model at
 96 px, not through a fixed thumbnail stage. The bundled digits keep their own
@@ -52,6 +55,20 @@ class ImageFiles:
                 return model_transform(self.size, self.mean, self.std)(im.convert("RGB"))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
             raise UnreadableImage(f"image {path} could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded images take in memory (float32)."""
+        return len(self.paths) * 3 * self.size * self.size * 4
+
+    def decode_all(self, chunk: int = 64) -> torch.Tensor:
+        """Every image, decoded once: (N, 3, size, size), channels-last. Raises ``UnreadableImage`` naming the file."""
+        if not self.paths:
+            return torch.zeros(0, 3, self.size, self.size)
+        out = torch.empty(self.shape).contiguous(memory_format=torch.channels_last)
+        for start in range(0, len(self.paths), chunk):
+            out[start : start + chunk] = self[start : start + chunk]
+        return out
 
     def __getitem__(self, idx: int | slice | torch.Tensor | Sequence[int]) -> torch.Tensor:
         if isinstance(idx, int):

@@ -38,7 +38,8 @@ class LocalFederation:
 
     def __init__(self, home: Path, nodes: int, *, tls: bool = True, auth: bool = True,
                  node_config: dict | None = None, port: int | None = None, warm_clientapps: bool = True,
-                 threads: int | None = None, sites: list[Path] | None = None, core_slots: int | None = None):
+                 threads: int | None = None, sites: list[Path] | None = None, core_slots: int | None = None,
+                 gpus_per_client: float = 0.0):
         if nodes < 1:
             raise ValueError(f"LocalFederation: nodes = {nodes}: need at least one SuperNode")
         self.home = home.resolve()
@@ -50,9 +51,14 @@ class LocalFederation:
             raise ValueError(f"LocalFederation: {len(sites)} site manifests for {nodes} SuperNodes")
         self.sites = sites  # node i's own manifest (node config 'dataset'), if the sites bring their data
         # As the simulation engine gives each client its CPUs: at most one ClientApp task per core at a time
-        # (core slots, shared by this machine's SuperNodes), each with the cores shared out as torch threads
+        # (core slots, shared by this machine's SuperNodes), each with the cores shared out as torch threads.
+        # Sites that share one GPU take turns on it the same way (device slots): 1 / gpus_per_client at once.
+        if not 0 <= gpus_per_client <= 1:
+            raise ValueError(f"LocalFederation: gpus_per_client = {gpus_per_client}: a share of one GPU, in [0, 1]")
         cores = os.cpu_count() or 1
-        self.core_slots = core_slots or min(nodes, cores)
+        self.slot_kind = "device-slots" if gpus_per_client else "core-slots"
+        per_resource = int(1 / gpus_per_client + 1e-9) if gpus_per_client else cores
+        self.core_slots = core_slots or max(1, min(nodes, per_resource))
         self.threads = threads or max(1, cores // self.core_slots)
         self.requested_port = port  # None: a free one, changed if another process takes it first
         self.port = port or 0
@@ -147,7 +153,7 @@ class LocalFederation:
         name = name or f"supernode-{i}"
         if self.warm_clientapps:
             cmd = [flower_bin("fedmm"), "supernode", "--runtime-port", str(free_port()), "--threads", str(self.threads),
-                   "--core-slots", str(make_core_slots(self.home / "core-slots", self.core_slots)),
+                   f"--{self.slot_kind}", str(make_core_slots(self.home / self.slot_kind, self.core_slots)),
                    "--", *self.node_args(i, key)]
         else:
             cmd = [flower_bin("flower-supernode"), *self.node_args(i, key), "--isolation", "subprocess",
