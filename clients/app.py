@@ -8,7 +8,9 @@ FedProx's mu/2 * ||w - w_global||^2 over the adapter tensors. Clients of
 different LoRA ranks (``lora-ranks``): each trains its own rank, fitted from
 the global adapter (``lora.load_global``: truncation, plus any frozen update
 a strategy sends), and replies zero-padded to the global rank with its
-``lora-rank`` in the metrics (see strategies/lora_base.py).
+``lora-rank`` in the metrics (see strategies/lora_base.py). A method with a
+client half (the run's ``strategy`` registered in ``fedmm.client_methods``,
+fedmm/methods/) is called at the points of the round its interface names.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fedmm.device import DeviceUnavailable
 from fedmm.evaluate import class_embeddings
 from fedmm.evaluate import evaluate as evaluate_metrics
 from fedmm.logs import quiet_root_logger
+from fedmm.methods import ClientMethod, method_class
 from fedmm.losses import LossFn, PublicNegativesLoss, client_objective
 from fedmm.privacy import sample_epsilon, sample_rate, train_dp_sgd
 from fedmm.privacy.release import released_train_metrics
@@ -109,6 +112,11 @@ def train(msg: Message, context: Context) -> Message:
         return decline(msg, absent)
     global_arrays, global_params = load_global(node, msg)
     s, profile = node.settings, node.profile
+    try:
+        method = _method(node, msg, context, plan)
+    except MissingMethod as exc:
+        return decline(msg, str(exc))
+    method.begin(node.net, global_arrays)
     extra = {}
     if plan.report_train_loss:  # F_k(w_global) before local training: QFedAvg's obligation, when it asks
         extra[protocol.GLOBAL_TRAIN_LOSS] = mean_loss(node.net, node.train, plan.batch_size, _loss(node, plan))
@@ -119,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         constraint = ConstraintTerm(plan.multipliers, lambda: class_embeddings(node.net, run.tokenizer, run.prompts),
                                     num_groups=run.num_groups)
         terms.append(constraint)
+    terms += method.loss_terms(node.net)
     loss_fn = _loss(node, plan)
     if s.dp == "dp-sgd":
         if constraint is not None:  # Settings refuses this pairing; a foreign server's config might not
@@ -129,16 +138,45 @@ def train(msg: Message, context: Context) -> Message:
         stats, ledger_metrics = outcome
         extra.update(ledger_metrics)
     else:
-        stats = train_steps(
-            node.net, node.train, steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
-            weight_decay=s.weight_decay, seed=plan.seed, extra_terms=terms, loss_fn=loss_fn,
-            time_budget=profile.time_budget, precision=profile.precision, optimizer=plan.optimizer,
-        )
+        stats = _local_steps(node, plan, terms, loss_fn)
     if constraint is not None:
         extra.update(constraint.statistics())
+    reply = _train_reply(msg, node, plan, global_arrays, stats, extra,
+                         method.reply_arrays(node.net, global_arrays, stats.steps))
+    # what never leaves the client (a personal model) trains after the reply is fixed, without DP: nothing of
+    # it is sent but its evaluate metrics, which the report lists outside the guarantee
+    def personal_steps(more: list[LossTerm]) -> None:
+        _local_steps(node, plan, more, _loss(node, plan))
+
+    method.after_reply(node.net, global_arrays, personal_steps)
     if profile.delay > 0:  # a slower device's tier: the reply comes this much later, without taking CPU
         time.sleep(profile.delay)
-    return _train_reply(msg, node, plan, global_arrays, stats, extra)
+    return reply
+
+
+def _local_steps(node: Node, plan: LocalRound, terms: list[LossTerm], loss_fn: LossFn) -> TrainStats:
+    s, profile = node.settings, node.profile
+    return train_steps(
+        node.net, node.train, steps=plan.local_steps, batch_size=plan.batch_size, lr=plan.lr,
+        weight_decay=s.weight_decay, seed=plan.seed, extra_terms=terms, loss_fn=loss_fn,
+        time_budget=profile.time_budget, precision=profile.precision, optimizer=plan.optimizer,
+    )
+
+
+def _method(node: Node, msg: Message, context: Context, plan: LocalRound | None) -> ClientMethod:
+    """The client half of the run's method for this message (FedAvg's, which does nothing, when it has none)."""
+    config = protocol.config_in(msg.content) if protocol.CONFIG in msg.content else ConfigRecord({})
+    s = node.settings
+    name = protocol.text(config, protocol.METHOD, s.strategy)
+    method = method_class(name)
+    if protocol.METHOD in config and method is ClientMethod:
+        raise MissingMethod(f"partition {node.partition_id}: the server runs method '{name}', whose client half "
+                            f"(entry point '{name}' in fedmm.client_methods) is not installed on this site")
+    return method(config, context.state, plan.lr if plan else s.lr, plan.local_steps if plan else s.local_steps)
+
+
+class MissingMethod(RuntimeError):
+    """The run's method has a client half this site does not have installed."""
 
 
 def _sits_out(node: Node, plan: LocalRound) -> str | None:
@@ -180,12 +218,13 @@ def _train_dp_sgd(node: Node, context: Context, plan: LocalRound, loss_fn: LossF
 
 
 def _train_reply(msg: Message, node: Node, plan: LocalRound, global_arrays: dict[str, np.ndarray],
-                 stats: TrainStats, extra: dict[str, float]) -> Message:
+                 stats: TrainStats, extra: dict[str, float], method_arrays: dict[str, np.ndarray]) -> Message:
     """The adapter with the global names and shapes (a lower rank zero-padded, layers this tier does not adapt
     as received) and the metrics, less what DP withholds (the raw losses: the private examples' function
     with no noise at all)."""
     reply = OrderedDict(trainable(global_arrays))
     reply.update(lora.pad_rank(lora.get_adapter_arrays(node.net), rank_of(global_arrays)))
+    reply.update({k: v for k, v in method_arrays.items() if k in reply})  # a method's arrays: the global's names
     arrays = to_record(reply)
     metrics = MetricRecord(released_train_metrics(
         {
@@ -216,16 +255,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _site(context)
     if isinstance(node, str):
         return decline(msg, node)
-    load_global(node, msg)
+    global_arrays, _ = load_global(node, msg)
+    try:
+        method = _method(node, msg, context, None)
+    except MissingMethod as exc:
+        return decline(msg, str(exc))
+    method.begin(node.net, global_arrays)
     metrics: dict[str, protocol.MetricValue] = {protocol.NUM_EXAMPLES: len(node.test), protocol.UNIT_WEIGHT: 1,
                                  protocol.PARTITION_ID: node.partition_id}
-    full = {}
-    if len(node.test):  # the adapter changes the text tower too: embed the prompts with it
-        class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
-        full = evaluate_metrics(node.net, node.test, class_emb, with_counts=True, num_groups=node.run.num_groups)
+    full = _evaluate(node, with_counts=True)
     for key in protocol.EVALUATE_SCALARS:
         metrics[key] = float(full.get(key, 0.0))
     # Counts, never predictions: the server sums them into exact federated
     # per-group accuracy, fairness gaps and toxic-retrieval rates.
     metrics.update({k: v for k, v in full.items() if k.startswith(protocol.EVALUATE_COUNTS)})
+    # a personal model's scalars (protocol.PERSONAL), evaluated the same way
+    metrics.update(method.evaluate(node.net, lambda: {k: float(_evaluate(node).get(k, 0.0))
+                                                      for k in protocol.EVALUATE_SCALARS}))
     return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _evaluate(node: Node, with_counts: bool = False) -> dict[str, float]:
+    """The node's model on its held-out split (nothing when it holds none)."""
+    if not len(node.test):
+        return {}
+    # the adapter changes the text tower too: embed the prompts with it
+    class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
+    return evaluate_metrics(node.net, node.test, class_emb, with_counts=with_counts, num_groups=node.run.num_groups)

@@ -46,10 +46,14 @@ def _validated(run_config: str, defaults: dict | None = None, local: bool = True
             raise ConfigError(f"run-config 'device' = {settings.device!r}: {exc}") from exc
     from . import strategy_registry as strategies
 
+    from .methods import composition_problem
+
     try:
-        strategies.load(settings.strategy)
+        problem = composition_problem(settings.strategy, strategies.load(settings.strategy), settings)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if problem:
+        raise ConfigError(problem)
     if not settings.output_dir:
         overrides["output-dir"] = str(Path("runs").resolve() / datetime.now().strftime("%Y%m%d-%H%M%S"))
         settings = Settings.from_run_config(overrides)

@@ -121,6 +121,13 @@ ZS_ACC = "zs-acc"
 EVALUATE_SCALARS = (ZS_ACC, "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding")
 EVALUATE_COUNTS = ("fair-", "tox-")  # prefixes: per (group, class) counts and toxic-retrieval counts
 
+# --- methods with a client half (fedmm/methods/)
+METHOD = "method"  # train and evaluate config: the method whose client half the client must run
+PERSONAL = "personal-"  # evaluate-reply prefix: a metric of parameters that never leave the client (mean and worst)
+METHOD_ARRAY = "@"  # a method's array beside adapter array K in the global record and replies: K + "@<name>"
+SCAFFOLD_CONTROL = METHOD_ARRAY + "scaffold-c"  # SCAFFOLD's control variate c (global) / c + delta c_i (reply)
+DITTO_LAMBDA = "ditto-lambda"  # train config: Ditto's pull of the personal adapter towards the global one
+
 # --- a site's node config (--node-config): its own, never the server's
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -26,6 +26,7 @@ from flwr.supercore.logger import FLOWER_LOGGER
 
 from fedmm import protocol, report
 from fedmm.config import ConfigError, Settings
+from fedmm.methods import CarriesMethodArrays, ClientMethod, method_class
 from fedmm.data import class_names, group_names, public_split, server_split
 from fedmm.device import DeviceUnavailable, resolve_device
 from fedmm.logs import quiet_root_logger
@@ -89,6 +90,8 @@ def main(grid: Grid, context: Context) -> None:
     _check_name_lists(settings, held_out)
     central = CentralModel.build(settings, held_out, device)
     initial = central.initial_arrays()
+    if isinstance(strategy, CarriesMethodArrays):  # e.g. SCAFFOLD's control variate, beside the adapter
+        initial = strategy.with_method_arrays(initial)
     num_nodes = len(list(grid.get_node_ids()))
     log(INFO, "fedmm: base %s; adapter %d tensors, %.1f KiB (%.2f%% of the %.1f MiB base); %d classes, "
         "%d server held-out samples; report -> %s", central.base_fingerprint, len(initial),
@@ -111,7 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedmm: resuming %s after round %d of %d", out, done, num_rounds)
     recorder = RoundRecorder(settings, out, central, chain, history, num_rounds, done)
     train_config = _train_config(settings, chain.user, central.base_fingerprint)
-    evaluate_config = ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint})
+    evaluate_config = ConfigRecord({protocol.BASE_FINGERPRINT: central.base_fingerprint, **_method_field(settings)})
     loop = None
     if done < num_rounds and settings.asynchronous:  # FedBuff on the Grid's push/pull (server/asynchronous.py)
         loop = AsynchronousLoop(settings, chain, history, recorder, grid, train_config, evaluate_config,
@@ -148,7 +151,14 @@ def _train_config(settings: Settings, strategy: object, base_fingerprint: str) -
         protocol.BASE_FINGERPRINT: base_fingerprint,
         # QFedAvg reads each client's loss of the global model; others do not pay for it.
         protocol.REPORT_TRAIN_LOSS: hasattr(strategy, "train_loss_key"),
+        **_method_field(settings),
     })
+
+
+def _method_field(settings: Settings) -> dict[str, str]:
+    """The method whose client half every client must run (none for a server-only strategy): a site without it
+    declines rather than train as FedAvg's clients do."""
+    return {protocol.METHOD: settings.strategy} if method_class(settings.strategy) is not ClientMethod else {}
 
 
 def _check_name_lists(settings: Settings, held_out: Dataset) -> None:

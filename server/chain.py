@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 import strategies
 from fedmm import protocol
 from fedmm.config import ConfigError, Settings
+from fedmm.methods import composition_problem
 from fedmm.privacy.plan import release_independent_of_one_client
 from fedmm.privacy.release import EVALUATE_ALWAYS, EVALUATE_FAMILIES, TRAIN_FAMILIES, train_metric_keys
 from fedmm.secagg.plan import SecAggPlan
@@ -86,6 +87,9 @@ def build_strategy(settings: Settings, history: MetricsHistory) -> Strategy:
             "client's training loss, which no DP mode covers (it is computed from the private examples with no "
             "noise), so clients do not send it under DP; use another strategy, or dp = 'none'"
         )
+    problem = composition_problem(settings.strategy, type(strategy), settings)  # a method's client half
+    if problem:
+        raise ConfigError(problem)
     make_private(strategy, settings, num_nodes=None)  # refuses a strategy the dp mode cannot wrap
     try:
         if settings.secure_aggregation:

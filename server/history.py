@@ -79,10 +79,12 @@ class MetricsHistory:
                 agg[k.removesuffix("-total") + "-per-client"] = counts[k] / max(1, len(replies))
         agg.update(fairness_from_counts(counts))
         agg.update(toxicity_from_counts(counts))
-        accs = [protocol.number(rec, protocol.ZS_ACC) for rd in replies for rec in rd.metric_records.values()
-                if protocol.ZS_ACC in rec and protocol.number(rec, protocol.NUM_EXAMPLES, 0) > 0]
-        if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
-            agg["client-acc-min"], agg["client-acc-std"] = min(accs), float(np.std(accs))
+        for prefix in ("", protocol.PERSONAL):  # the global model's, and each client's own model's (methods)
+            key = prefix + protocol.ZS_ACC
+            accs = [protocol.number(rec, key) for rd in replies for rec in rd.metric_records.values()
+                    if key in rec and protocol.number(rec, protocol.NUM_EXAMPLES, 0) > 0]
+            if phase == "evaluate" and accs:  # client fairness: how unequal the clients' own accuracies are
+                agg[f"{prefix}client-acc-min"], agg[f"{prefix}client-acc-std"] = min(accs), float(np.std(accs))
         agg["num-replies"] = len(replies)
         self.rounds[rnd].update({f"{phase}/{k}": v for k, v in agg.items()})
         return MetricRecord(agg)

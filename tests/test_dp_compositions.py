@@ -29,6 +29,7 @@ from clients.compression_mod import compression_mod
 from clients.privacy_mod import privacy_mod
 from fedmm.compression import make_codec
 from fedmm.config import DP_MODES, ConfigError, Settings
+from fedmm.methods import CarriesMethodArrays
 from fedmm.privacy import update as dp_update
 from fedmm.privacy import update_norm
 from server.chain import find_wrapper, make_strategy
@@ -113,6 +114,8 @@ def _noised_norms(settings: Settings, monkeypatch) -> list[float]:
     contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
                 for n in range(1, NODES + 1)}
     arrays = to_record(_global())
+    if isinstance(inner, CarriesMethodArrays):  # a method's arrays ride in the update (SCAFFOLD's c)
+        arrays = inner.with_method_arrays(arrays)
     for rnd in range(1, ROUNDS + 1):
         random.seed(rnd)
         messages = list(chain.configure_train(rnd, arrays, ConfigRecord({}), _Grid()))
@@ -214,3 +217,52 @@ def test_under_central_dp_one_clients_update_cannot_decide_whether_a_round_is_re
     assert codec.stats[1]["dropped-updates"] == 0
     assert codec.stats[1].get("zeroed-updates", 0) == (1 if outlier is not None and np.isnan(outlier) else 0)
     assert all(np.all(np.isfinite(v)) for v in to_numpy(arrays).values())
+
+
+METHODS = ["scaffold", "ditto", "local-heads"]
+METHOD_COMBINATIONS = [(m, dp) for m in METHODS for dp in DP_MODES if dp not in ("none", "distributed")]
+
+
+@pytest.mark.parametrize("method,dp", METHOD_COMBINATIONS, ids=[f"{m}-{d}" for m, d in METHOD_COMBINATIONS])
+def test_each_method_holds_or_is_refused_under_each_dp_mode(method, dp, monkeypatch):
+    """Methods with a client half: what a reply carries beyond the adapter (SCAFFOLD's control-variate delta, a
+    second vector of the update's size) is inside the clipping, so every update entering the noise step, the
+    method's arrays included, has norm <= C; a method whose local work a mode cannot cover is refused, naming
+    both keys. Ditto's and local heads' personal parts never leave the client, so their replies are FedAvg's."""
+    config = {"dp": dp, "codec": "fp32", "dp-clip-norm": CLIP, "lora-rank": 2, "min-nodes": 2,
+              "dp-noise-multiplier": 0.3, "strategy": method, "local-optimizer": "sgd"}
+    settings = Settings.from_run_config(config)
+    if method == "local-heads" and dp == "dp-sgd":
+        with pytest.raises(ConfigError, match="'strategy' = 'local-heads' with 'dp' = 'dp-sgd'"):
+            make_strategy(settings, MetricsHistory(), num_nodes=NODES)
+        return
+    if method == "scaffold" and dp.startswith("central"):  # its aggregate is not FedAvg's, which the noise needs
+        with pytest.raises(ValueError, match=f"'dp' = '{dp}'.*'Scaffold' aggregates otherwise"):
+            make_strategy(settings, MetricsHistory(), num_nodes=NODES)
+        return
+    if dp == "dp-sgd":
+        make_strategy(settings, MetricsHistory(), num_nodes=NODES)  # accepted: Opacus's noise, before any codec
+        return
+    norms = _noised_norms(settings, monkeypatch)
+    assert len(norms) == NODES * ROUNDS
+    assert max(norms) <= CLIP * (1 + 1e-5), f"an update of norm {max(norms):.4f} > C = {CLIP} entered the noise step"
+    assert min(norms) >= CLIP * (1 - 1e-3)
+
+
+def test_scaffolds_control_variate_is_part_of_the_clipped_update(monkeypatch):
+    """The norm that enters the noise step is over the adapter's and the control variate's deltas together: with
+    the control variate left out, the clipped updates would be shorter than C (the test would see it)."""
+    settings = Settings.from_run_config({"dp": "local", "codec": "fp32", "dp-clip-norm": CLIP, "lora-rank": 2,
+                                         "min-nodes": 2, "dp-noise-multiplier": 0.3, "strategy": "scaffold",
+                                         "local-optimizer": "sgd"})
+    entered: list[list[str]] = []
+    original = dp_update.add_gaussian_noise
+
+    def keys_noised(clipped, std, rng):
+        entered.append(sorted(clipped))
+        return original(clipped, std, rng)
+
+    monkeypatch.setattr(dp_update, "add_gaussian_noise", keys_noised)
+    _noised_norms(settings, monkeypatch)
+    assert entered and all(any(k.endswith("@scaffold-c") for k in keys) for keys in entered)
+    assert all(any(k.endswith("lora_A.weight") for k in keys) for keys in entered)

@@ -49,6 +49,9 @@ OUTSIDE: tuple[tuple[tuple[str, ...], str], ...] = (
      "evaluate replies (zero-shot accuracy, retrieval, grounding, per-group and toxic-retrieval counts): computed "
      "on the client's held-out split, which never trains and which the guarantee does not cover; they are "
      "aggregated, and also shown per client in the report's clients.csv"),
+    ((protocol.PERSONAL,),
+     "personal evaluation (personal-*, methods that keep a personal model or heads): the same metrics of the "
+     "client's own model on its held-out split; the personal model itself never leaves the client"),
     ((protocol.CONSTRAINT_STAT,),
      "constraint statistics (cstat-*, with constraints on): per-group counts of the training batches, which the "
      "server needs for its dual step"),
@@ -78,7 +81,7 @@ TRAIN_ALWAYS = (protocol.NUM_EXAMPLES, protocol.UNIT_WEIGHT, protocol.PARTITION_
 EVALUATE_ALWAYS = (protocol.NUM_EXAMPLES, protocol.UNIT_WEIGHT, protocol.PARTITION_ID, *protocol.EVALUATE_SCALARS)
 # key families whose names depend on the run's groups and classes: their keys are settled per round
 TRAIN_FAMILIES = (protocol.CONSTRAINT_STAT,)
-EVALUATE_FAMILIES = protocol.EVALUATE_COUNTS
+EVALUATE_FAMILIES = (*protocol.EVALUATE_COUNTS, protocol.PERSONAL)
 
 
 def train_metric_keys(dp: str, secure_aggregation: bool, report_train_loss: bool) -> frozenset[str]:
