@@ -5,7 +5,8 @@ Two measurements (docs/benchmarks.md, "Site data"):
 - ``--images 5000,20000,100000``: a site manifest of that many distinct
   small images; a fresh process (``CHILD``, which tests/test_site_memory.py
   runs too) runs the ClientApp's train handler on it
-  (node config ``dataset``, tiny model) and reports the seconds to build the
+  (node config ``dataset``; a third argument: its ``decoded-images-mib``;
+  tiny model) and reports the seconds to build the
   node (read the manifest, check each file's header, tokenise the captions)
   and its peak RSS;
 - ``--throughput``: the default model at its 96 px, one client's local
@@ -53,7 +54,8 @@ run_config = {"model": "fedmm-tiny-vit", "pretrained": "none", "classes": "dark,
 s = Settings.from_run_config(run_config)
 net = lora.attach_lora(load_base_model(s, progress=False), s.lora_rank, s.lora_alpha, s.lora_target_list)
 arrays = ArrayRecord(torch_state_dict=lora.adapter_state(net))
-context = Context(run_id=1, node_id=3, node_config={"dataset": sys.argv[1]}, state=RecordDict(), run_config=run_config)
+own = {"dataset": sys.argv[1], **({"decoded-images-mib": float(sys.argv[3])} if len(sys.argv) > 3 else {})}
+context = Context(run_id=1, node_id=3, node_config=own, state=RecordDict(), run_config=run_config)
 imported = time.perf_counter()
 node_of(context)
 built = time.perf_counter()

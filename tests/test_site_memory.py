@@ -1,4 +1,5 @@
-"""A site's memory does not grow with its number of images: images stay files until a batch decodes them.
+"""A site's memory does not grow with its number of images beyond its budget: images that do not fit node config
+``decoded-images-mib`` stay files until a batch decodes them.
 
 Each measurement is a fresh process that runs the ClientApp's train handler
 on a site manifest (node config ``dataset``) and reports its peak RSS. The
@@ -26,10 +27,11 @@ def _benchmark():
     return module
 
 
-def _peak_rss(*manifests: Path, cache: Path) -> list[dict]:
-    """Each manifest's ClientApp in its own process, side by side (one core each)."""
+def _peak_rss(*manifests: Path, cache: Path, budget_mib: float) -> list[dict]:
+    """Each manifest's ClientApp in its own process, side by side (one core each), with that decoded budget."""
     child = _benchmark().CHILD
-    procs = [subprocess.Popen([sys.executable, "-c", child, str(m), str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(m), str(cache), str(budget_mib)], cwd=ROOT,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
              for m in manifests]
     found = []
@@ -40,9 +42,11 @@ def _peak_rss(*manifests: Path, cache: Path) -> list[dict]:
     return found
 
 
-def test_a_sites_memory_does_not_grow_with_its_images(tmp_path):
+def test_a_sites_memory_does_not_grow_with_its_images_beyond_its_decoded_budget(tmp_path):
+    """16 MiB of decoded images: less than either site's (4,000 and 16,000 at 32 px, 12 KiB each), so both decode
+    per batch and the larger one's memory is the smaller one's."""
     site = _benchmark().write_site  # distinct 16x16 images: shared files would let the page cache decide
     small, large = _peak_rss(site(tmp_path / "5k", 5_000, 16), site(tmp_path / "20k", 20_000, 16),
-                             cache=tmp_path / "cache")
+                             cache=tmp_path / "cache", budget_mib=16)
     assert small["examples"] == 4_000 and large["examples"] == 16_000  # all of each site's rows, 20% held out
     assert large["rss-mib"] <= 1.10 * small["rss-mib"], (small, large)
