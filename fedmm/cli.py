@@ -209,6 +209,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment, run_experiment
+    from .experiment_report import write_comparison
+
+    exp = load_experiment(Path(args.file))  # every point checked before the first run starts
+    out = Path(args.out) if args.out else Path("runs") / "experiments" / exp.name
+    try:
+        with interruptible():
+            finished = run_experiment(exp, out, log=lambda line: print(line, flush=True))
+    except Interrupted as exc:
+        print(f"\nfedmm: experiment stopped by {exc}; finished runs are kept. Continue with: fedmm experiment "
+              f"{args.file}" + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        return 130
+    total = len(exp.runs())
+    paths = write_comparison(exp, out)
+    print(f"\nfedmm: {len(finished)} of {total} runs finished; table {paths['table']}, plots in {out / 'plots'}; "
+          f"live and finished curves: tensorboard --logdir {out / 'runs'}\n")
+    print(paths["table"].read_text())
+    return 0 if len(finished) == total else 1
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from . import strategy_registry as strategies
 
@@ -295,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--no-run", action="store_true", help="only register the keys")
     job.set_defaults(fn=cmd_submit)
     sub.add_parser("strategies", help="list installed strategies and their arguments").set_defaults(fn=cmd_strategies)
+    exp = sub.add_parser("experiment", help="a grid of run configs over seeds, each an ordinary fedmm run; then the "
+                         "comparison table and plots (run it again to continue an interrupted one)")
+    exp.add_argument("file", help="the experiment's TOML file ([experiment], [base], [grid], [[points]])")
+    exp.add_argument("--out", default="", help="its folder (default: runs/experiments/<name>)")
+    exp.set_defaults(fn=cmd_experiment)
     cli_data.add_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -126,6 +126,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=recorder,
         )
         arrays = result.arrays if len(result.arrays) else arrays
+    recorder.close()
     adapter_dir = central.export(arrays, out)
     paths = report.write_report(out, settings=settings, rounds=dict(history.rounds), clients=history.clients, extra={
         "adapter-bytes": initial.count_bytes(),

@@ -1,0 +1,178 @@
+"""An experiment's comparison: per grid point, the runs' final metrics as mean ± 95% confidence interval over seeds.
+
+Reads each finished run's report (``metrics.json``, ``run.json``) and writes
+into the experiment folder:
+
+- ``runs.csv``: one row per run (point, seed, final metrics, rounds to the
+  target, uplink bytes, epsilon, wall time);
+- ``table.md`` and ``table.csv``: per point, each column's mean ± the
+  half-width of Student's t 95% interval over the seeds
+  (``scipy.stats.t.interval``; one seed: no interval), and the seeds' count;
+- ``plots/``: each central and evaluate accuracy and loss against round,
+  the mean with its 95% band per point; accuracy against cumulative uplink
+  bytes; accuracy against epsilon where the runs spent any.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .experiment import RUN_FILE, Experiment, run_folder, run_status
+
+ACCURACY = "central/zs-acc"
+CURVES = ("central/zs-acc", "central/loss", "evaluate/zs-acc", "evaluate/loss", "evaluate/personal-zs-acc")
+FINAL = ("central/zs-acc", "central/loss", "central/i2t-R@1", "central/t2i-R@1", "central/acc-gap", "evaluate/zs-acc",
+         "evaluate/client-acc-min", "evaluate/personal-zs-acc", "evaluate/personal-client-acc-min")
+
+
+def _rounds(report: Path) -> dict[int, dict[str, Any]]:
+    data = json.loads((report / "metrics.json").read_text())
+    return {int(k): v for k, v in data["rounds"].items()}
+
+
+def _epsilon(row: dict[str, Any]) -> float | None:
+    for key in ("privacy/epsilon", "train/dp-epsilon-max"):
+        if isinstance(row.get(key), (int, float)):
+            return float(row[key])
+    return None
+
+
+def curves(exp: Experiment, out: Path) -> pd.DataFrame:
+    """Every finished run's rounds: one row per (point, seed, round) with the curves' metrics and the cumulative
+    uplink bytes."""
+    rows = []
+    for point, seed in exp.runs():
+        folder = run_folder(out, point, seed)
+        if run_status(folder) != "finished":
+            continue
+        uplink = 0.0
+        for rnd, metrics in sorted(_rounds(folder / "report").items()):
+            uplink += float(metrics.get("train/bytes-uplink-total", 0.0))
+            rows.append({"point": point.label, "seed": seed, "round": rnd, "uplink-bytes": uplink,
+                         "epsilon": _epsilon(metrics), **{k: metrics.get(k) for k in CURVES}})
+    return pd.DataFrame(rows)
+
+
+def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
+    """One row per finished run: its final metrics, rounds to the target, bytes, epsilon, wall time."""
+    rows = []
+    for point, seed in exp.runs():
+        folder = run_folder(out, point, seed)
+        if run_status(folder) != "finished":
+            continue
+        rounds = _rounds(folder / "report")
+        last = rounds[max(rounds)]
+        record = json.loads((folder / RUN_FILE).read_text())
+        row: dict[str, Any] = {"point": point.label, "seed": seed, "rounds": max(rounds)}
+        row.update({k: last[k] for k in FINAL if isinstance(last.get(k), (int, float))})
+        if exp.target is not None:
+            hit = next((r for r in sorted(rounds) if r > 0 and rounds[r].get(ACCURACY, 0.0) >= exp.target), None)
+            row["rounds-to-target"] = float(hit) if hit is not None else math.nan
+        row["uplink-bytes"] = sum(float(m.get("train/bytes-uplink-total", 0.0)) for m in rounds.values())
+        eps = _epsilon(last)
+        if eps is not None:
+            row["epsilon"] = eps
+        row["wall-seconds"] = float(record.get("wall_seconds", math.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def interval(values: pd.Series) -> tuple[float, float]:
+    """Mean and the half-width of Student's t 95% interval (NaN with fewer than two values)."""
+    values = values.dropna().astype(float)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, math.nan
+    if float(values.std(ddof=1)) == 0.0:
+        return mean, 0.0
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return mean, float(high - low) / 2
+
+
+def comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per point: each numeric column's mean and 95% half-width over the seeds, and the seeds' count."""
+    rows = []
+    for point, group in runs.groupby("point", sort=False):
+        row: dict[str, Any] = {"point": point, "seeds": len(group)}
+        for column in runs.columns:
+            if column in ("point", "seed") or not pd.api.types.is_numeric_dtype(runs[column]):
+                continue
+            row[column], row[f"{column} ±95%"] = interval(group[column])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, half: float, column: str) -> str:
+    if math.isnan(mean):
+        return "—"
+    fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
+        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds") else (lambda v: f"{v:.3g}")
+    return fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    columns = [c for c in table.columns if c not in ("point", "seeds") and not c.endswith("±95%")]
+    lines = ["| point | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        cells = [_cell(float(row[c]), float(row[f"{c} ±95%"]), c) for c in columns]
+        lines.append(f"| {row['point']} | {int(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nmean ± half-width of the 95% t-interval over seeds (one seed: the value alone)\n"
+
+
+def plots(data: pd.DataFrame, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def band(x: str, y: str, name: str, xlabel: str) -> None:
+        frame = data.dropna(subset=[y, x]) if x in data and y in data else pd.DataFrame()
+        if frame.empty:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for point, group in frame.groupby("point", sort=False):
+            summary = group.groupby("round").agg(x=(x, "mean"), mean=(y, "mean"), sem=(y, "sem"), n=(y, "count"))
+            half = np.array([interval(group[group["round"] == r][y])[1] for r in summary.index])
+            ax.plot(summary["x"], summary["mean"], label=str(point))
+            ok = ~np.isnan(half)
+            ax.fill_between(summary["x"][ok], (summary["mean"] - half)[ok], (summary["mean"] + half)[ok], alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(y)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    for metric in CURVES:
+        band("round", metric, metric.replace("/", "-"), "round")
+    band("uplink-bytes", ACCURACY, "accuracy-vs-uplink-bytes", "cumulative uplink bytes")
+    if "epsilon" in data and data["epsilon"].notna().any():
+        band("epsilon", ACCURACY, "accuracy-vs-epsilon", "epsilon spent")
+    return written
+
+
+def write_comparison(exp: Experiment, out: Path) -> dict[str, Path]:
+    """The experiment's table (markdown, CSV), its runs (CSV) and plots; their paths."""
+    runs = runs_table(exp, out)
+    if runs.empty:
+        raise ValueError(f"experiment {exp.name}: no finished run in {out}")
+    table = comparison(runs)
+    paths = {"runs": out / "runs.csv", "table-csv": out / "table.csv", "table": out / "table.md"}
+    runs.to_csv(paths["runs"], index=False)
+    table.to_csv(paths["table-csv"], index=False)
+    paths["table"].write_text(f"# Experiment {exp.name}\n\n" + markdown(table))
+    for i, path in enumerate(plots(curves(exp, out), out / "plots")):
+        paths[f"plot-{i}"] = path
+    return paths
