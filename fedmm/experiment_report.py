@@ -90,7 +90,7 @@ def interval(values: pd.Series) -> tuple[float, float]:
     mean = float(values.mean()) if len(values) else math.nan
     if len(values) < 2:
         return mean, math.nan
-    if float(values.std(ddof=1)) == 0.0:
+    if values.nunique() == 1:  # identical seeds: no spread (the t-interval of a zero SEM)
         return mean, 0.0
     low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
     return mean, float(high - low) / 2

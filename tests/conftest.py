@@ -43,7 +43,7 @@ FEDERATION_SECONDS = {
     "test_privacy_federation.py": 180, "test_default_model_federation.py": 170,
     "test_hetero_rank_federation.py": 140, "test_faults.py": 130, "test_strategy_plugin.py": 95,
     "test_qfedavg_federation.py": 90, "test_flower_seam.py": 120, "test_ray_cluster.py": 100,
-    "test_async_federation.py": 80,
+    "test_async_federation.py": 80, "test_experiment.py": 150, "test_methods.py": 90,
 }
 
 
