@@ -6,10 +6,13 @@ item under ``logit_scale * img @ txt.T``); a test checks equality.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .audit import audit_metrics
 from .constraints import fairness_counts, group_fairness, toxic_retrieval, toxic_retrieval_counts
 from .data import Batch
 from . import protocol
@@ -89,8 +92,10 @@ def zero_shot_predictions(img: torch.Tensor, class_emb: torch.Tensor) -> torch.T
 
 
 def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_counts: bool = False,
-             num_groups: int | None = None) -> dict[str, float]:
-    """Zero-shot accuracy (overall, per group, fairness gaps), retrieval metrics, toxic retrieval, grounding.
+             num_groups: int | None = None,
+             audit: tuple[Sequence[float], Sequence[float]] | None = None) -> dict[str, float]:
+    """Zero-shot accuracy (overall, per group, fairness gaps), retrieval metrics, toxic retrieval, grounding;
+    with ``audit`` (the images' normalisation mean and std), the audit metrics of fedmm/audit.py.
 
     Toxic retrieval uses ``data``'s own captions as the candidate pool and its
     ``toxic`` flags. ``with_counts`` adds the counts a client sends instead of
@@ -121,4 +126,6 @@ def evaluate(model: nn.Module, data: Batch, class_emb: torch.Tensor, *, with_cou
         target = torch.arange(len(data))
         out["loss"] = float((F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2)
         out["grounding"] = grounding(model, data, img, txt, scale)
+    if audit is not None:
+        out.update(audit_metrics(model, data, class_emb, img, txt, *audit))
     return out

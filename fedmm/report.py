@@ -24,6 +24,12 @@ from .config import Settings  # noqa: E402
 PLOTS = {
     "accuracy.png": ("zero-shot accuracy", ["central/zs-acc", "evaluate/zs-acc"], "central/zs-acc-group-"),
     "retrieval.png": ("retrieval Recall@1", ["central/i2t-R@1", "central/t2i-R@1"], None),
+    "audit.png": (
+        "audit: robust accuracy and cross-modal consistency (fedmm/audit.py)",
+        ["central/zs-acc", "central/robust-acc-noise", "central/robust-acc-blur", "central/consistency-cosine",
+         "central/consistency-agreement-noise", "central/consistency-agreement-blur"],
+        None,
+    ),
     "loss.png": ("loss", ["train/train-loss", "central/loss", "evaluate/loss"], None),
     "fairness.png": (
         "group fairness and toxic retrieval",

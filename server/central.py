@@ -39,6 +39,7 @@ class CentralModel:
     base_fingerprint: str  # clients refuse to train on a different base
     base_bytes: int
     num_classes: int
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]]  # the images' mean and std: the audit perturbs pixels
 
     @classmethod
     def build(cls, settings: Settings, server_split: Any, device: torch.device) -> CentralModel:
@@ -55,7 +56,8 @@ class CentralModel:
         rank = settings.global_rank
         net = lora.attach_lora(base, rank, settings.lora_alpha_for(rank), settings.lora_target_list)
         held_out = to_batch(server_split, tokenizer, mean, std, size, toxic=flag_toxic(server_split["caption"]))
-        return cls(net, tokenizer, zero_shot_prompts(names), held_out, fingerprint, base_bytes, len(names))
+        return cls(net, tokenizer, zero_shot_prompts(names), held_out, fingerprint, base_bytes, len(names),
+                   (tuple(mean), tuple(std)))
 
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in lora.adapter_state(self.net).items()})
@@ -63,7 +65,8 @@ class CentralModel:
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         lora.load_global(self.net, dict(to_numpy(arrays)))  # adapter, and a strategy's frozen update if any
         # the adapter changes the text tower too: embed the prompts with it
-        return evaluate(self.net, self.held_out, class_embeddings(self.net, self.tokenizer, self.prompts))
+        return evaluate(self.net, self.held_out, class_embeddings(self.net, self.tokenizer, self.prompts),
+                        audit=self.normalisation)
 
     def export(self, arrays: ArrayRecord, out: Path) -> Path:
         """The final adapter in PEFT's format under ``out/adapter``; its folder."""
