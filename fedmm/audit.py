@@ -76,7 +76,8 @@ def audit_metrics(model: nn.Module, data: Batch, class_emb: torch.Tensor, img: t
     labelled = data.labels >= 0
     out = {"consistency-cosine": float((img * txt).sum(-1).mean())}
     generator = torch.Generator().manual_seed(SEED)
-    images = torch.cat([data.window(i, i + 256).images for i in range(0, len(data), 256)])  # files decode here
+    windows = [data.window(i, i + 256).images for i in range(0, len(data), 256)]  # a manifest's files decode here
+    images = torch.cat([w for w in windows if isinstance(w, torch.Tensor)])
     for kind in PERTURBATIONS:
         preds = (image_features(model, perturb(images, kind, mean, std, generator)) @ classes.t()).argmax(-1)
         if labelled.any():
