@@ -347,6 +347,7 @@ DP_RUNS = {  # every dp mode, as the server's chain configures its train instruc
     "central-client": {"dp": "central-client"},
     "central-server": {"dp": "central-server"},
     "distributed": {"dp": "distributed", "secure-aggregation": True},
+    "local-ditto": {"dp": "local", "strategy": "ditto"},  # a method's personal-* evaluate metrics
 }
 
 
@@ -387,6 +388,8 @@ def test_every_metric_a_client_sends_under_dp_is_data_independent_or_listed_outs
         sent.update(dict(reply.content["metrics"]))
         phases[msg.metadata.message_type] = set(reply.content["metrics"].keys())
     assert "zs-acc" in sent and (mode.startswith("dp-sgd") or any(k.startswith("cstat-") for k in sent))  # both read
+    if mode.endswith("ditto"):  # the method's own evaluate metrics were sent, so their rule is checked below
+        assert any(k.startswith("personal-") for k in sent)
     # the keys the server expects of the run's clients (strategies/replies.py: never a vote) are exactly these
     from fedmm.privacy.release import EVALUATE_ALWAYS, EVALUATE_FAMILIES, TRAIN_FAMILIES, train_metric_keys
     expected = train_metric_keys(settings.dp, settings.secure_aggregation, False)

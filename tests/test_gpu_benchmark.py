@@ -9,11 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_device_benchmark_writes_its_table_at_cpu_size(tmp_path):
+def _benchmark():
+    """benchmarks/gpu.py as a module."""
     spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_device_benchmark_writes_its_table_at_cpu_size(tmp_path):
+    bench = _benchmark()
     out = tmp_path / "gpu.md"
     assert bench.main(["--device", "cpu", "--models", "fedmm-tiny-vit", "--clients", "2", "--steps", "2",
                        "--batch", "4", "--repeats", "1", "--out", str(out)]) == 0
@@ -25,10 +31,7 @@ def test_the_device_benchmark_writes_its_table_at_cpu_size(tmp_path):
 
 
 def test_the_device_benchmark_times_a_sites_image_files_decoded_once_and_per_batch(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark()
     out = tmp_path / "gpu.md"
     assert bench.main(["--device", "cpu", "--models", "fedmm-tiny-vit", "--clients", "1", "--steps", "2",
                        "--batch", "4", "--repeats", "1", "--files", "8", "--out", str(out)]) == 0
