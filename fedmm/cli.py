@@ -248,6 +248,26 @@ class _CliHandler(logging.StreamHandler):
     """The ``fedmm`` command's own console handler."""
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from .reference import pages
+
+    out = Path(args.out)
+    stale = []
+    for name, text in pages(build_parser()).items():
+        path = out / name
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(path)
+    if stale:
+        print(f"fedmm: out of date with the code: {', '.join(stale)}; run 'fedmm reference'", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # fedmm's own logger, not the root: the app processes clear the root of library handlers (fedmm/logs.py),
     # and a `fedmm supernode` process loads the ClientApp, which does that, into itself
@@ -257,12 +277,26 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # a handler a library gave the root (Opacus's basicConfig) printed each line twice
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"fedmm: invalid run config: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a manifest with no usable rows
+        print(f"fedmm: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (docs/reference/cli.md is generated from it)."""
     parser = argparse.ArgumentParser(prog="fedmm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated job in Flower's simulation engine")
     run.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lora-rank=4"')
     run.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (partitions)")
-    run.add_argument("--cpus-per-client", type=int, default=1)
+    run.add_argument("--cpus-per-client", type=int, default=1, help="CPU cores each simulated client reserves "
+                     "(Flower's client-resources-num-cpus)")
     run.add_argument("--gpus-per-client", type=float, default=0.0,
                      help="the share of a GPU each client takes (0.25: four clients per GPU at once); with "
                      "--deployment, the SuperNodes' device slots")
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                           description="Everything after -- goes to flower-superlink, e.g. --database state.db "
                                       "--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key "
                                       "--enable-supernode-auth")
-    link.add_argument("flower_args", nargs=argparse.REMAINDER)
+    link.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink's own options, after --")
     link.set_defaults(fn=cmd_superlink)
     node = sub.add_parser("supernode", help="a site's SuperNode with a long-lived ClientApp process",
                           description="Everything after -- goes to flower-supernode, e.g. --superlink HOST:PORT "
@@ -292,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                       "ClientApp tasks run at once, on its cores or on the GPU the sites share")
     node.add_argument("--slots", type=int, default=0, help="with --core-slots/--device-slots: make that many slot "
                       "files in the folder if it has fewer (0: use the folder as it is)")
-    node.add_argument("flower_args", nargs=argparse.REMAINDER)
+    node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own options, after --")
     node.set_defaults(fn=cmd_supernode)
     cred = sub.add_parser("credentials", help="TLS certificates and SuperNode keys for a deployment")
     cred.add_argument("--out", default="credentials", help="folder (existing files are kept)")
@@ -301,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated names/addresses the SuperLink certificate is valid for")
     cred.set_defaults(fn=cmd_credentials)
     pre = sub.add_parser("pretrain", help="build the cached public-pretrained base")
-    pre.add_argument("--run-config", default="")
+    pre.add_argument("--run-config", default="", help="the model and pretraining keys of the base to build, "
+                     "e.g. \"model='fedmm-tiny-vit'\"")
     pre.add_argument("--force", action="store_true", help="rebuild even if cached")
     pre.set_defaults(fn=cmd_pretrain)
     job = sub.add_parser("submit", help="register SuperNode keys and run a job on a deployed SuperLink")
@@ -311,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--register", action="append", default=[], metavar="PUBLIC_KEY",
                      help="a SuperNode public key to register first (repeatable)")
     job.add_argument("--wait-nodes", type=int, default=1, help="SuperNodes that must be online before the run")
-    job.add_argument("--run-config", default="")
+    job.add_argument("--run-config", default="", help="overrides, as for fedmm run; '@file' class and group "
+                     "lists are inlined here")
     job.add_argument("--app", default=".", help="the Flower app folder (this project)")
     job.add_argument("--no-run", action="store_true", help="only register the keys")
     job.set_defaults(fn=cmd_submit)
@@ -322,15 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", default="", help="its folder (default: runs/experiments/<name>)")
     exp.set_defaults(fn=cmd_experiment)
     cli_data.add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except ConfigError as exc:
-        print(f"fedmm: invalid run config: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:  # e.g. a manifest with no usable rows
-        print(f"fedmm: {exc}", file=sys.stderr)
-        return 2
+    ref = sub.add_parser("reference", help="write the run-config, node-config and CLI reference pages (Markdown), "
+                         "generated from their declarations")
+    ref.add_argument("--out", default="docs/reference", help="the folder of the three pages")
+    ref.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page differs from what the "
+                     "code generates")
+    ref.set_defaults(fn=cmd_reference)
+    return parser
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -139,6 +139,37 @@ DEFAULT_DECODED_IMAGES_MIB = 1024
 NODE_MIN_NOISE_MULTIPLIER = "dp-min-noise-multiplier"  # a request below it is declined
 NODE_MAX_EPSILON = "dp-max-epsilon"
 NODE_DELTA = "dp-delta"
+
+
+class NodeKey(NamedTuple):
+    """One node-config key as the reference lists it (docs/reference/node-config.md)."""
+
+    type: type
+    default: Any  # None: unset unless the site sets it
+    help: str
+
+
+NODE_CONFIG: dict[str, NodeKey] = {
+    NODE_PARTITION_ID: NodeKey(int, None, "which partition of the run's 'dataset' this node trains on, and the id "
+                               "its replies, codec seed and tier go by (default: its node id, when it brings its "
+                               "own 'dataset')"),
+    NODE_NUM_PARTITIONS: NodeKey(int, None, "how many partitions the run's 'dataset' is cut into (simulation and "
+                                 "rehearsals that slice one dataset)"),
+    NODE_PROFILE: NodeKey(str, None, "its tier: a name in the run's 'client-profiles' (else the run's "
+                          "'partition-profiles' cycle picks one)"),
+    NODE_DATASET: NodeKey(str, None, "the site's own manifest (CSV or JSONL over an image folder): the node "
+                          "trains and evaluates on it and opens no other data"),
+    NODE_DEVICE: NodeKey(str, None, "where this site computes: auto | cpu | cuda | cuda:N; overrides the run's "
+                         "'device', and a site without the device the run asks for declines naming this key"),
+    NODE_DECODED_IMAGES_MIB: NodeKey(float, DEFAULT_DECODED_IMAGES_MIB, "memory (MiB) the ClientApp process may "
+                                     "spend on decoded image files, over its nodes; a site whose images fit is "
+                                     "decoded once, a larger one per batch as it is drawn"),
+    NODE_MIN_NOISE_MULTIPLIER: NodeKey(float, None, "the site's privacy floor: a request for less noise than "
+                                       "this (or for none) is declined with the reason"),
+    NODE_MAX_EPSILON: NodeKey(float, None, "the site's own epsilon budget for its local-DP ledger: a round that "
+                              "would exceed it (or the run's max-epsilon, whichever is smaller) is declined"),
+    NODE_DELTA: NodeKey(float, None, "the delta of the site's own ledger (the smaller of it and the run's)"),
+}
 
 # --- bounds of a well-formed reply
 MAX_EXAMPLES = 10**9  # an honest site holds fewer; more is a weight meant to swamp the mean

@@ -9,11 +9,13 @@ from typing import Any
 
 from .. import protocol
 from .declare import (
+    accepts,
     key,
     positive,
     unit_interval,
 )
 
+@accepts(", ".join(protocol.CONSTRAINTS) + ", comma-separated; or empty")
 def _constraint_list(v: Any) -> str | None:
     bad = [p.strip() for p in v.split(",") if p.strip() and p.strip() not in protocol.CONSTRAINTS]
     return f"unknown constraint(s) {', '.join(bad)}; known: {', '.join(protocol.CONSTRAINTS)}" if bad else None

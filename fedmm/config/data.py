@@ -29,9 +29,9 @@ class DataSettings:
     classes: str = key("", "the federation's class names, comma-separated (or '@file', one per line, inlined by "
                        "'fedmm run'/'fedmm submit'): every site's labels are looked up in it and prompts come from "
                        "it; '' = the dataset's own labels (required when SuperNodes bring their own data)",
-                       parses(lambda v: name_list(v, "classes")))
+                       parses(lambda v: name_list(v, "classes"), "names, comma-separated, or @file"))
     groups: str = key("", "the protected groups' names, comma-separated (or '@file'), as 'classes' for the "
-                      "'group' column; '' = the dataset's own values", parses(lambda v: name_list(v, "groups")))
+                      "'group' column; '' = the dataset's own values", parses(lambda v: name_list(v, "groups"), "names, comma-separated, or @file"))
     server_dataset: str = key("", "the server's own held-out manifest (all its rows); '' = the 'server' split of "
                               "'dataset'")
     public_dataset: str = key("", "the public manifest (base pretraining, public negatives and captions; all its "

@@ -24,41 +24,69 @@ def key(default: Any, help: str, check: Check | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "check": check})
 
 
+def accepts(valid: str) -> Callable[[Check], Check]:
+    """Names the values a check lets through, for the generated reference (docs/reference/run-config.md)."""
+
+    def name(check: Check) -> Check:
+        check.valid = valid  # type: ignore[attr-defined]
+        return check
+
+    return name
+
+
+def valid_values(check: Check | None) -> str:
+    """What a key accepts, as the reference prints it ('' for a key with no check beyond its type)."""
+    if check is None:
+        return ""
+    try:
+        return str(check.valid)  # type: ignore[attr-defined]
+    except AttributeError:
+        raise TypeError(f"check {check!r} does not say what it accepts: wrap it in accepts(...)") from None
+
+
 def run_config_name(attr: str) -> str:
     """The run-config key of a settings attribute (snake_case -> kebab-case)."""
     return attr.replace("_", "-")
 
 
+@accepts("> 0")
 def positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
+@accepts(">= 0")
 def non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+@accepts("(0, 1]")
 def fraction(v: Any) -> str | None:
     return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
 
 
+@accepts("(0, 1)")
 def open_fraction(v: Any) -> str | None:
     return None if 0.0 < v < 1.0 else "must be in (0, 1)"
 
 
+@accepts("[0, 1)")
 def unit_interval(v: Any) -> str | None:
     return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
 
 
 def one_of(*choices: str) -> Check:
+    @accepts(" | ".join(choices))
     def check(v: Any) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}"
 
     return check
 
 
-def parses(parse: Callable[[Any], Any]) -> Check:
-    """A check that passes when ``parse(value)`` does; its ValueError's message is the problem."""
+def parses(parse: Callable[[Any], Any], valid: str) -> Check:
+    """A check that passes when ``parse(value)`` does; its ValueError's message is the problem. ``valid``
+    names the form it parses, for the reference."""
 
+    @accepts(valid)
     def check(v: Any) -> str | None:
         try:
             parse(v)

@@ -14,6 +14,7 @@ from ..asynchrony import parse_staleness
 from ..faults import parse_faults
 from .declare import (
     ConfigError,
+    accepts,
     fraction,
     key,
     non_negative,
@@ -22,6 +23,7 @@ from .declare import (
 )
 
 
+@accepts(">= 0, finite")
 def _finite_non_negative(v: Any) -> str | None:
     return non_negative(v) or (None if math.isfinite(v) else "must be finite")
 
@@ -48,7 +50,7 @@ class FederationSettings:
         0.0, "clip every update to this L2 norm before aggregation (0 = off)", non_negative)
     inject_faults: str = key(
         "", "tests and benchmarks: misbehaving clients, e.g. \"crash=0.1,scale=0.2\" "
-            "(kinds: crash, timeout, nan, signflip, scale, noise)", parses(parse_faults))
+            "(kinds: crash, timeout, nan, signflip, scale, noise)", parses(parse_faults, "kind=probability, comma-separated"))
     asynchronous: bool = key(False, "buffered asynchronous aggregation (FedBuff; server/asynchronous.py) instead "
                                     "of synchronous rounds")
     buffer_size: int = key(4, "asynchronous: updates per aggregation (K)", positive)
@@ -60,7 +62,7 @@ class FederationSettings:
     )
     staleness: str = key("polynomial a=0.5", "asynchronous: weight of an update by its staleness tau: constant, "
                                              "'polynomial a=A' ((tau+1)^-A), 'hinge a=A b=B'",
-                         parses(parse_staleness))
+                         parses(parse_staleness, "constant | polynomial a=A | hinge a=A b=B"))
     delay_compensation: float = key(0.0, "asynchronous: DC-ASGD's lambda of the first-order correction of a stale "
                                          "update, delta - lambda delta*delta*(theta_now - theta_sent), held to "
                                          "the update's norm (0 = off)", _finite_non_negative)

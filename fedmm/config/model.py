@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .declare import (
     ConfigError,
+    accepts,
     key,
     parses,
     positive,
@@ -47,13 +48,14 @@ class ModelSettings:
         "",
         "per-client LoRA ranks, e.g. \"4,8,16\": partition p gets the (p mod n)-th; the global adapter "
         "has the largest; empty = every client has lora-rank",
-        parses(parse_ranks),
+        parses(parse_ranks, "positive integers, comma-separated"),
     )
     lora_targets: str = key(
         "auto",
         "comma-separated names of the nn.Linear / 1x1 nn.Conv2d layers that carry LoRA; "
         "'auto' = the model's attention and MLP layers (and 1x1 convs of a conv image tower)",
-        lambda v: None if v.strip() else "must name at least one module",
+        accepts("auto, or module names, comma-separated")(
+            lambda v: None if v.strip() else "must name at least one module"),
     )
     client_profiles: str = key(
         "",
@@ -63,7 +65,7 @@ class ModelSettings:
         "training reply is held back: a slower device in wall time); "
         "unset keys take the run's values. E.g. \"phone: lora-rank=2 batch-size=8 time-budget=2 dropout=0.2; "
         "server: lora-rank=8\"",
-        parses(parse_profiles),
+        parses(parse_profiles, "name: key=value ...; name: ..."),
     )
     partition_profiles: str = key(
         "",

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..device import device_problem
 from .declare import (
     ConfigError,
+    accepts,
     key,
     non_negative,
 )
@@ -21,14 +22,15 @@ class RunSettings:
     """The run itself: seed, output folder, resumption, caches."""
 
     seed: int = key(0, "seed of everything random in the run", non_negative)
-    output_dir: str = key("", "report folder; empty = ~/fedmm-runs/<timestamp>")
+    output_dir: str = key("", "report folder; empty = ./runs/<timestamp> under fedmm run, ~/fedmm-runs/<timestamp> "
+                                "under a bare flwr run")
     resume: bool = key(False, "continue the run in output-dir after its last completed round (its checkpoint); "
                               "the run config must be the checkpoint's, num-server-rounds and round-timeout aside")
     cache_dir: str = key("", "base-checkpoint cache; empty = $XDG_CACHE_HOME/fedmm or ~/.cache/fedmm")
     device: str = key(
         "auto", "where models compute: auto (CUDA when torch sees a device, else the CPU) | cpu | cuda | cuda:N; "
                 "the server resolves it on its machine before any client is contacted, and a site's node config "
-                "'device' overrides it there", device_problem)
+                "'device' overrides it there", accepts("auto | cpu | cuda | cuda:N")(device_problem))
 
     def _check_run(self) -> None:
         if self.resume and not self.output_dir:

@@ -8,19 +8,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..secagg.integer import RING_BITS
-from .declare import key, positive
+from .declare import accepts, key, positive
 
 SECAGG_CLIP_NORM = 50.0  # far above the updates of fedmm's jobs: without DP, clipping should not bind
 
 
+@accepts(f"{RING_BITS.start}..{RING_BITS.stop - 1}")
 def _ring_bits(v: Any) -> str | None:
     return None if v in RING_BITS else f"must be in {RING_BITS.start}..{RING_BITS.stop - 1}"
 
 
+@accepts("0 (a majority of a neighbourhood) or >= 2")
 def _threshold(v: Any) -> str | None:
     return None if v == 0 or v >= 2 else "must be 0 (a majority of a neighbourhood) or >= 2"
 
 
+@accepts("[0, 1)")
 def _dropout(v: Any) -> str | None:
     return None if isinstance(v, (int, float)) and 0 <= v < 1 else "must be a fraction in [0, 1)"
 
