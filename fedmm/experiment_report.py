@@ -3,8 +3,9 @@
 Reads each finished run's report (``metrics.json``, ``run.json``) and writes
 into the experiment folder:
 
-- ``runs.csv``: one row per run (point, seed, final metrics, rounds to the
-  target, uplink bytes, epsilon, wall time);
+- ``runs.csv``: one row per run (point, seed, final metrics, rounds and
+  server seconds (summed ``round-seconds``) to the target, uplink bytes,
+  epsilon, wall time);
 - ``table.md`` and ``table.csv``: per point, each column's mean ± the
   half-width of Student's t 95% interval over the seeds
   (``scipy.stats.t.interval``; one seed: no interval), and the seeds' count;
@@ -75,6 +76,9 @@ def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
         if exp.target is not None:
             hit = next((r for r in sorted(rounds) if r > 0 and rounds[r].get(ACCURACY, 0.0) >= exp.target), None)
             row["rounds-to-target"] = float(hit) if hit is not None else math.nan
+            # the server's clock to the target: what an asynchronous run is compared on (its rounds are shorter)
+            row["seconds-to-target"] = math.nan if hit is None else \
+                sum(float(rounds[r].get("round-seconds", math.nan)) for r in sorted(rounds) if 0 < r <= hit)
         row["uplink-bytes"] = sum(float(m.get("train/bytes-uplink-total", 0.0)) for m in rounds.values())
         eps = _epsilon(last)
         if eps is not None:
@@ -113,7 +117,7 @@ def _cell(mean: float, half: float, column: str) -> str:
     if math.isnan(mean):
         return "—"
     fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
-        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds") else (lambda v: f"{v:.3g}")
+        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds", "seconds-to-target") else (lambda v: f"{v:.3g}")
     return fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
 
 

@@ -60,7 +60,8 @@ lora-rank = 4
 def _fake_run(out: Path, point: Point, seed: int, accs: list[float], status: str = "finished") -> None:
     folder = run_folder(out, point, seed)
     (folder / "report").mkdir(parents=True)
-    rounds = {str(r): {"central/zs-acc": a, "central/loss": 1 - a, "train/bytes-uplink-total": 100.0 * (r > 0)}
+    rounds = {str(r): {"central/zs-acc": a, "central/loss": 1 - a, "train/bytes-uplink-total": 100.0 * (r > 0),
+                       "round-seconds": 3.0 + r}
               for r, a in enumerate(accs)}
     (folder / "report" / "metrics.json").write_text(json.dumps({"rounds": rounds}))
     (folder / "run.json").write_text(json.dumps({"status": status, "wall_seconds": 10.0 + seed}))
@@ -88,6 +89,8 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     runs = pd.read_csv(paths["runs"])
     first = runs[runs["point"] == exp.points[0].label].sort_values("seed")
     assert math.isnan(first["rounds-to-target"].iloc[0]) and list(first["rounds-to-target"].iloc[1:]) == [2.0, 2.0]
+    # and the server's clock to it: rounds 1 and 2 took 4 s and 5 s (round 0, the base's evaluation, is not a round)
+    assert math.isnan(first["seconds-to-target"].iloc[0]) and list(first["seconds-to-target"].iloc[1:]) == [9.0, 9.0]
     assert list(first["uplink-bytes"]) == [200.0] * 3
     assert "± " in paths["table"].read_text()
     plots = {p.name for p in (out / "plots").iterdir()}
