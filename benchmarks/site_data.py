@@ -1,6 +1,6 @@
 """Site data from disk: start-up and memory against the number of images, and the streaming loader's speed.
 
-Two measurements (docs/benchmarks.md, "Site data"):
+Two measurements (docs/benchmarks-log.md, "Site data"):
 
 - ``--images 5000,20000,100000``: a site manifest of that many distinct
   small images; a fresh process (``CHILD``, which tests/test_site_memory.py

@@ -62,7 +62,7 @@ FEDERATED = {
     "flora-4/8/16": {"strategy": "flora", "lora-ranks": HETERO_RANKS},
     "svdlora-4/8/16": {"strategy": "svdlora", "lora-ranks": HETERO_RANKS},
 }
-# Selectable with --rows, not run by default: attempts to close the gap at α=0.1 (docs/benchmarks.md).
+# Selectable with --rows, not run by default: attempts to close the gap at α=0.1 (docs/benchmarks-log.md).
 VARIANTS = {
     "fedavgm-0.9": {"strategy": "fedavgm", "strategy-args": "server_momentum=0.9"},
     "fedprox-1": {"strategy": "fedprox", "proximal-mu": 1.0},

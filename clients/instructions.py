@@ -30,7 +30,7 @@ def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], str 
 
 
 def _codec(parse: Callable[[str], object]) -> Callable[[Any], str | None]:
-    parsed = parses(parse)
+    parsed = parses(parse, "a codec spec")
     return lambda v: parsed(v) if isinstance(v, str) else "must be a codec spec string"
 
 

@@ -117,7 +117,8 @@ def _cell(mean: float, half: float, column: str) -> str:
     if math.isnan(mean):
         return "—"
     fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
-        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds", "seconds-to-target") else (lambda v: f"{v:.3g}")
+        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds", "seconds-to-target") else \
+        (lambda v: f"{v:.3g}")
     return fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
 
 

@@ -44,7 +44,7 @@ Two variants that looked natural failed on the default model (non-private,
   federations), so texts learn to match "client-looking" images, not the
   class; accuracy fell to chance again (9.7%).
 
-Known limit (measured, non-private, α=0.1, 30 rounds; docs/benchmarks.md,
+Known limit (measured, non-private, α=0.1, 30 rounds; docs/benchmarks-log.md,
 "the public-negatives client loss"): this loss itself is not stable. One
 optimizer trained on it for long (centralized, local-only) collapses; a
 federation reached 97.8% by round 17 and then collapsed at round 22 (seed 0),
@@ -99,7 +99,7 @@ class UniCLLoss(nn.Module):
 
     A client that holds one or two classes still only ever contrasts those:
     nothing in its batches keeps the other classes apart, and its steps undo
-    that separation (docs/benchmarks.md, "Strategies"). With ``public`` and
+    that separation (docs/benchmarks-log.md, "Strategies"). With ``public`` and
     ``count`` > 0, each call also embeds ``count`` captions drawn from the
     public pool, *with* gradient, as extra candidates of the image-to-text
     side: positives when of the image's class, negatives otherwise. Public

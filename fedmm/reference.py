@@ -27,6 +27,13 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _prose(text: str) -> str:
+    """Help text as Markdown shows it literally: '[a](b|c)' is not a link, '<f>' not a tag, '*' not emphasis."""
+    for char in "\\*[]<>_`":
+        text = text.replace(char, "\\" + char)
+    return _cell(text)
+
+
 def _value(value: Any) -> str:
     if value is None:
         return "unset"
@@ -54,8 +61,8 @@ def run_config_page() -> str:
         for name in (run_config_name(f.name) for f in fields(group)):
             spec = SPEC[name]
             valid = valid_values(spec.check) or f"any {spec.type.__name__}"
-            lines.append(f"| `{name}` | {spec.type.__name__} | {_cell(_value(spec.default))} | {_cell(valid)} | "
-                         f"{_cell(spec.help)} |")
+            lines.append(f"| `{name}` | {spec.type.__name__} | {_cell(_value(spec.default))} | {_prose(valid)} | "
+                         f"{_prose(spec.help)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -70,7 +77,7 @@ def node_config_page() -> str:
         "| key | type | default | meaning |", "|---|---|---|---|",
     ]
     for name, spec in protocol.NODE_CONFIG.items():
-        lines.append(f"| `{name}` | {spec.type.__name__} | {_cell(_value(spec.default))} | {_cell(spec.help)} |")
+        lines.append(f"| `{name}` | {spec.type.__name__} | {_cell(_value(spec.default))} | {_prose(spec.help)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,9 +99,9 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
         if remainder:
             names = "`-- ...` (passed through)"
         default = action.default
-        shown = "required" if action.required and not remainder else "" if default is None or default is False or default in ("", []) \
-            else _value(default)
-        rows.append(f"| {names} | {_cell(shown)} | {_cell(action.help or '')} |")
+        unset = default is None or default is False or default in ("", [])
+        shown = "required" if action.required and not remainder else "" if unset else _value(default)
+        rows.append(f"| {names} | {_cell(shown)} | {_prose(action.help or '')} |")
     return rows
 
 
@@ -103,7 +110,7 @@ def _command_section(path: str, help_text: str, parser: argparse.ArgumentParser,
     if help_text:
         lines += [help_text[0].upper() + help_text[1:] + ".", ""]
     if parser.description:
-        lines += [parser.description, ""]
+        lines += [_prose(parser.description), ""]
     rows = _options(parser)
     if rows:
         lines += ["| option | default | meaning |", "|---|---|---|", *rows, ""]

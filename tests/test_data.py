@@ -233,7 +233,7 @@ def test_exported_site_folders_hold_what_the_partitions_do(tmp_path):
             files, arrays = (to_batch(d, tokens, mean, std, 32).subset(n).images for d in (have, want))
             assert torch.equal(files, arrays)
             # one memory layout on both paths, channels-last: the default model's CPU step is ~20-30% slower on
-            # NCHW batches (docs/benchmarks.md, "Site-local data at the simulation's pace")
+            # NCHW batches (docs/benchmarks-log.md, "Site-local data at the simulation's pace")
             assert files.is_contiguous(memory_format=torch.channels_last)
             assert arrays.is_contiguous(memory_format=torch.channels_last)
     found = inspect_manifest(tmp_path / "site-0" / "manifest.jsonl", tuple(classes), decode=True)

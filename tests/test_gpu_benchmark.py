@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py at CPU size: the script the GPU rows of docs/benchmarks.md come from runs end to end and
+"""benchmarks/gpu.py at CPU size: the script the GPU rows of docs/benchmarks-log.md come from runs end to end and
 writes its table (the GPU run is the same script with --device cuda)."""
 
 from __future__ import annotations

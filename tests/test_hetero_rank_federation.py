@@ -42,7 +42,7 @@ def test_heterogeneous_ranks_run_in_simulation(strategy, extra, base_settings, t
     ranks = sorted(c["lora-rank"] for c in metrics["clients"] if c["phase"] == "train" and c["round"] == 2)
     assert ranks == [2, 4, 8]
     # It learns: held-out ClipLoss falls. (Two rounds of the tiny model's zero-shot accuracy are too noisy
-    # to rank methods by; HetLoRA's dipped 0.387 -> 0.361 here, see docs/benchmarks.md for the comparison.)
+    # to rank methods by; HetLoRA's dipped 0.387 -> 0.361 here, see docs/benchmarks-log.md for the comparison.)
     assert rounds[2]["central/loss"] < rounds[0]["central/loss"] - 1.0, (strategy, rounds[0], rounds[2])
     frozen = out / "adapter" / "fedmm_frozen_update.safetensors"
     assert frozen.is_file() == (strategy == "flora")

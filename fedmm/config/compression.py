@@ -15,9 +15,10 @@ from .declare import key, parses
 class CompressionSettings:
     """Codecs of both links (fedmm.compression)."""
 
-    codec: str = key("fp32", "uplink codec: [topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]", parses(make_codec, "a codec spec: [topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]"))
+    codec: str = key("fp32", "uplink codec: top-k sparsification and/or a value stage, e.g. 'q8', 'topk0.1+q4'",
+                     parses(make_codec, "[topk<f>+](fp32|fp16|bf16|q8|q4|q2)[-row]"))
     codec_downlink: str = key("fp32", "downlink codec for the global adapter (dense only)",
-                              parses(make_downlink_codec, "a dense codec: fp32|fp16|bf16|q8|q4|q2[-row]"))
+                              parses(make_downlink_codec, "(fp32|fp16|bf16|q8|q4|q2)[-row]"))
     error_feedback: bool = key(True, "clients carry the compression error into their next update")
 
     @cached_property

@@ -31,7 +31,8 @@ class DataSettings:
                        "it; '' = the dataset's own labels (required when SuperNodes bring their own data)",
                        parses(lambda v: name_list(v, "classes"), "names, comma-separated, or @file"))
     groups: str = key("", "the protected groups' names, comma-separated (or '@file'), as 'classes' for the "
-                      "'group' column; '' = the dataset's own values", parses(lambda v: name_list(v, "groups"), "names, comma-separated, or @file"))
+                      "'group' column; '' = the dataset's own values",
+                      parses(lambda v: name_list(v, "groups"), "names, comma-separated, or @file"))
     server_dataset: str = key("", "the server's own held-out manifest (all its rows); '' = the 'server' split of "
                               "'dataset'")
     public_dataset: str = key("", "the public manifest (base pretraining, public negatives and captions; all its "

@@ -24,24 +24,29 @@ def key(default: Any, help: str, check: Check | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "check": check})
 
 
-def accepts(valid: str) -> Callable[[Check], Check]:
-    """Names the values a check lets through, for the generated reference (docs/reference/run-config.md)."""
+class Accepts:
+    """A check that also names the values it lets through, for the generated reference
+    (docs/reference/run-config.md)."""
 
-    def name(check: Check) -> Check:
-        check.valid = valid  # type: ignore[attr-defined]
-        return check
+    def __init__(self, valid: str, check: Check) -> None:
+        self.valid, self._check = valid, check
 
-    return name
+    def __call__(self, value: Any) -> str | None:
+        return self._check(value)
+
+
+def accepts(valid: str) -> Callable[[Check], Accepts]:
+    """Decorator form of ``Accepts``: ``@accepts("> 0")`` over a check."""
+    return lambda check: Accepts(valid, check)
 
 
 def valid_values(check: Check | None) -> str:
     """What a key accepts, as the reference prints it ('' for a key with no check beyond its type)."""
     if check is None:
         return ""
-    try:
-        return str(check.valid)  # type: ignore[attr-defined]
-    except AttributeError:
-        raise TypeError(f"check {check!r} does not say what it accepts: wrap it in accepts(...)") from None
+    if not isinstance(check, Accepts):
+        raise TypeError(f"check {check!r} does not say what it accepts: wrap it in accepts(...)")
+    return check.valid
 
 
 def run_config_name(attr: str) -> str:

@@ -50,7 +50,8 @@ class FederationSettings:
         0.0, "clip every update to this L2 norm before aggregation (0 = off)", non_negative)
     inject_faults: str = key(
         "", "tests and benchmarks: misbehaving clients, e.g. \"crash=0.1,scale=0.2\" "
-            "(kinds: crash, timeout, nan, signflip, scale, noise)", parses(parse_faults, "kind=probability, comma-separated"))
+            "(kinds: crash, timeout, nan, signflip, scale, noise)",
+        parses(parse_faults, "kind=probability, comma-separated"))
     asynchronous: bool = key(False, "buffered asynchronous aggregation (FedBuff; server/asynchronous.py) instead "
                                     "of synchronous rounds")
     buffer_size: int = key(4, "asynchronous: updates per aggregation (K)", positive)

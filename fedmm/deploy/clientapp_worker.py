@@ -2,7 +2,7 @@
 
 Flower's SuperNode starts a fresh ``flwr-clientapp`` process for every
 message (``--isolation subprocess``): each train or evaluate message pays
-the imports and rebuilds the model and the partition (docs/benchmarks.md
+the imports and rebuilds the model and the partition (docs/benchmarks-log.md
 measures what that costs a round). With ``flower-supernode --isolation
 process`` the SuperNode only queues tasks on its Runtime API and leaves
 running them to an outside executor. This is that executor: one process per

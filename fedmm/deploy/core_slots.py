@@ -3,8 +3,8 @@
 A rehearsal puts every site on one machine (``fedmm run --deployment``). Ten
 sites training at once on two cores each get a fifth of a core, all of them
 finish last, and the SuperLink, the ServerApp and the SuperNodes' own
-transfers queue behind them (docs/benchmarks.md measures the slowdown). The simulation engine avoids that by giving each client
-its CPUs (``client-resources-num-cpus``): two clients at a time on two cores.
+transfers queue behind them (docs/benchmarks-log.md measures the slowdown).
+The simulation engine avoids that by giving each client its CPUs (``client-resources-num-cpus``): two clients at a time on two cores.
 Core slots are the same rule for the deployment engine: a folder of K lock
 files that every worker on the machine shares; a task's ClientApp call holds
 one (``fcntl.flock``: released by the OS if the process dies). Sites on their
@@ -14,7 +14,7 @@ Waiters queue in order of arrival minus the seconds they expect their task
 to take (the worker's last task of the same kind): tasks of one round arrive
 within a few seconds of each other, so the longest go first and the short
 ones fill the end, where a long task started last leaves the other slot
-idle (docs/benchmarks.md compares this order with arrival and random
+idle (docs/benchmarks-log.md compares this order with arrival and random
 order on the default job). A task never waits behind one that arrived more than its own expected
 length later, so none starves.
 

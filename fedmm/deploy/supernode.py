@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
     (its activations): a process training the default model gave its pages
     back after every step and faulted them in again on the next, time spent
     in the kernel that Ray's actors in the simulation mostly did not pay
-    (benchmarks/worker_memory.py; the figures are in docs/benchmarks.md).
+    (benchmarks/worker_memory.py; the figures are in docs/benchmarks-log.md).
     A heap that keeps them holds about the step's own peak, which the process
     reaches on every step anyway: ~90 MiB more per worker in a rehearsal.
     """

@@ -25,7 +25,7 @@ once per process. Where any of it does not hold (another Flower, or
 ``FEDMM_FLOWER_SEAM=stock`` in the environment) every part falls back to
 stock Flower at once: ``flower-supernode`` starting a ``flwr-clientapp``
 process per message, ``flower-superlink`` as it is, Flower's 3 s polls, and
-``flwr run`` on the app folder itself. That is slower (docs/benchmarks.md
+``flwr run`` on the app folder itself. That is slower (docs/benchmarks-log.md
 measures both) and never silent: the first use logs what failed and what
 runs instead.
 """

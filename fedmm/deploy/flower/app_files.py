@@ -3,7 +3,7 @@
 ``flwr run <dir>`` walks and resolves every file below ``dir`` before it
 applies ``.gitignore`` (Flower's ``collect_files``): in a checkout with its
 virtual environment that is tens of thousands of files and seconds per run
-(docs/benchmarks.md). Here ignored directories are pruned during the walk,
+(docs/benchmarks-log.md). Here ignored directories are pruned during the walk,
 then Flower's own publish filter (an internal of its CLI) decides what goes
 in, so the FAB built from the staged folder has the same content. Without
 usable internals ``stage_app`` hands ``flwr run`` the app folder itself.
