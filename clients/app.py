@@ -281,4 +281,6 @@ def _evaluate(node: Node, with_counts: bool = False) -> dict[str, float]:
         return {}
     # the adapter changes the text tower too: embed the prompts with it
     class_emb = class_embeddings(node.net, node.run.tokenizer, node.run.prompts)
-    return evaluate_metrics(node.net, node.test, class_emb, with_counts=with_counts, num_groups=node.run.num_groups)
+    mean, std, _ = node.run.preprocess  # the audit perturbs pixels (fedmm/audit.py): on a client's split too
+    return evaluate_metrics(node.net, node.test, class_emb, with_counts=with_counts, num_groups=node.run.num_groups,
+                            audit=(mean, std))

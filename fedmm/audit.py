@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from . import protocol
 from .data import Batch
 from .device import model_device
 from .lora import clip_of
@@ -37,7 +38,8 @@ from .lora import clip_of
 NOISE_STD = 0.1
 BLUR_SIGMA = 1.0
 SEED = 0
-PERTURBATIONS = ("noise", "blur")
+PERTURBATIONS = protocol.AUDIT_PERTURBATIONS
+WINDOW = 256  # images perturbed and embedded at once
 
 
 def perturb(images: torch.Tensor, kind: str, mean: Sequence[float], std: Sequence[float],
@@ -74,13 +76,20 @@ def audit_metrics(model: nn.Module, data: Batch, class_emb: torch.Tensor, img: t
     classes = class_emb.cpu()
     clean = (img @ classes.t()).argmax(-1)
     labelled = data.labels >= 0
-    out = {"consistency-cosine": float((img * txt).sum(-1).mean())}
+    out = {protocol.CONSISTENCY_COSINE: float((img * txt).sum(-1).mean())}
     generator = torch.Generator().manual_seed(SEED)
-    windows = [data.window(i, i + 256).images for i in range(0, len(data), 256)]  # a manifest's files decode here
-    images = torch.cat([w for w in windows if isinstance(w, torch.Tensor)])
+    # a window at a time, so a site whose files decode per batch never holds its whole split decoded; the noise
+    # is drawn from one generator in the same order as for the whole split at once, so the result is the same
+    preds: dict[str, list[torch.Tensor]] = {kind: [] for kind in PERTURBATIONS}
+    for start in range(0, len(data), WINDOW):
+        images = data.window(start, start + WINDOW).images  # a manifest's files decode here
+        assert isinstance(images, torch.Tensor)
+        for kind in PERTURBATIONS:
+            perturbed = image_features(model, perturb(images, kind, mean, std, generator), batch_size=WINDOW)
+            preds[kind].append((perturbed @ classes.t()).argmax(-1))
     for kind in PERTURBATIONS:
-        preds = (image_features(model, perturb(images, kind, mean, std, generator)) @ classes.t()).argmax(-1)
+        predicted = torch.cat(preds[kind])
         if labelled.any():
-            out[f"robust-acc-{kind}"] = float(((preds == data.labels) & labelled).sum() / labelled.sum())
-        out[f"consistency-agreement-{kind}"] = float((preds == clean).float().mean())
+            out[protocol.ROBUST_ACC + kind] = float(((predicted == data.labels) & labelled).sum() / labelled.sum())
+        out[protocol.CONSISTENCY_AGREEMENT + kind] = float((predicted == clean).float().mean())
     return out

@@ -118,7 +118,13 @@ STEPS_DONE = "steps-done"
 WORK_FRACTION = "work-fraction"  # steps done / steps planned (< 1: the tier's time budget cut training short)
 # an evaluate reply: these scalars (fedmm.evaluate names them), plus the counts the server sums
 ZS_ACC = "zs-acc"
-EVALUATE_SCALARS = (ZS_ACC, "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding")
+# the audit (fedmm/audit.py): robust accuracy and prediction agreement under each perturbation, and the mean cosine
+# between an image's embedding and its caption's; the server's evaluation and the clients' both report them
+AUDIT_PERTURBATIONS = ("noise", "blur")
+ROBUST_ACC, CONSISTENCY_AGREEMENT, CONSISTENCY_COSINE = "robust-acc-", "consistency-agreement-", "consistency-cosine"
+AUDIT_SCALARS = (CONSISTENCY_COSINE, *(f"{prefix}{kind}" for kind in AUDIT_PERTURBATIONS
+                                      for prefix in (ROBUST_ACC, CONSISTENCY_AGREEMENT)))
+EVALUATE_SCALARS = (ZS_ACC, "loss", "i2t-R@1", "t2i-R@1", "i2t-mrr", "t2i-mrr", "grounding", *AUDIT_SCALARS)
 EVALUATE_COUNTS = ("fair-", "tox-")  # prefixes: per (group, class) counts and toxic-retrieval counts
 
 # --- methods with a client half (fedmm/methods/)

@@ -27,7 +27,8 @@ PLOTS = {
     "audit.png": (
         "audit: robust accuracy and cross-modal consistency (fedmm/audit.py)",
         ["central/zs-acc", "central/robust-acc-noise", "central/robust-acc-blur", "central/consistency-cosine",
-         "central/consistency-agreement-noise", "central/consistency-agreement-blur"],
+         "central/consistency-agreement-noise", "central/consistency-agreement-blur", "evaluate/robust-acc-noise",
+         "evaluate/robust-acc-blur", "evaluate/consistency-cosine"],
         None,
     ),
     "loss.png": ("loss", ["train/train-loss", "central/loss", "evaluate/loss"], None),

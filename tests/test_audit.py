@@ -1,5 +1,6 @@
 """The audit metrics (fedmm/audit.py): a perturbation-sensitive model scores lower robust accuracy than a robust one
-on a constructed case, and every central evaluation (so every report) carries them."""
+on a constructed case, every central evaluation (so every report) carries them, and a window at a time gives what
+the whole split does (the clients' own evaluation: tests/test_client_app.py)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,15 @@ def test_every_central_evaluation_carries_the_audit_metrics(base_settings):
         assert key in metrics
     assert 0 <= metrics["robust-acc-noise"] <= 1 and -1 <= metrics["consistency-cosine"] <= 1
     assert metrics == central.evaluate(central.initial_arrays())  # the same perturbations every time
+
+
+def test_the_audit_a_window_at_a_time_is_the_audit_of_the_whole_split(monkeypatch):
+    """A site's files decode a window at a time; the noise follows one generator, so the metrics do not depend on
+    the window."""
+    import fedmm.audit
+    from fedmm import protocol
+
+    whole = _audit("checkerboard")
+    assert set(whole) == set(protocol.AUDIT_SCALARS)
+    monkeypatch.setattr(fedmm.audit, "WINDOW", 10)  # 64 images: six full windows and a short one
+    assert _audit("checkerboard") == whole

@@ -101,6 +101,19 @@ def test_evaluate_reply_has_counts_not_predictions(run_config, global_arrays):
     assert 0 <= m["tox-top1"] <= m["tox-images"]
 
 
+def test_a_clients_evaluate_reply_carries_the_audit_on_its_own_held_out_split(run_config, global_arrays):
+    """The audit (fedmm/audit.py) measured by the client on its split, under the same keys as the server's."""
+    from fedmm import protocol
+
+    arrays, _ = global_arrays
+    m = _call(run_config, MessageType.EVALUATE, arrays, pid=5).content["metrics"]
+    assert set(protocol.AUDIT_SCALARS) <= set(m)
+    assert all(0.0 <= m[k] <= 1.0 for k in protocol.AUDIT_SCALARS if k != protocol.CONSISTENCY_COSINE)
+    assert -1.0 <= m[protocol.CONSISTENCY_COSINE] <= 1.0 and m[protocol.CONSISTENCY_COSINE] != 0.0
+    again = _call(run_config, MessageType.EVALUATE, arrays, pid=5).content["metrics"]
+    assert all(again[k] == m[k] for k in protocol.AUDIT_SCALARS)  # fixed perturbations: the same every time
+
+
 def test_constrained_train_reports_constraint_statistics(run_config, global_arrays):
     """Multipliers in the train config switch the constraint terms on; the reply counts what they measured."""
     arrays, _ = global_arrays
