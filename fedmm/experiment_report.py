@@ -5,7 +5,7 @@ into the experiment folder:
 
 - ``runs.csv``: one row per run (point, seed, final metrics, rounds and
   server seconds (summed ``round-seconds``) to the target, uplink bytes,
-  epsilon, wall time);
+  replies that failed or never came, epsilon, wall time);
 - ``table.md`` and ``table.csv``: per point, each column's mean ± the
   half-width of Student's t 95% interval over the seeds
   (``scipy.stats.t.interval``; one seed: no interval), and the seeds' count;
@@ -80,6 +80,10 @@ def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
             row["seconds-to-target"] = math.nan if hit is None else \
                 sum(float(rounds[r].get("round-seconds", math.nan)) for r in sorted(rounds) if 0 < r <= hit)
         row["uplink-bytes"] = sum(float(m.get("train/bytes-uplink-total", 0.0)) for m in rounds.values())
+        # replies that crashed, declined or never came, over the run: a run whose clients all failed still
+        # "finishes" (no reply can end a run), and this column is where the table says so
+        row["failed-replies"] = sum(float(m.get(key, 0.0)) for m in rounds.values()
+                                    for key in ("failed-replies", "missing-replies"))
         eps = _epsilon(last)
         if eps is not None:
             row["epsilon"] = eps
@@ -113,12 +117,14 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+WHOLE_NUMBERS = ("uplink-bytes", "wall-seconds", "seconds-to-target", "failed-replies")
+
+
 def _cell(mean: float, half: float, column: str) -> str:
     if math.isnan(mean):
         return "—"
     fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
-        (lambda v: f"{v:,.0f}") if column in ("uplink-bytes", "wall-seconds", "seconds-to-target") else \
-        (lambda v: f"{v:.3g}")
+        (lambda v: f"{v:,.0f}") if column in WHOLE_NUMBERS else (lambda v: f"{v:.3g}")
     return fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
 
 

@@ -61,7 +61,7 @@ def _fake_run(out: Path, point: Point, seed: int, accs: list[float], status: str
     folder = run_folder(out, point, seed)
     (folder / "report").mkdir(parents=True)
     rounds = {str(r): {"central/zs-acc": a, "central/loss": 1 - a, "train/bytes-uplink-total": 100.0 * (r > 0),
-                       "round-seconds": 3.0 + r}
+                       "round-seconds": 3.0 + r, "failed-replies": float(seed * (r > 0)), "missing-replies": 0.0}
               for r, a in enumerate(accs)}
     (folder / "report" / "metrics.json").write_text(json.dumps({"rounds": rounds}))
     (folder / "run.json").write_text(json.dumps({"status": status, "wall_seconds": 10.0 + seed}))
@@ -92,6 +92,7 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     # and the server's clock to it: rounds 1 and 2 took 4 s and 5 s (round 0, the base's evaluation, is not a round)
     assert math.isnan(first["seconds-to-target"].iloc[0]) and list(first["seconds-to-target"].iloc[1:]) == [9.0, 9.0]
     assert list(first["uplink-bytes"]) == [200.0] * 3
+    assert list(first["failed-replies"]) == [0.0, 2.0, 4.0]  # seed s lost s replies in each of its 2 rounds
     assert "± " in paths["table"].read_text()
     plots = {p.name for p in (out / "plots").iterdir()}
     assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png"} <= plots
