@@ -46,7 +46,8 @@ OUTSIDE: tuple[tuple[tuple[str, ...], str], ...] = (
      "timing and effort (train-seconds, step-seconds, steps-done, work-fraction, encode-seconds, bytes-uplink): "
      "sent for the report's cost figures; they depend on the client's hardware and data size, not on content"),
     ((*protocol.EVALUATE_SCALARS, *protocol.EVALUATE_COUNTS),
-     "evaluate replies (zero-shot accuracy, retrieval, grounding, per-group and toxic-retrieval counts): computed "
+     "evaluate replies (zero-shot accuracy, retrieval, grounding, the audit's robust accuracy and consistency, "
+     "per-group and toxic-retrieval counts): computed "
      "on the client's held-out split, which never trains and which the guarantee does not cover; they are "
      "aggregated, and also shown per client in the report's clients.csv"),
     ((protocol.PERSONAL,),
