@@ -16,7 +16,6 @@ fedmm/methods/) is called at the points of the round its interface names.
 from __future__ import annotations
 
 import random
-import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from clients.messages import decline
 from clients.node import Node, load_global, node_of
 from clients.privacy_mod import budget_refusal, load_ledger, privacy_mod, store_ledger
 from clients.secagg_mod import answer_stage, secagg_mod
-from fedmm import lora, protocol
+from fedmm import lora, pacing, protocol
 from fedmm.constraints import ConstraintTerm
 from fedmm.data import ManifestError
 from fedmm.device import DeviceUnavailable
@@ -150,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
 
     method.after_reply(node.net, global_arrays, personal_steps)
     if profile.delay > 0:  # a slower device's tier: the reply comes this much later, without taking CPU
-        time.sleep(profile.delay)
+        pacing.wait(profile.delay)
     return reply
 
 

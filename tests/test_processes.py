@@ -227,8 +227,46 @@ def test_core_slots_let_k_clientapp_calls_run_at_once(tmp_path):
     for t in threads:
         t.join()
     assert peak[0] == 2 and time.perf_counter() - start >= 0.55  # 5 tasks of 0.2 s, two at a time: 3 waves
-    with core_slot(None) as waited:  # no folder: no limit
-        assert waited == 0.0
+    with core_slot(None) as slot:  # no folder: no limit
+        assert slot.waited == 0.0
+
+
+def test_a_site_that_only_waits_lends_its_core_slot_to_the_others_and_takes_one_again_after(tmp_path):
+    """A tier's delay (fedmm/pacing.py) is a slower device in wall time, not CPU: under one shared slot, the site
+    waiting 1 s gives the slot back, another site trains meanwhile, and the waiter holds a slot again after."""
+    import threading
+    import time
+
+    from fedmm import pacing
+    from fedmm.deploy.core_slots import core_slot, make_core_slots
+
+    slots = make_core_slots(tmp_path / "slots", 1)
+    events: list[tuple[str, float]] = []
+    waiting = threading.Event()
+
+    def slow_site():
+        with core_slot(slots) as slot, pacing.lend_during_waits(slot.released):
+            waiting.set()
+            pacing.wait(1.0)
+            events.append(("slow site has a slot again", time.perf_counter()))
+
+    fast_waited: list[float] = []
+
+    def fast_site():
+        waiting.wait(5)
+        with core_slot(slots) as slot:
+            events.append(("fast site trains", time.perf_counter()))
+            time.sleep(0.2)
+        fast_waited.append(slot.waited)
+
+    threads = [threading.Thread(target=slow_site), threading.Thread(target=fast_site)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert [name for name, _ in events] == ["fast site trains", "slow site has a slot again"]
+    assert fast_waited[0] < 0.5  # it did not wait out the slow site's second
+    pacing.wait(0.0)  # outside a worker: a plain sleep, nothing lent
 
 
 def test_core_slot_waiters_queue_on_the_turnstile_and_only_one_polls(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from typing import Any
 
 from fedmm.logs import quiet_root_logger
 
+from .. import pacing
 from .core_slots import core_slot
 from .flower.task import Task, acquire_task, install_app, load_clientapp, runtime_client
 from .wakeup import Wakeup
@@ -117,8 +118,11 @@ class ClientAppWorker:
                     self._app_dir, self._fab_hash = app_dir, fab_hash
                 pulled = time.perf_counter()
                 kind = message.metadata.message_type
-                with core_slot(self.core_slots, self.last_seconds.get(kind, 0.0)) as waited:
+                # a tier's delay (fedmm/pacing.py) gives the slot back while it only waits
+                with core_slot(self.core_slots, self.last_seconds.get(kind, 0.0)) as slot, \
+                        pacing.lend_during_waits(slot.released):
                     reply = self._app(message=message, context=context)
+                waited = slot.waited
                 ran = time.perf_counter()
                 self.last_seconds[kind] = ran - pulled - waited
                 task.ran()

@@ -54,30 +54,59 @@ def make_core_slots(folder: Path, count: int) -> Path:
     return folder
 
 
+class HeldSlot:
+    """One of a folder's slots while its holder runs (no folder: no limit, nothing held).
+
+    ``waited``: the seconds spent waiting for it; ``released()`` gives it back for a wait that uses no CPU (a
+    tier's delay, fedmm/pacing.py) and takes one again after, in the queue like any waiter.
+    """
+
+    def __init__(self, folder: Path | None, expected_seconds: float) -> None:
+        self.folder, self.expected_seconds, self.waited = folder, expected_seconds, 0.0
+        self._slots = sorted(folder.glob("slot-*")) if folder is not None else []
+        if folder is not None and not self._slots:
+            raise ValueError(f"core slots: no slot files in {folder}")
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        if self.folder is None:
+            return
+        start = time.perf_counter()
+        ticket = _Ticket(self.folder, self.expected_seconds)
+        try:
+            self._handle = ticket.wait_for_slot(self._slots)
+        finally:
+            ticket.leave()
+        self.waited += time.perf_counter() - start
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        self.release()
+        try:
+            yield
+        finally:
+            self.acquire()
+
+
 @contextlib.contextmanager
-def core_slot(folder: Path | None, expected_seconds: float = 0.0) -> Iterator[float]:
-    """Hold one of ``folder``'s slots (none: no limit); yields the seconds waited for it.
+def core_slot(folder: Path | None, expected_seconds: float = 0.0) -> Iterator[HeldSlot]:
+    """Hold one of ``folder``'s slots (none: no limit) while inside.
 
     ``expected_seconds``: how long the caller expects to hold it; among waiters that arrived together the
     longest goes first.
     """
-    if folder is None:
-        yield 0.0
-        return
-    slots = sorted(folder.glob("slot-*"))
-    if not slots:
-        raise ValueError(f"core slots: no slot files in {folder}")
-    start = time.perf_counter()
-    ticket = _Ticket(folder, expected_seconds)
+    slot = HeldSlot(folder, expected_seconds)
+    slot.acquire()
     try:
-        handle = ticket.wait_for_slot(slots)
+        yield slot
     finally:
-        ticket.leave()
-    try:
-        yield time.perf_counter() - start
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        slot.release()
 
 
 class _Ticket:
