@@ -45,11 +45,13 @@ WINDOW = 256  # images perturbed and embedded at once
 def perturb(images: torch.Tensor, kind: str, mean: Sequence[float], std: Sequence[float],
             generator: torch.Generator) -> torch.Tensor:
     """Normalised images, perturbed at the fixed severity of ``kind`` in pixel space, normalised again."""
-    m = torch.tensor(mean, dtype=images.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype).view(1, 3, 1, 1)
+    # on the images' device (a client's held-out split lives on its accelerator); the noise is drawn on the CPU
+    # generator and moved, so every device perturbs the same images the same way
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     pixels = images.float() * s + m
     if kind == "noise":
-        pixels = pixels + NOISE_STD * torch.randn(pixels.shape, generator=generator)
+        pixels = pixels + NOISE_STD * torch.randn(pixels.shape, generator=generator).to(images.device)
     elif kind == "blur":
         radius = max(1, int(3 * BLUR_SIGMA + 0.5))
         pixels = gaussian_blur(pixels, kernel_size=[2 * radius + 1] * 2, sigma=[BLUR_SIGMA] * 2)
