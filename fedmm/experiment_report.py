@@ -9,6 +9,9 @@ into the experiment folder:
 - ``table.md`` and ``table.csv``: per point, each column's mean ± the
   half-width of Student's t 95% interval over the seeds
   (``scipy.stats.t.interval``; one seed: no interval), and the seeds' count;
+  a column some of whose runs have no value (a target they never reached)
+  says over how many it is taken, "(2 of 3)", so a point whose worst seed
+  missed the target does not read as if all of them got there;
 - ``plots/``: each central and evaluate accuracy and loss against round,
   the mean with its 95% band per point; accuracy against cumulative uplink
   bytes; accuracy against epsilon where the runs spent any.
@@ -113,6 +116,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
             if column in ("point", "seed") or not pd.api.types.is_numeric_dtype(runs[column]):
                 continue
             row[column], row[f"{column} ±95%"] = interval(group[column])
+            row[f"{column} n"] = int(group[column].notna().sum())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -120,21 +124,25 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
 WHOLE_NUMBERS = ("uplink-bytes", "wall-seconds", "seconds-to-target", "failed-replies")
 
 
-def _cell(mean: float, half: float, column: str) -> str:
+def _cell(mean: float, half: float, column: str, have: int, seeds: int) -> str:
     if math.isnan(mean):
         return "—"
     fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
         (lambda v: f"{v:,.0f}") if column in WHOLE_NUMBERS else (lambda v: f"{v:.3g}")
-    return fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
+    cell = fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
+    return cell if have == seeds else f"{cell} ({have} of {seeds})"
 
 
 def markdown(table: pd.DataFrame) -> str:
-    columns = [c for c in table.columns if c not in ("point", "seeds") and not c.endswith("±95%")]
+    columns = [c for c in table.columns if c not in ("point", "seeds") and not c.endswith(("±95%", " n"))]
     lines = ["| point | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for _, row in table.iterrows():
-        cells = [_cell(float(row[c]), float(row[f"{c} ±95%"]), c) for c in columns]
-        lines.append(f"| {row['point']} | {int(row['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nmean ± half-width of the 95% t-interval over seeds (one seed: the value alone)\n"
+        seeds = int(row["seeds"])
+        cells = [_cell(float(row[c]), float(row[f"{c} ±95%"]), c, int(row[f"{c} n"]), seeds) for c in columns]
+        lines.append(f"| {row['point']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nmean ± half-width of the 95% t-interval over seeds (one seed: the value alone); "
+                               "(k of n): over the k of the point's n runs that have a value, e.g. reached the "
+                               "target\n")
 
 
 def plots(data: pd.DataFrame, folder: Path) -> list[Path]:

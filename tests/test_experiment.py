@@ -93,6 +93,13 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert math.isnan(first["seconds-to-target"].iloc[0]) and list(first["seconds-to-target"].iloc[1:]) == [9.0, 9.0]
     assert list(first["uplink-bytes"]) == [200.0] * 3
     assert list(first["failed-replies"]) == [0.0, 2.0, 4.0]  # seed s lost s replies in each of its 2 rounds
+    # the mean to the target is over the 2 seeds that reached it, and the table says so
+    assert row["rounds-to-target"] == 2.0 and row["rounds-to-target n"] == 2 and row["central/zs-acc n"] == 3
+    line = next(r for r in paths["table"].read_text().splitlines() if r.startswith(f"| {exp.points[0].label} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    header = [c.strip() for c in paths["table"].read_text().splitlines()[2].strip("|").split("|")]
+    assert cells[header.index("rounds-to-target")] == "2 ± 0 (2 of 3)"
+    assert "of 3" not in cells[header.index("central/zs-acc")]
     assert "± " in paths["table"].read_text()
     plots = {p.name for p in (out / "plots").iterdir()}
     assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png"} <= plots
