@@ -3,7 +3,8 @@
 Reads each finished run's report (``metrics.json``, ``run.json``) and writes
 into the experiment folder:
 
-- ``runs.csv``: one row per run (point, seed, final metrics, rounds and
+- ``runs.csv``: one row per run (point, seed, final metrics with the central
+  audit's, rounds and
   server seconds (summed ``round-seconds``) to the target, uplink bytes,
   replies that failed or never came, epsilon, wall time);
 - ``table.md`` and ``table.csv``: per point, each column's mean ± the
@@ -12,8 +13,8 @@ into the experiment folder:
   a column some of whose runs have no value (a target they never reached)
   says over how many it is taken, "(2 of 3)", so a point whose worst seed
   missed the target does not read as if all of them got there;
-- ``plots/``: each central and evaluate accuracy and loss against round,
-  the mean with its 95% band per point; accuracy against cumulative uplink
+- ``plots/``: each central and evaluate accuracy and loss, and the central
+  audit's robust accuracies, against round, the mean with its 95% band per point; accuracy against cumulative uplink
   bytes; accuracy against epsilon where the runs spent any.
 """
 
@@ -29,11 +30,15 @@ import pandas as pd
 from scipy import stats
 
 from .experiment import RUN_FILE, Experiment, run_folder, run_status
+from .protocol import AUDIT_SCALARS
 
 ACCURACY = "central/zs-acc"
-CURVES = ("central/zs-acc", "central/loss", "evaluate/zs-acc", "evaluate/loss", "evaluate/personal-zs-acc")
+# the audit on the server's split: one held-out set for every run, so comparable across points
+CENTRAL_AUDIT = tuple(f"central/{key}" for key in AUDIT_SCALARS)
+CURVES = ("central/zs-acc", "central/loss", "evaluate/zs-acc", "evaluate/loss", "evaluate/personal-zs-acc",
+          *(key for key in CENTRAL_AUDIT if "robust-acc" in key))
 FINAL = ("central/zs-acc", "central/loss", "central/i2t-R@1", "central/t2i-R@1", "central/acc-gap", "evaluate/zs-acc",
-         "evaluate/client-acc-min", "evaluate/personal-zs-acc", "evaluate/personal-client-acc-min")
+         "evaluate/client-acc-min", "evaluate/personal-zs-acc", "evaluate/personal-client-acc-min", *CENTRAL_AUDIT)
 
 
 def _rounds(report: Path) -> dict[int, dict[str, Any]]:
@@ -127,7 +132,7 @@ WHOLE_NUMBERS = ("uplink-bytes", "wall-seconds", "seconds-to-target", "failed-re
 def _cell(mean: float, half: float, column: str, have: int, seeds: int) -> str:
     if math.isnan(mean):
         return "—"
-    fmt = (lambda v: f"{v:.2%}") if ("acc" in column or "R@1" in column or "gap" in column) else \
+    fmt = (lambda v: f"{v:.2%}") if any(k in column for k in ("acc", "R@1", "gap", "agreement")) else \
         (lambda v: f"{v:,.0f}") if column in WHOLE_NUMBERS else (lambda v: f"{v:.3g}")
     cell = fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
     return cell if have == seeds else f"{cell} ({have} of {seeds})"

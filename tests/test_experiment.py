@@ -61,6 +61,7 @@ def _fake_run(out: Path, point: Point, seed: int, accs: list[float], status: str
     folder = run_folder(out, point, seed)
     (folder / "report").mkdir(parents=True)
     rounds = {str(r): {"central/zs-acc": a, "central/loss": 1 - a, "train/bytes-uplink-total": 100.0 * (r > 0),
+                       "central/robust-acc-noise": a / 2, "central/consistency-cosine": 0.25 + seed / 100,
                        "round-seconds": 3.0 + r, "failed-replies": float(seed * (r > 0)), "missing-replies": 0.0}
               for r, a in enumerate(accs)}
     (folder / "report" / "metrics.json").write_text(json.dumps({"rounds": rounds}))
@@ -85,6 +86,9 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert row["seeds"] == 3 and row["central/zs-acc"] == pytest.approx(values.mean())
     assert row["central/zs-acc ±95%"] == pytest.approx((high - low) / 2)
     assert table.loc[exp.points[1].label, "central/zs-acc ±95%"] == 0.0  # identical seeds: no spread
+    # the audit is compared like accuracy: the server's split is the same held-out set for every run
+    assert row["central/robust-acc-noise"] == pytest.approx(values.mean() / 2)
+    assert row["central/consistency-cosine"] == pytest.approx(0.26)
     # rounds to the target 0.5: round 2 where the final reaches it, never (NaN) for the seed at 0.40
     runs = pd.read_csv(paths["runs"])
     first = runs[runs["point"] == exp.points[0].label].sort_values("seed")
@@ -102,7 +106,8 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert "of 3" not in cells[header.index("central/zs-acc")]
     assert "± " in paths["table"].read_text()
     plots = {p.name for p in (out / "plots").iterdir()}
-    assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png"} <= plots
+    assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png",
+            "central-robust-acc-noise.png"} <= plots
     assert "accuracy-vs-epsilon.png" not in plots  # no run spent any
 
 
