@@ -32,7 +32,9 @@ interrupted) and its report in ``report/`` (TensorBoard's events in
 ``report/tensorboard``: ``tensorboard --logdir <out>/runs`` shows the runs
 side by side, named by point and seed). Running the same command again
 continues an interrupted experiment: finished runs are kept, any other is
-run again from the start. Then fedmm/experiment_report.py writes the
+run again from the start; a finished run the file would now run differently
+(its base, point or seeds' config, clients or engine edited since) stops the
+experiment before any run starts, naming the run and what changed. Then fedmm/experiment_report.py writes the
 comparison table and plots into ``<out>``.
 """
 
@@ -42,6 +44,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +61,7 @@ from .deploy.processes import Interrupted
 
 RUN_FILE = "run.json"
 FINISHED = "finished"
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -150,15 +154,71 @@ def run_folder(out: Path, point: Point, seed: int) -> Path:
     return out / "runs" / point.label / f"seed-{seed}"
 
 
-def run_status(folder: Path) -> str | None:
-    """A run's status from its run.json (None: never started); finished only with its report's metrics.json."""
+def _record(folder: Path) -> dict[str, Any] | None:
+    """A run's run.json (None: none, or not a JSON object)."""
     try:
-        status = json.loads((folder / RUN_FILE).read_text()).get("status")
+        record = json.loads((folder / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if status == FINISHED and not (folder / "report" / "metrics.json").is_file():
-        return "incomplete"
+    return record if isinstance(record, dict) else None
+
+
+def read_rounds(report: Path) -> dict[int, dict[str, float]]:
+    """A report's metrics.json as {round: {metric: number}}, numbers only, whoever wrote the file; ValueError
+    naming the file when it is not a fedmm report's metrics."""
+    path = report / "metrics.json"
+    try:
+        rounds = json.loads(path.read_text())["rounds"]
+        read = {int(rnd): {key: float(value) for key, value in row.items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool)}
+                for rnd, row in rounds.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a fedmm report's metrics ({exc!r})") from exc
+    if not read:
+        raise ValueError(f"{path}: no rounds")
+    return read
+
+
+def run_status(folder: Path) -> str | None:
+    """A run's status from its run.json (None: never started); finished only with a readable report."""
+    record = _record(folder)
+    if record is None:
+        return None
+    status = record.get("status")
+    if status == FINISHED:
+        try:
+            read_rounds(folder / "report")
+        except ValueError:
+            return "incomplete"
     return str(status)
+
+
+def changed_runs(exp: Experiment, out: Path) -> list[str]:
+    """Finished runs in ``out`` that the experiment would now run differently (its file edited since): each
+    'folder: what changed'. Keeping them would put one configuration's results under another's label."""
+    changed = []
+    for point, seed in exp.runs():
+        folder = run_folder(out, point, seed)
+        record = _record(folder)
+        if record is None or run_status(folder) != FINISHED:
+            continue
+        recorded = record.get("run-config")
+        then = {k: v for k, v in recorded.items() if k != "output-dir"} if isinstance(recorded, dict) else {}
+        now = {k: v for k, v in exp.run_config(point, seed, folder).items() if k != "output-dir"}
+        diffs = [f"'{k}' was {then.get(k, '(unset)')!r}, now {now.get(k, '(unset)')!r}"
+                 for k in sorted(then.keys() | now.keys()) if then.get(k, _UNSET) != now.get(k, _UNSET)]
+        try:
+            args = shlex.split(str(record.get("command", "")))
+        except ValueError:
+            args = []
+        clients = args[args.index("--clients") + 1] if "--clients" in args[:-1] else "(unknown)"
+        if clients != str(exp.clients):
+            diffs.append(f"clients was {clients}, now {exp.clients}")
+        if ("--deployment" in args) != exp.deployment:
+            diffs.append(f"deployment was {'--deployment' in args}, now {exp.deployment}")
+        if diffs:
+            changed.append(f"{folder}: " + "; ".join(diffs))
+    return changed
 
 
 def command(exp: Experiment, config: dict[str, Any]) -> list[str]:
@@ -170,6 +230,11 @@ def command(exp: Experiment, config: dict[str, Any]) -> list[str]:
 def run_experiment(exp: Experiment, out: Path, log=print) -> list[Path]:
     """Every run not yet finished, ``exp.parallel`` at a time; the finished runs' folders. A failed run is recorded
     and the others go on; an interruption stops the runs in flight and marks them interrupted."""
+    changed = changed_runs(exp, out)
+    if changed:  # before any run starts: nothing is overwritten or mixed
+        raise ConfigError(f"experiment {exp.source}: {len(changed)} finished run(s) in {out} were run with another "
+                          f"configuration than the file now gives: " + " | ".join(changed) + ". Give --out another "
+                          "folder, or delete those runs' folders to run them again")
     out.mkdir(parents=True, exist_ok=True)
     if exp.source.is_file():  # the file this experiment ran from, beside its runs
         (out / "experiment.toml").write_text(exp.source.read_text())
@@ -179,6 +244,8 @@ def run_experiment(exp: Experiment, out: Path, log=print) -> list[Path]:
         if run_status(folder) == FINISHED:
             continue
         if folder.exists():  # started before and not finished: run again from the start
+            log(f"fedmm experiment: {point.label} seed {seed}: {run_status(folder) or 'no readable run.json'}; "
+                "run again")
             shutil.rmtree(folder)
         pending.append((point, seed, folder))
     total = len(exp.runs())

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .experiment import RUN_FILE, Experiment, run_folder, run_status
+from .experiment import RUN_FILE, Experiment, read_rounds, run_folder, run_status
 from .protocol import AUDIT_SCALARS
 
 ACCURACY = "central/zs-acc"
@@ -39,11 +39,6 @@ CURVES = ("central/zs-acc", "central/loss", "evaluate/zs-acc", "evaluate/loss", 
           *(key for key in CENTRAL_AUDIT if "robust-acc" in key))
 FINAL = ("central/zs-acc", "central/loss", "central/i2t-R@1", "central/t2i-R@1", "central/acc-gap", "evaluate/zs-acc",
          "evaluate/client-acc-min", "evaluate/personal-zs-acc", "evaluate/personal-client-acc-min", *CENTRAL_AUDIT)
-
-
-def _rounds(report: Path) -> dict[int, dict[str, Any]]:
-    data = json.loads((report / "metrics.json").read_text())
-    return {int(k): v for k, v in data["rounds"].items()}
 
 
 def _epsilon(row: dict[str, Any]) -> float | None:
@@ -62,7 +57,7 @@ def curves(exp: Experiment, out: Path) -> pd.DataFrame:
         if run_status(folder) != "finished":
             continue
         uplink = 0.0
-        for rnd, metrics in sorted(_rounds(folder / "report").items()):
+        for rnd, metrics in sorted(read_rounds(folder / "report").items()):
             uplink += float(metrics.get("train/bytes-uplink-total", 0.0))
             rows.append({"point": point.label, "seed": seed, "round": rnd, "uplink-bytes": uplink,
                          "epsilon": _epsilon(metrics), **{k: metrics.get(k) for k in CURVES}})
@@ -76,9 +71,9 @@ def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
         folder = run_folder(out, point, seed)
         if run_status(folder) != "finished":
             continue
-        rounds = _rounds(folder / "report")
+        rounds = read_rounds(folder / "report")
         last = rounds[max(rounds)]
-        record = json.loads((folder / RUN_FILE).read_text())
+        record = json.loads((folder / RUN_FILE).read_text())  # a JSON object: run_status read it
         row: dict[str, Any] = {"point": point.label, "seed": seed, "rounds": max(rounds)}
         row.update({k: last[k] for k in FINAL if isinstance(last.get(k), (int, float))})
         if exp.target is not None:
@@ -95,7 +90,8 @@ def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
         eps = _epsilon(last)
         if eps is not None:
             row["epsilon"] = eps
-        row["wall-seconds"] = float(record.get("wall_seconds", math.nan))
+        wall = record.get("wall_seconds")
+        row["wall-seconds"] = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 

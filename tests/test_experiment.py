@@ -111,6 +111,73 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert "accuracy-vs-epsilon.png" not in plots  # no run spent any
 
 
+def _finished_as_recorded(exp, out: Path, clients: int = 10) -> None:
+    """Every run of ``exp`` finished, its run.json as run_experiment writes it."""
+    from fedmm.experiment import command
+
+    for point, seed in exp.runs():
+        _fake_run(out, point, seed, [0.1, 0.5])
+        folder = run_folder(out, point, seed)
+        config = exp.run_config(point, seed, folder / "report")
+        cmd = command(exp, config)
+        cmd[cmd.index("--clients") + 1] = str(clients)
+        (folder / "run.json").write_text(json.dumps({"status": "finished", "run-config": config, "wall_seconds": 1.0,
+                                                     "command": " ".join(cmd[:4]) + " 'x'"}))
+
+
+def test_continuing_an_experiment_whose_file_changed_since_stops_before_any_run_naming_the_run_and_key(tmp_path):
+    from fedmm.experiment import run_experiment
+
+    text = '[experiment]\nseeds = [0, 1]\n[base]\nmodel = "fedmm-tiny-vit"\nlr = {lr}\n[grid]\nlocal-steps = [2]\n'
+    out = tmp_path / "out"
+    _finished_as_recorded(load_experiment(_file(tmp_path, text.format(lr=0.001))), out)
+    same = load_experiment(_file(tmp_path, text.format(lr=0.001)))
+    assert len(run_experiment(same, out, log=lambda line: None)) == 2  # nothing to run: both kept
+    edited = load_experiment(_file(tmp_path, text.format(lr=0.01)))
+    before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(ConfigError) as err:
+        run_experiment(edited, out, log=lambda line: None)
+    assert "local-steps=2/seed-0" in str(err.value) and "'lr' was 0.001, now 0.01" in str(err.value)
+    assert sorted(str(p) for p in out.rglob("*")) == before  # nothing overwritten or deleted
+    _finished_as_recorded(same, tmp_path / "other", clients=3)  # the same config on another federation size
+    with pytest.raises(ConfigError, match="clients was 3, now 10"):
+        run_experiment(same, tmp_path / "other", log=lambda line: None)
+
+
+def test_a_report_anyone_could_have_written_is_read_as_numbers_or_not_as_a_finished_run(tmp_path):
+    from fedmm.experiment import read_rounds
+
+    exp = load_experiment(_file(tmp_path, '[experiment]\nseeds = [0, 1, 2]\ntarget = 0.5\n'))
+    out = tmp_path / "out"
+    point = exp.points[0]
+    _fake_run(out, point, 0, [0.1, 0.6])
+    _fake_run(out, point, 1, [0.1, 0.7])
+    _fake_run(out, point, 2, [0.1, 0.8])
+    seed1, seed2 = run_folder(out, point, 1), run_folder(out, point, 2)
+    # seed 1: strings where numbers go, a non-numeric round-seconds, a run.json's wall time that is not a number
+    metrics = json.loads((seed1 / "report" / "metrics.json").read_text())
+    metrics["rounds"]["1"].update({"round-seconds": "slow", "central/loss": [1], "central/t2i-R@1": True})
+    (seed1 / "report" / "metrics.json").write_text(json.dumps(metrics))
+    (seed1 / "run.json").write_text(json.dumps({"status": "finished", "wall_seconds": "a while"}))
+    assert read_rounds(seed1 / "report")[1] == {"central/zs-acc": 0.7, "train/bytes-uplink-total": 100.0,
+                                                "central/robust-acc-noise": 0.35, "central/consistency-cosine": 0.26,
+                                                "failed-replies": 1.0, "missing-replies": 0.0}
+    # seed 2: a metrics.json that is not a report's: the run is not finished (it would run again)
+    for text in ("[1, 2]", '{"rounds": {"x": {}}}', '{"rounds": {}}', "{not json"):
+        (seed2 / "report" / "metrics.json").write_text(text)
+        with pytest.raises(ValueError, match="metrics.json"):
+            read_rounds(seed2 / "report")
+        assert run_status(seed2) == "incomplete"
+    (seed2 / "run.json").write_text("[]")
+    assert run_status(seed2) is None
+    import pandas as pd
+
+    runs = pd.read_csv(write_comparison(exp, out)["runs"]).set_index("seed")
+    assert list(runs.index) == [0, 1]  # seed 2 is not a finished run
+    assert runs.loc[1, "central/zs-acc"] == 0.7 and math.isnan(runs.loc[1, "wall-seconds"])
+    assert math.isnan(runs.loc[1, "seconds-to-target"]) and runs.loc[1, "rounds-to-target"] == 1.0
+
+
 def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
