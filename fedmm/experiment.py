@@ -34,8 +34,9 @@ side by side, named by point and seed). Running the same command again
 continues an interrupted experiment: finished runs are kept, any other is
 run again from the start; a finished run the file would now run differently
 (its base, point or seeds' config, clients or engine edited since) stops the
-experiment before any run starts, naming the run and what changed. Then fedmm/experiment_report.py writes the
-comparison table and plots into ``<out>``.
+experiment before any run starts, naming the run and what changed. Then
+fedmm/experiment_report.py writes the comparison table and plots into
+``<out>``.
 """
 
 from __future__ import annotations
@@ -179,18 +180,26 @@ def read_rounds(report: Path) -> dict[int, dict[str, float]]:
     return read
 
 
+def finished_run(folder: Path) -> tuple[dict[str, Any], dict[int, dict[str, float]]] | None:
+    """A finished run's run.json and its report's rounds, each read once (None: not finished, or its report
+    unreadable)."""
+    record = _record(folder)
+    if record is None or record.get("status") != FINISHED:
+        return None
+    try:
+        return record, read_rounds(folder / "report")
+    except ValueError:
+        return None
+
+
 def run_status(folder: Path) -> str | None:
     """A run's status from its run.json (None: never started); finished only with a readable report."""
     record = _record(folder)
     if record is None:
         return None
-    status = record.get("status")
-    if status == FINISHED:
-        try:
-            read_rounds(folder / "report")
-        except ValueError:
-            return "incomplete"
-    return str(status)
+    if record.get("status") == FINISHED and finished_run(folder) is None:
+        return "incomplete"
+    return str(record.get("status"))
 
 
 def changed_runs(exp: Experiment, out: Path) -> list[str]:
@@ -199,9 +208,10 @@ def changed_runs(exp: Experiment, out: Path) -> list[str]:
     changed = []
     for point, seed in exp.runs():
         folder = run_folder(out, point, seed)
-        record = _record(folder)
-        if record is None or run_status(folder) != FINISHED:
+        found = finished_run(folder)
+        if found is None:
             continue
+        record = found[0]
         recorded = record.get("run-config")
         then = {k: v for k, v in recorded.items() if k != "output-dir"} if isinstance(recorded, dict) else {}
         now = {k: v for k, v in exp.run_config(point, seed, folder).items() if k != "output-dir"}
@@ -241,11 +251,11 @@ def run_experiment(exp: Experiment, out: Path, log=print) -> list[Path]:
     pending = []
     for point, seed in exp.runs():
         folder = run_folder(out, point, seed)
-        if run_status(folder) == FINISHED:
+        status = run_status(folder)
+        if status == FINISHED:
             continue
         if folder.exists():  # started before and not finished: run again from the start
-            log(f"fedmm experiment: {point.label} seed {seed}: {run_status(folder) or 'no readable run.json'}; "
-                "run again")
+            log(f"fedmm experiment: {point.label} seed {seed}: {status or 'no readable run.json'}; run again")
             shutil.rmtree(folder)
         pending.append((point, seed, folder))
     total = len(exp.runs())

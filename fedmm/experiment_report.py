@@ -4,8 +4,7 @@ Reads each finished run's report (``metrics.json``, ``run.json``) and writes
 into the experiment folder:
 
 - ``runs.csv``: one row per run (point, seed, final metrics with the central
-  audit's, rounds and
-  server seconds (summed ``round-seconds``) to the target, uplink bytes,
+  audit's, rounds and server seconds (summed ``round-seconds``) to the target, uplink bytes,
   replies that failed or never came, epsilon, wall time);
 - ``table.md`` and ``table.csv``: per point, each column's mean ± the
   half-width of Student's t 95% interval over the seeds
@@ -20,7 +19,6 @@ into the experiment folder:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .experiment import RUN_FILE, Experiment, read_rounds, run_folder, run_status
+from .experiment import Experiment, finished_run, run_folder
 from .protocol import AUDIT_SCALARS
 
 ACCURACY = "central/zs-acc"
@@ -53,11 +51,11 @@ def curves(exp: Experiment, out: Path) -> pd.DataFrame:
     uplink bytes."""
     rows = []
     for point, seed in exp.runs():
-        folder = run_folder(out, point, seed)
-        if run_status(folder) != "finished":
+        found = finished_run(run_folder(out, point, seed))
+        if found is None:
             continue
         uplink = 0.0
-        for rnd, metrics in sorted(read_rounds(folder / "report").items()):
+        for rnd, metrics in sorted(found[1].items()):
             uplink += float(metrics.get("train/bytes-uplink-total", 0.0))
             rows.append({"point": point.label, "seed": seed, "round": rnd, "uplink-bytes": uplink,
                          "epsilon": _epsilon(metrics), **{k: metrics.get(k) for k in CURVES}})
@@ -68,12 +66,11 @@ def runs_table(exp: Experiment, out: Path) -> pd.DataFrame:
     """One row per finished run: its final metrics, rounds to the target, bytes, epsilon, wall time."""
     rows = []
     for point, seed in exp.runs():
-        folder = run_folder(out, point, seed)
-        if run_status(folder) != "finished":
+        found = finished_run(run_folder(out, point, seed))
+        if found is None:
             continue
-        rounds = read_rounds(folder / "report")
+        record, rounds = found
         last = rounds[max(rounds)]
-        record = json.loads((folder / RUN_FILE).read_text())  # a JSON object: run_status read it
         row: dict[str, Any] = {"point": point.label, "seed": seed, "rounds": max(rounds)}
         row.update({k: last[k] for k in FINAL if isinstance(last.get(k), (int, float))})
         if exp.target is not None:
