@@ -90,6 +90,9 @@ class Experiment:
         return {**self.base, **point.overrides, "seed": seed, "output-dir": str(report)}
 
 
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.=+-]+")
+
+
 def _label(overrides: dict[str, Any]) -> str:
     text = "-".join(f"{k}={v}" for k, v in overrides.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
@@ -130,7 +133,11 @@ def load_experiment(path: Path) -> Experiment:
     for i, spec in enumerate(raw.get("points", [])):
         spec = dict(spec)
         label = spec.pop("label", None)
-        named.append((str(label) if label else None, spec, i))
+        # a label names a folder under runs/ that a rerun deletes when unfinished: one plain folder name, never a path
+        if label is not None and not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label) and label.strip(".")):
+            raise ConfigError(f"experiment {path}: [[points]] #{i + 1} label {label!r}: letters, digits and "
+                              f"_ . = + - only, not all dots (it names the run's folder under runs/)")
+        named.append((label or None, spec, i))
     points: list[Point] = []
     for combo in combos:
         for label, spec, _ in named or [(None, {}, 0)]:

@@ -51,6 +51,10 @@ lora-rank = 4
         ('[experiment]\nseed = [1]\n', "unknown key(s) ['seed']"),
         ('[experiment]\ntarget = 3\n', "target = 3"),
         ('[grid]\nstrategy = "fedavg"\n', "[grid] strategy"),
+        # a label is a folder under runs/ that a rerun may delete: never a path out of it
+        ('[[points]]\nlabel = "../../elsewhere"\nlr = 0.01\n', "label '../../elsewhere'"),
+        ('[[points]]\nlabel = ".."\nlr = 0.01\n', "label '..'"),
+        ('[[points]]\nlabel = "a/b"\nlr = 0.01\n', "label 'a/b'"),
     ]:
         with pytest.raises(ConfigError, match=None) as err:
             load_experiment(_file(tmp_path, text))
