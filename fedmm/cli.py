@@ -221,6 +221,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"\nfedmm: experiment stopped by {exc}; finished runs are kept. Continue with: fedmm experiment "
               f"{args.file}" + (f" --out {args.out}" if args.out else ""), file=sys.stderr)
+        try:  # what the finished runs say so far; the continued experiment rewrites it
+            paths = write_comparison(exp, out)
+            print(f"fedmm: the finished runs' table: {paths['table']}", file=sys.stderr)
+        except ValueError:  # none finished yet
+            pass
         return 130
     total = len(exp.runs())
     paths = write_comparison(exp, out)

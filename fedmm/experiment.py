@@ -36,7 +36,8 @@ run again from the start; a finished run the file would now run differently
 (its base, point or seeds' config, clients or engine edited since) stops the
 experiment before any run starts, naming the run and what changed. Then
 fedmm/experiment_report.py writes the comparison table and plots into
-``<out>``.
+``<out>`` (also when the experiment is stopped: the finished runs' table,
+saying how many of all they are).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ into the experiment folder:
 - ``runs.csv``: one row per run (point, seed, final metrics with the central
   audit's, rounds and server seconds (summed ``round-seconds``) to the target, uplink bytes,
   replies that failed or never came, epsilon, wall time);
-- ``table.md`` and ``table.csv``: per point, each column's mean ± the
+- ``table.md`` (headed by how many of the experiment's runs finished: a
+  stopped experiment's table is of those) and ``table.csv``: per point, each column's mean ± the
   half-width of Student's t 95% interval over the seeds
   (``scipy.stats.t.interval``; one seed: no interval), and the seeds' count;
   a column some of whose runs have no value (a target they never reached)
@@ -189,7 +190,9 @@ def write_comparison(exp: Experiment, out: Path) -> dict[str, Path]:
     paths = {"runs": out / "runs.csv", "table-csv": out / "table.csv", "table": out / "table.md"}
     runs.to_csv(paths["runs"], index=False)
     table.to_csv(paths["table-csv"], index=False)
-    paths["table"].write_text(f"# Experiment {exp.name}\n\n" + markdown(table))
+    total = len(exp.runs())
+    done = f"{len(runs)} of {total} runs finished" + ("" if len(runs) == total else "; the others are not in this table")
+    paths["table"].write_text(f"# Experiment {exp.name}\n\n{done}.\n\n" + markdown(table))
     for i, path in enumerate(plots(curves(exp, out), out / "plots")):
         paths[f"plot-{i}"] = path
     return paths

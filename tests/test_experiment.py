@@ -105,7 +105,8 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert row["rounds-to-target"] == 2.0 and row["rounds-to-target n"] == 2 and row["central/zs-acc n"] == 3
     line = next(r for r in paths["table"].read_text().splitlines() if r.startswith(f"| {exp.points[0].label} |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    header = [c.strip() for c in paths["table"].read_text().splitlines()[2].strip("|").split("|")]
+    header_line = next(r for r in paths["table"].read_text().splitlines() if r.startswith("| point |"))
+    header = [c.strip() for c in header_line.strip("|").split("|")]
     assert cells[header.index("rounds-to-target")] == "2 ± 0 (2 of 3)"
     assert "of 3" not in cells[header.index("central/zs-acc")]
     assert "± " in paths["table"].read_text()
@@ -113,6 +114,12 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png",
             "central-robust-acc-noise.png"} <= plots
     assert "accuracy-vs-epsilon.png" not in plots  # no run spent any
+    assert "6 of 6 runs finished" in paths["table"].read_text()
+    # an experiment stopped part way: the table is of its finished runs, and says how many of all they are
+    (run_folder(out, exp.points[1], 2) / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    paths = write_comparison(exp, out)
+    assert "5 of 6 runs finished" in paths["table"].read_text()
+    assert pd.read_csv(paths["table-csv"]).set_index("point").loc[exp.points[1].label, "seeds"] == 2
 
 
 def _finished_as_recorded(exp, out: Path, clients: int = 10) -> None:
@@ -238,11 +245,13 @@ lr = [0.001, 0.003]
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
     assert "Continue with: fedmm experiment" in output
+    partial = (out / "table.md").read_text()  # the finished runs' table, written when the experiment stopped
     assert live is not None and "central/zs-acc" in live and live["central/zs-acc"][0][0] == 0
     finished_once = (first / "run.json").read_text()
     statuses = [run_status(run_folder(out, p, s)) for p, s in exp.runs()]
     kept = statuses.count("finished")  # the first, and the one beside it if it finished first (parallel = 2)
     assert statuses[0] == "finished" and kept <= 2
+    assert f"{kept} of 4 runs finished" in partial
     assert set(statuses) <= {"finished", "interrupted", None}  # a run in flight is marked, never left 'started'
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -271,7 +280,7 @@ lr = [0.001, 0.003]
             stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(finals)))
         assert table.loc[point.label, "central/zs-acc"] == pytest.approx(mean)
         assert table.loc[point.label, "central/zs-acc ±95%"] == pytest.approx(half)
-    assert (out / "plots" / "central-zs-acc.png").is_file() and (out / "table.md").is_file()
+    assert (out / "plots" / "central-zs-acc.png").is_file() and "4 of 4 runs finished" in (out / "table.md").read_text()
 
 
 def test_the_round_line_gives_the_elapsed_time_and_the_jobs_eta(monkeypatch):
