@@ -124,8 +124,8 @@ WHOLE_NUMBERS = ("uplink-bytes", "wall-seconds", "seconds-to-target", "failed-re
 
 
 def _cell(mean: float, half: float, column: str, have: int, seeds: int) -> str:
-    if math.isnan(mean):
-        return "—"
+    if math.isnan(mean):  # no run has a value: say that none of the point's runs did (a target none reached)
+        return "—" if have == seeds else f"— (0 of {seeds})"
     fmt = (lambda v: f"{v:.2%}") if any(k in column for k in ("acc", "R@1", "gap", "agreement")) else \
         (lambda v: f"{v:,.0f}") if column in WHOLE_NUMBERS else (lambda v: f"{v:.3g}")
     cell = fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"

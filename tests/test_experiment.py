@@ -120,6 +120,13 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     paths = write_comparison(exp, out)
     assert "5 of 6 runs finished" in paths["table"].read_text()
     assert pd.read_csv(paths["table-csv"]).set_index("point").loc[exp.points[1].label, "seeds"] == 2
+    # a target no run reached reads as none of them, not as a value left out
+    exp.target = 0.95
+    text = write_comparison(exp, out)["table"].read_text()
+    line = next(r for r in text.splitlines() if r.startswith(f"| {exp.points[0].label} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    header_line = next(r for r in text.splitlines() if r.startswith("| point |"))
+    assert cells[[c.strip() for c in header_line.strip("|").split("|")].index("rounds-to-target")] == "— (0 of 3)"
 
 
 def _finished_as_recorded(exp, out: Path, clients: int = 10) -> None:
