@@ -91,12 +91,12 @@ class Experiment:
         return {**self.base, **point.overrides, "seed": seed, "output-dir": str(report)}
 
 
-_SAFE_LABEL = re.compile(r"[A-Za-z0-9_.=+-]+")
+_NOT_IN_LABEL = re.compile(r"[^A-Za-z0-9_.=+-]")  # what a run folder's name may not hold
 
 
 def _label(overrides: dict[str, Any]) -> str:
     text = "-".join(f"{k}={v}" for k, v in overrides.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+    return _NOT_IN_LABEL.sub("_", text)
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -135,7 +135,7 @@ def load_experiment(path: Path) -> Experiment:
         spec = dict(spec)
         label = spec.pop("label", None)
         # a label names a folder under runs/ that a rerun deletes when unfinished: one plain folder name, never a path
-        if label is not None and not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label) and label.strip(".")):
+        if label is not None and not (isinstance(label, str) and label.strip(".") and not _NOT_IN_LABEL.search(label)):
             raise ConfigError(f"experiment {path}: [[points]] #{i + 1} label {label!r}: letters, digits and "
                               f"_ . = + - only, not all dots (it names the run's folder under runs/)")
         named.append((label or None, spec, i))
@@ -205,8 +205,11 @@ def run_status(folder: Path) -> str | None:
     record = _record(folder)
     if record is None:
         return None
-    if record.get("status") == FINISHED and finished_run(folder) is None:
-        return "incomplete"
+    if record.get("status") == FINISHED:
+        try:
+            read_rounds(folder / "report")
+        except ValueError:
+            return "incomplete"
     return str(record.get("status"))
 
 

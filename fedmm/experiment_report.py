@@ -124,8 +124,8 @@ WHOLE_NUMBERS = ("uplink-bytes", "wall-seconds", "seconds-to-target", "failed-re
 
 
 def _cell(mean: float, half: float, column: str, have: int, seeds: int) -> str:
-    if math.isnan(mean):  # no run has a value: say that none of the point's runs did (a target none reached)
-        return "—" if have == seeds else f"— (0 of {seeds})"
+    if math.isnan(mean):  # none of the point's runs has a value (a target none reached)
+        return f"— (0 of {seeds})"
     fmt = (lambda v: f"{v:.2%}") if any(k in column for k in ("acc", "R@1", "gap", "agreement")) else \
         (lambda v: f"{v:,.0f}") if column in WHOLE_NUMBERS else (lambda v: f"{v:.3g}")
     cell = fmt(mean) if math.isnan(half) else f"{fmt(mean)} ± {fmt(half)}"
@@ -191,7 +191,8 @@ def write_comparison(exp: Experiment, out: Path) -> dict[str, Path]:
     runs.to_csv(paths["runs"], index=False)
     table.to_csv(paths["table-csv"], index=False)
     total = len(exp.runs())
-    done = f"{len(runs)} of {total} runs finished" + ("" if len(runs) == total else "; the others are not in this table")
+    done = f"{len(runs)} of {total} runs finished" + ("" if len(runs) == total else
+                                                      "; the others are not in this table")
     paths["table"].write_text(f"# Experiment {exp.name}\n\n{done}.\n\n" + markdown(table))
     for i, path in enumerate(plots(curves(exp, out), out / "plots")):
         paths[f"plot-{i}"] = path

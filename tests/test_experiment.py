@@ -61,6 +61,14 @@ lora-rank = 4
         assert named in str(err.value) and "exp.toml" in str(err.value)
 
 
+def _cell(table_md: str, point: str, column: str) -> str:
+    """One cell of an experiment's table.md."""
+    lines = table_md.splitlines()
+    header = [c.strip() for c in next(r for r in lines if r.startswith("| point |")).strip("|").split("|")]
+    row = [c.strip() for c in next(r for r in lines if r.startswith(f"| {point} |")).strip("|").split("|")]
+    return row[header.index(column)]
+
+
 def _fake_run(out: Path, point: Point, seed: int, accs: list[float], status: str = "finished") -> None:
     folder = run_folder(out, point, seed)
     (folder / "report").mkdir(parents=True)
@@ -103,12 +111,8 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     assert list(first["failed-replies"]) == [0.0, 2.0, 4.0]  # seed s lost s replies in each of its 2 rounds
     # the mean to the target is over the 2 seeds that reached it, and the table says so
     assert row["rounds-to-target"] == 2.0 and row["rounds-to-target n"] == 2 and row["central/zs-acc n"] == 3
-    line = next(r for r in paths["table"].read_text().splitlines() if r.startswith(f"| {exp.points[0].label} |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    header_line = next(r for r in paths["table"].read_text().splitlines() if r.startswith("| point |"))
-    header = [c.strip() for c in header_line.strip("|").split("|")]
-    assert cells[header.index("rounds-to-target")] == "2 ± 0 (2 of 3)"
-    assert "of 3" not in cells[header.index("central/zs-acc")]
+    assert _cell(paths["table"].read_text(), exp.points[0].label, "rounds-to-target") == "2 ± 0 (2 of 3)"
+    assert "of 3" not in _cell(paths["table"].read_text(), exp.points[0].label, "central/zs-acc")
     assert "± " in paths["table"].read_text()
     plots = {p.name for p in (out / "plots").iterdir()}
     assert {"central-zs-acc.png", "central-loss.png", "accuracy-vs-uplink-bytes.png",
@@ -123,10 +127,7 @@ def test_the_table_is_the_t_interval_of_the_runs_own_metrics_and_the_plots_are_d
     # a target no run reached reads as none of them, not as a value left out
     exp.target = 0.95
     text = write_comparison(exp, out)["table"].read_text()
-    line = next(r for r in text.splitlines() if r.startswith(f"| {exp.points[0].label} |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    header_line = next(r for r in text.splitlines() if r.startswith("| point |"))
-    assert cells[[c.strip() for c in header_line.strip("|").split("|")].index("rounds-to-target")] == "— (0 of 3)"
+    assert _cell(text, exp.points[0].label, "rounds-to-target") == "— (0 of 3)"
 
 
 def _finished_as_recorded(exp, out: Path, clients: int = 10) -> None:
